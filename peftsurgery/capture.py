@@ -1,0 +1,256 @@
+"""Capture a model's computation into a tiny op graph (the IR the analysis reads).
+
+Three ways, tried in order: torch.export (non-strict), torch.fx symbolic tracing, forward hooks. The first two
+give data flow; hooks give only the linear layers that ran and their shapes, so their roles come from names.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # transformers' GPT-2 style linear with a transposed weight
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is optional
+    Conv1D = ()
+
+ACTIVATIONS = {"silu", "gelu", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "hardswish", "mish", "softplus",
+               "gelu_", "relu_", "silu_"}
+MATMULS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
+# ops that only move or relabel data: looking through them keeps a tensor's identity
+VIEWS = {"view", "reshape", "transpose", "permute", "t", "contiguous", "unsqueeze", "squeeze", "expand", "clone",
+         "_to_copy", "to", "detach", "alias", "flatten", "unflatten", "dropout", "type_as", "float", "_unsafe_view",
+         "select", "getitem", "split", "chunk", "unbind", "slice", "narrow"}
+
+
+def is_linear_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (bool(Conv1D) and isinstance(m, Conv1D))
+
+
+def linear_shape(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return m.weight.shape[0], m.weight.shape[1]  # Conv1D stores (in, out)
+
+
+@dataclass
+class Op:
+    name: str
+    kind: str                  # input | param | linear | embedding | attention | softmax | matmul | activation | view | output | other
+    inputs: list[str]
+    module: str = ""           # innermost module path that ran it
+    stack: tuple = ()          # module paths, outermost first
+    site: str = ""             # linear / embedding: the site path
+    site_kind: str = ""        # linear | param-linear | embedding
+    shape: tuple = ()
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    ops: dict[str, Op]
+    outputs: list[str]
+    user_inputs: list[str]
+    method: str
+
+
+def _base_name(target) -> str:
+    """aten.linear.default -> linear; torch.nn.functional.linear -> linear; 'softmax' (a method) -> softmax."""
+    if isinstance(target, str):
+        return target
+    if target is operator.getitem:
+        return "getitem"
+    if target is operator.matmul:
+        return "matmul"
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_schema"):  # an aten OpOverload
+        name = target._schema.name.split("::")[-1]
+    return name.split(".")[0]
+
+
+def _flat_nodes(args) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, torch.fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_flat_nodes(a))
+        elif isinstance(a, dict):
+            out.extend(_flat_nodes(list(a.values())))
+    return out
+
+
+def _shape(node) -> tuple:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    try:
+        return tuple(int(d) for d in shape) if shape is not None else ()
+    except Exception:
+        return ()
+
+
+def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: dict[str, str],
+            user_inputs: list[str]) -> Graph:
+    """Turn an fx graph (from export or symbolic_trace) into the IR. param_of maps a node name to a parameter FQN."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    ops: dict[str, Op] = {}
+    outputs: list[str] = []
+
+    def param_through(n):
+        """The parameter FQN a node is, looking through views (weights are often transposed first)."""
+        seen = 0
+        while isinstance(n, torch.fx.Node) and seen < 8:
+            if n.name in param_of:
+                return param_of[n.name]
+            if n.op == "get_attr":
+                return str(n.target)
+            if n.op in ("call_function", "call_method") and _base_name(n.target) in VIEWS and n.args:
+                n = n.args[0]
+                seen += 1
+                continue
+            return None
+        return None
+
+    for n in gm.graph.nodes:
+        ins = [a.name for a in _flat_nodes((n.args, n.kwargs))]
+        stack_meta = n.meta.get("nn_module_stack") or {}
+        stack = tuple(v[0] for v in stack_meta.values() if v[0])
+        module = stack[-1] if stack else ""
+        op = Op(n.name, "other", ins, module, stack, shape=_shape(n))
+        if n.op == "placeholder":
+            op.kind = "param" if n.name in param_of else ("input" if n.name in user_inputs else "param")
+        elif n.op == "get_attr":
+            op.kind = "param"
+        elif n.op == "output":
+            op.kind = "output"
+            outputs = ins
+        elif n.op == "call_module":
+            mod = modules.get(str(n.target))
+            op.module = str(n.target)
+            op.stack = stack + (op.module,)
+            if mod is not None and is_linear_module(mod):
+                op.kind, op.site, op.site_kind = "linear", op.module, "linear"
+                op.extra["features"] = linear_shape(mod)
+                op.inputs = ins[:1]
+            elif isinstance(mod, nn.Embedding):
+                op.kind, op.site, op.site_kind = "embedding", op.module, "embedding"
+                op.extra["index"] = ins[0] if ins else None
+            elif type(mod).__name__.lower() in ACTIVATIONS or isinstance(mod, (nn.SiLU, nn.GELU, nn.ReLU, nn.Tanh)):
+                op.kind = "activation"
+        elif n.op in ("call_function", "call_method"):
+            name = _base_name(n.target)
+            if n.op == "call_function" and n.target in (F.scaled_dot_product_attention,):
+                name = "scaled_dot_product_attention"
+            args = list(n.args)
+            if name in ("linear", "addmm", "mm", "matmul") and len(args) >= 2:
+                w_arg, x_arg = (args[2], args[1]) if name == "addmm" else (args[1], args[0])
+                fqn = param_through(w_arg)
+                if fqn is not None and fqn in params:
+                    owner = fqn.rsplit(".", 1)[0] if "." in fqn else ""
+                    # a module site only when that linear module's own forward ran this op
+                    mod = modules.get(module)
+                    if mod is not None and is_linear_module(mod) and mod.weight is params[fqn]:
+                        op.kind, op.site, op.site_kind = "linear", module, "linear"
+                        op.extra["features"] = linear_shape(mod)
+                    else:
+                        w = params[fqn]
+                        op.kind, op.site, op.site_kind = "linear", fqn, "param-linear"
+                        op.extra["features"] = (w.shape[0], w.shape[1]) if name == "addmm" else (w.shape[1], w.shape[0])
+                        op.extra["owner"] = owner
+                    op.inputs = [x_arg.name] if isinstance(x_arg, torch.fx.Node) else []
+                elif name != "linear":
+                    op.kind = "matmul"
+            elif name == "embedding" and args:
+                fqn = param_through(args[0])
+                mod = modules.get(module)
+                if isinstance(mod, nn.Embedding):
+                    op.kind, op.site, op.site_kind = "embedding", module, "embedding"
+                elif fqn:
+                    op.kind, op.site, op.site_kind = "embedding", fqn, "param-embedding"
+                idx = args[1] if len(args) > 1 else None
+                op.extra["index"] = idx.name if isinstance(idx, torch.fx.Node) else None
+                op.inputs = [op.extra["index"]] if op.extra["index"] else []
+            elif name == "scaled_dot_product_attention":
+                op.kind = "attention"
+                names = [a.name if isinstance(a, torch.fx.Node) else None for a in args[:3]]
+                mask = args[3] if len(args) > 3 else n.kwargs.get("attn_mask")
+                causal = args[5] if len(args) > 5 else n.kwargs.get("is_causal", False)
+                op.extra.update(q=names[0], k=names[1], v=names[2], is_causal=bool(causal),
+                                mask=mask.name if isinstance(mask, torch.fx.Node) else None, impl="sdpa")
+            elif name in ("softmax", "_softmax", "_safe_softmax"):
+                op.kind = "softmax"
+            elif name in MATMULS:
+                op.kind = "matmul"
+            elif name in ACTIVATIONS:
+                op.kind = "activation"
+            elif name in VIEWS:
+                op.kind = "view"
+            elif name in ("arange",):
+                op.kind = "arange"
+            elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
+                op.kind = "compare"
+        ops[n.name] = op
+    return Graph(ops, outputs, user_inputs, method)
+
+
+def by_export(model: nn.Module, kwargs: dict) -> Graph:
+    ep = torch.export.export(model, (), kwargs, strict=False)
+    sig = ep.graph_signature
+    param_of = dict(sig.inputs_to_parameters)
+    for k, v in getattr(sig, "inputs_to_buffers", {}).items():
+        param_of.setdefault(k, v)
+    user = [s for s in sig.user_inputs]
+    return from_fx(ep.graph_module, model, "export", param_of, user)
+
+
+def by_fx(model: nn.Module, kwargs: dict) -> Graph:
+    gm = torch.fx.symbolic_trace(model, concrete_args=None)
+    ShapeProp(gm).run(*[kwargs[n.target] for n in gm.graph.nodes if n.op == "placeholder"])
+    user = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return from_fx(gm, model, "fx", {}, user)
+
+
+class ShapeProp(torch.fx.Interpreter):
+    """Records each node's output shape (what export gives for free)."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["val"] = out
+        return out
+
+
+def by_hooks(model: nn.Module, kwargs: dict) -> Graph:
+    """Run the model once with forward hooks on linear, embedding and attention-like modules.
+
+    No data flow is seen this way: the analysis falls back to names for roles.
+    """
+    ops: dict[str, Op] = {}
+    handles = []
+
+    def rec(path, mod):
+        def hook(m, args, out):
+            kind = "embedding" if isinstance(m, nn.Embedding) else (
+                "linear" if is_linear_module(m) else "attention")
+            op = Op(f"{path}#{len(ops)}", kind, [], path, (path,), site=path, site_kind=kind)
+            if kind == "linear":
+                op.extra["features"] = linear_shape(m)
+            if kind == "attention":
+                op.extra.update(impl="module", heads=getattr(m, "num_heads", None), embed=getattr(m, "embed_dim", None))
+            ops.setdefault(path, op)
+        return hook
+
+    for path, mod in model.named_modules():
+        if is_linear_module(mod) or isinstance(mod, (nn.Embedding, nn.MultiheadAttention)):
+            handles.append(mod.register_forward_hook(rec(path, mod)))
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return Graph(ops, [], list(kwargs), "hooks")

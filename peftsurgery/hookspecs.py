@@ -1,0 +1,31 @@
+"""The hooks a method plugin implements. A plugin is a module (or object) registered under the entry-point
+group "peftsurgery"; the entry point's name is the method's name. Implement each hook with
+`@peftsurgery.hookimpl`."""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("peftsurgery")
+hookimpl = pluggy.HookimplMarker("peftsurgery")
+
+
+@hookspec(firstresult=True)
+def peftsurgery_config():
+    """Return the method's configuration class: a dataclass whose fields have defaults and types, and whose
+    __post_init__ raises peftsurgery.SurgeryError for invalid values (checked before the model is touched)."""
+
+
+@hookspec(firstresult=True)
+def peftsurgery_rules(config, sites):
+    """Return the list of rewrite rules (instances from peftsurgery.rewrite) that realise the method with this
+    config. `sites` is the model's SiteMap; rules choose their sites with selectors."""
+
+
+@hookspec(firstresult=True)
+def peftsurgery_budget(config, sites):
+    """Return the exact number of trainable parameters the method adds, computed from the SiteMap alone
+    (sites.select(selector, kinds) gives the sites a selector picks). The core builds the rules, counts what
+    they created and refuses the result if the two differ."""
+
+
+@hookspec(firstresult=True)
+def peftsurgery_describe():
+    """Return a one-line description of the method (shown by `peftsurgery plugins`)."""

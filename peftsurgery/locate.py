@@ -1,0 +1,152 @@
+"""locate(model) -> SiteMap: capture the computation, analyse it, map repeated blocks."""
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from . import capture
+from .analyze import analyse
+from .errors import SurgeryError
+from .sites import Site, SiteMap
+
+SEQ = 8
+
+
+def example_inputs(model: nn.Module) -> dict:
+    """Small inputs built from the forward signature, on the model's device (meta models get meta tensors)."""
+    params = inspect.signature(model.forward).parameters
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    kw: dict = {}
+    if "input_ids" in params:
+        kw["input_ids"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            kw["decoder_input_ids"] = torch.ones(1, SEQ // 2, dtype=torch.long, device=device)
+        if "use_cache" in params:
+            kw["use_cache"] = False
+        return kw
+    first = next((n for n, q in params.items() if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)), None)
+    if first is None:
+        raise SurgeryError(f"cannot guess inputs for {type(model).__name__}.forward: pass example_inputs")
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return {first: torch.ones(1, SEQ, dtype=torch.long, device=device)}
+        if capture.is_linear_module(m):
+            return {first: torch.zeros(1, SEQ, capture.linear_shape(m)[0], device=device, dtype=m.weight.dtype)}
+        if isinstance(m, nn.MultiheadAttention):
+            return {first: torch.zeros(1, SEQ, m.embed_dim, device=device)}
+    raise SurgeryError(f"cannot guess inputs for {type(model).__name__}: pass example_inputs")
+
+
+def _signature(m: nn.Module) -> tuple:
+    return (type(m),) + tuple((n, type(x).__name__) for n, x in m.named_modules()) + \
+        tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters())
+
+
+def _repeated_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList, list[int], dict[int, list[int]]]]:
+    """ModuleLists of repeated blocks: (path, list, representative indices, rep -> all members)."""
+    found, taken = [], []
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or any(path.startswith(t + ".") for t in taken):
+            continue
+        groups: OrderedDict = OrderedDict()
+        for i, child in enumerate(m):
+            groups.setdefault(_signature(child), []).append(i)
+        if len(groups) < len(m):
+            reps = [members[0] for members in groups.values()]
+            found.append((path, m, sorted(reps), {members[0]: members for members in groups.values()}))
+            taken.append(path)
+    return found
+
+
+def _rename(site: Site, path: str, old: int, new: int) -> Site:
+    a, b = f"{path}.{old}", f"{path}.{new}"
+    sub = lambda p: (b + p[len(a):]) if p and (p == a or p.startswith(a + ".")) else p
+    s = Site(**{**site.__dict__, "inputs": {k: sub(v) for k, v in site.inputs.items()}})
+    s.path, s.producer, s.consumer = sub(site.path), sub(site.producer), sub(site.consumer)
+    if s.stack == path:
+        s.block = new
+    return s
+
+
+def _capture(model: nn.Module, kwargs: dict) -> capture.Graph:
+    errors = []
+    for how in (capture.by_export, capture.by_fx, capture.by_hooks):
+        try:
+            return how(model, kwargs)
+        except Exception as e:  # each way fails on some models; the next one is tried
+            errors.append(f"{how.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    raise SurgeryError("could not capture the model (" + "; ".join(errors) + "); pass example_inputs that run it")
+
+
+def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> SiteMap:
+    """Find the sites of a model. example_inputs: kwargs for forward (a dict) or positional args (a tuple)."""
+    t0 = time.perf_counter()
+    if example_inputs is None:
+        kwargs = globals()["example_inputs"](model)
+    elif isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+    else:
+        names = [n for n in inspect.signature(model.forward).parameters]
+        kwargs = dict(zip(names, example_inputs))
+    was_training = model.training
+    model.eval()
+    lists = _repeated_lists(model)
+    saved = [(ml, ml._modules) for _, ml, _, _ in lists]
+    graph = None
+    try:
+        # analyse one block of each kind: keep only representatives in each repeated list
+        for _, ml, reps, _ in lists:
+            ml._modules = OrderedDict((str(k), ml._modules[str(r)]) for k, r in enumerate(reps))
+        if lists:
+            try:
+                graph = capture.by_export(model, kwargs)
+            except Exception:
+                graph = None
+    finally:
+        for ml, mods in saved:
+            ml._modules = mods
+    if graph is None:
+        lists = []
+        graph = _capture(model, kwargs)
+    sites, entry = analyse(graph, model)
+    model.train(was_training)
+    # map the representatives' sites to every block of their kind
+    for path, _, reps, members in lists:
+        out = []
+        for s in sites:
+            moved = False
+            for k, r in enumerate(reps):
+                if s.path.startswith(f"{path}.{k}.") or s.path == f"{path}.{k}":
+                    out.extend(_rename(s, path, k, j) for j in members[r])
+                    moved = True
+                    break
+            if not moved:
+                out.append(s)
+        sites = out
+    order = {p: i for i, (p, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    sites.sort(key=lambda s: (order.get(s.path, order.get(s.path.rsplit(".", 1)[0], 0)), s.path))
+    ent = _entry(model, entry.get("stack", ()))
+    fwd = inspect.signature(model.get_submodule(ent).forward).parameters if ent is not None else {}
+    cfg = getattr(model, "config", None)
+    return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd),
+                   encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
+                       s.role.startswith("xattn") for s in sites),
+                   seconds=time.perf_counter() - t0)
+
+
+def _entry(model: nn.Module, stack: tuple) -> str | None:
+    """The innermost module around the embedding whose forward takes an attention mask (else the root)."""
+    for path in reversed(stack[:-1]):
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if "attention_mask" in inspect.signature(m.forward).parameters:
+            return path
+    return ""

@@ -1,0 +1,9 @@
+"""The rule vocabulary. Every method is built from these; each is implemented once, here."""
+from .base import Rule, Switch, Undo
+from .lowrank import LowRank
+from .prefix import Prefix, record_kv
+from .prompt import Prompt
+from .quantize import Quantize
+from .series import Series
+
+__all__ = ["Rule", "Switch", "Undo", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "record_kv"]

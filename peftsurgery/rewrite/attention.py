@@ -1,0 +1,149 @@
+"""Intercepting an attention call at a site, to change its keys, values and mask.
+
+Two ways, chosen per site:
+- a module that dispatches through transformers' attention-function registry (it has config._attn_implementation):
+  a wrapper implementation is registered under a new name and the module's config is pointed to it; the wrapper
+  calls the original implementation. A mask function is registered under the same name (without one the
+  padding mask would silently arrive as None).
+- any other module calling F.scaled_dot_product_attention: a torch-function mode active only while the module
+  runs rewrites that call.
+Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import SurgeryError
+from .base import Undo
+
+PREFIX = "peftsurgery+"
+
+
+def _editors(module) -> list:
+    eds = module.__dict__.get("_peftsurgery_editors")
+    if eds is None:
+        eds = []
+        object.__setattr__(module, "_peftsurgery_editors", eds)
+    return eds
+
+
+def _apply(module, q, k, v, mask, kwargs):
+    for ed in list(_editors(module)):
+        k, v, mask, kwargs = ed(module, q, k, v, mask, kwargs)
+    return k, v, mask, kwargs
+
+
+def _registry_wrapper(original: str):
+    def wrapped(module, query, key, value, attention_mask, **kwargs):
+        key, value, attention_mask, kwargs = _apply(module, query, key, value, attention_mask, kwargs)
+        return _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
+    return wrapped
+
+
+def _original_fn(module, original: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if original in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[original]
+    # "eager" is each modeling file's own function, the default its modules pass to the registry
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise SurgeryError(f"{type(module).__name__} uses attention '{original}' that cannot be wrapped; "
+                           "load the model with attn_implementation='sdpa'")
+    return fn
+
+
+_users: dict[int, int] = {}   # id(config) -> intercepted modules using it
+
+
+def _use_registry(module: nn.Module) -> Undo:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+    cfg = module.config
+    original = cfg._attn_implementation or "eager"
+    if not original.startswith(PREFIX):
+        name = PREFIX + original
+        AttentionInterface.register(name, _registry_wrapper(original))
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
+        if mask_fn is not None:
+            AttentionMaskInterface.register(name, mask_fn)
+        cfg._attn_implementation = name
+    original = cfg._attn_implementation[len(PREFIX):]
+    _users[id(cfg)] = _users.get(id(cfg), 0) + 1
+
+    def restore():
+        _users[id(cfg)] -= 1
+        if _users[id(cfg)] == 0:
+            cfg._attn_implementation = original
+    return Undo(restore)
+
+
+class _SDPAMode(TorchFunctionMode):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else kwargs.pop("attn_mask", None)
+            extra = {"is_causal": kwargs.pop("is_causal", args[5] if len(args) > 5 else False)}
+            k, v, mask, extra = _apply(self.module, q, k, v, mask, extra)
+            return func(q, k, v, attn_mask=mask, is_causal=extra["is_causal"], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _use_mode(module: nn.Module) -> Undo:
+    modes = []
+
+    def pre(mod, args):
+        m = _SDPAMode(mod)
+        m.__enter__()
+        modes.append(m)
+
+    def post(mod, args, out):
+        modes.pop().__exit__(None, None, None)
+
+    h1 = module.register_forward_pre_hook(pre)
+    h2 = module.register_forward_hook(post)
+    return Undo(lambda: (h1.remove(), h2.remove()))
+
+
+def intercept(module: nn.Module, editor, site_path: str, impl: str) -> Undo:
+    """Make `editor` see every attention call of `module`. impl is what locate saw ("sdpa", "eager", ...)."""
+    eds = _editors(module)
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "_attn_implementation"):
+        way = _use_registry(module)
+    elif impl == "sdpa":
+        way = _use_mode(module)
+    else:
+        raise SurgeryError(f"cannot add keys/values at {site_path}: its attention ({impl}) is neither "
+                           "F.scaled_dot_product_attention nor transformers' attention interface")
+    eds.append(editor)
+
+    def undo():
+        if editor in eds:
+            eds.remove(editor)
+        way.remove()
+    return Undo(undo)
+
+
+def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
+    """Prepend n always-visible key positions to an attention mask (bool, additive float, or None)."""
+    if mask is None:
+        if not causal or q.shape[-2] == 1:
+            return None
+        Q, K = q.shape[-2], k_len_new - n
+        mask = torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)[None, None]
+    pad_shape = (*mask.shape[:-1], n)
+    if mask.dtype == torch.bool:
+        pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+    else:
+        pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], -1)

@@ -1,0 +1,127 @@
+"""Virtual tokens at the model's entry: what prompt and prefix methods need around the attention ops.
+
+The entry is the module whose forward receives the token ids (found by locate). A pre-hook there
+- for tokens placed in the sequence (prompts): prepends them to the input embeddings, extends the attention mask
+  with ones and other per-token inputs (token type ids) with zeros, and afterwards a post-hook drops their
+  positions from every output, so outputs line up with the user's tokens;
+- for every kind: gives real tokens position ids that follow the attention mask, shifted by the number of
+  virtual tokens, so padding (left or right) does not move them and virtual tokens sit just before the first
+  real token.
+During cached decoding (the mask is longer than the new tokens) nothing is prepended again.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .base import Switch, Undo
+
+
+def cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2])
+    except Exception:
+        return 0
+
+
+class Entry:
+    """Hooks on the entry module, shared by every virtual-token rule of one adapter."""
+
+    def __init__(self, model: nn.Module, entry: str, embed: str | None, num: int, prompt=None,
+                 switch: Switch | None = None):
+        self.module = model.get_submodule(entry)
+        self.embed = model.get_submodule(embed) if embed else None
+        self.num, self.prompt, self.switch = num, prompt, switch
+        self.params = list(inspect.signature(self.module.forward).parameters)
+        self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
+
+    def attach(self) -> list[Undo]:
+        undo = [Undo(self.module.register_forward_pre_hook(self.pre, with_kwargs=True).remove),
+                Undo(self.module.register_forward_hook(self.post, with_kwargs=True).remove)]
+        if self.prompt is not None and "inputs_embeds" not in self.params:
+            undo.append(Undo(self.embed.register_forward_hook(self.on_embed).remove))
+        return undo
+
+    def pre(self, module, args, kwargs):
+        if not self.switch.on:
+            self.pending.append(0)
+            return None
+        kwargs = {**dict(zip(self.params, args)), **kwargs}
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        x = ids if ids is not None else embeds
+        if x is None:
+            self.pending.append(0)
+            return None
+        B, S = x.shape[0], x.shape[1]
+        P, dev = self.num, x.device
+        mask = kwargs.get("attention_mask")
+        past = cache_length(kwargs.get("past_key_values")) if mask is None else 0
+        decoding = (mask is not None and mask.shape[-1] > S) or past > 0
+        prepend = self.prompt is not None and not decoding
+        if self.prompt is not None:
+            if mask is not None or prepend and "attention_mask" in self.params:
+                if mask is None:
+                    mask = torch.ones(B, S, dtype=torch.long, device=dev)
+                if mask.dim() == 2:
+                    mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], 1)
+                kwargs["attention_mask"] = mask
+        if prepend:
+            for k, v in list(kwargs.items()):
+                if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels") and \
+                        isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (B, S):
+                    kwargs[k] = torch.cat([torch.zeros(B, P, dtype=v.dtype, device=dev), v], 1)
+            if "inputs_embeds" in self.params:
+                if embeds is None:
+                    embeds = self.embed(ids)
+                kwargs["inputs_embeds"] = torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1)
+                kwargs["input_ids"] = None
+        if "position_ids" in self.params:
+            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, prepend,
+                                                     dev)
+        self.pending.append((P, S + P) if prepend else 0)
+        return (), kwargs
+
+    def _positions(self, given, mask, B, S, P, past, prepend, dev):
+        in_sequence = self.prompt is not None   # prompts are in the mask; prefixes are not
+        if given is not None:
+            pos = given + P
+            if prepend:
+                pos = torch.cat([torch.arange(P, device=dev).expand(B, P).to(pos.dtype), pos], 1)
+            return pos
+        n = S + P if prepend else S
+        if mask is not None and mask.dim() == 2:
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
+            return pos if in_sequence else pos + P
+        start = past + (0 if in_sequence else P)
+        return torch.arange(start, start + n, device=dev).expand(B, n)
+
+    def on_embed(self, module, args, out):
+        if self.pending and self.pending[-1] and out.dim() == 3 and out.shape[1] + self.num == self.pending[-1][1]:
+            return torch.cat([self.prompt(out.shape[0]).to(out.dtype), out], 1)
+        return out
+
+    def post(self, module, args, kwargs, out):
+        done = self.pending.pop() if self.pending else 0
+        return _drop(out, *done) if done else out
+
+
+def _drop(out, P: int, total: int):
+    """Remove the first P of `total` positions along the sequence axis from every tensor of an output."""
+    if isinstance(out, torch.Tensor):
+        return out[:, P:] if out.dim() >= 2 and out.shape[1] == total else out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_drop(o, P, total) for o in out)
+    if isinstance(out, list):
+        return [_drop(o, P, total) for o in out]
+    if isinstance(out, dict):  # ModelOutput is a dict subclass with attributes
+        for k in list(out.keys()):
+            if k != "past_key_values":
+                out[k] = _drop(out[k], P, total)
+        return out
+    return out

@@ -1,0 +1,173 @@
+"""Rule: trainable keys/values prepended at attention sites (prefix tuning, P-tuning v2).
+
+The prefix is added inside the attention call (see attention.py), after rotary embeddings and after any cache
+update, so it never enters the cache and nothing depends on the layout of cache objects.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..sites import Site
+from .attention import extend_mask, intercept
+from .base import Rule, Switch
+from .inputs import Entry
+
+
+class PrefixKV(nn.Module):
+    """Keys and values of one site: (kv_heads, num_tokens, head_dim) each."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__()
+        self.key, self.value = nn.Parameter(key), nn.Parameter(value)
+
+    def forward(self):
+        return self.key, self.value
+
+
+class PrefixMLP(nn.Module):
+    """Reparameterisation: an embedding through a two-layer MLP gives every site's keys and values."""
+
+    def __init__(self, num_tokens: int, dim: int, hidden: int, shapes: list[tuple[int, int]], device=None):
+        super().__init__()
+        self.shapes = shapes
+        total = sum(2 * h * d for h, d in shapes)
+        self.embedding = nn.Parameter(torch.randn(num_tokens, dim, device=device) * 0.02)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, device=device), nn.Tanh(),
+                                 nn.Linear(hidden, total, device=device))
+        self._cache = None
+
+    def train(self, mode=True):
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._cache is not None and not torch.is_grad_enabled():
+            return self._cache
+        out, i, P = self.mlp(self.embedding), 0, self.embedding.shape[0]
+        kvs = []
+        for h, d in self.shapes:
+            k = out[:, i:i + h * d].reshape(P, h, d).transpose(0, 1)
+            v = out[:, i + h * d:i + 2 * h * d].reshape(P, h, d).transpose(0, 1)
+            kvs.append((k, v))
+            i += 2 * h * d
+        if not self.training and not torch.is_grad_enabled():
+            self._cache = kvs
+        return kvs
+
+
+class _Site(nn.Module):
+    """Site view on a shared PrefixMLP (no parameters of its own)."""
+
+    def __init__(self, shared: PrefixMLP, index: int):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)
+        self.index = index
+
+    def forward(self):
+        return self.shared()[self.index]
+
+
+class _Editor:
+    def __init__(self, source: nn.Module, switch: Switch, causal: bool):
+        self.source, self.switch, self.causal = source, switch, causal
+
+    def __call__(self, module, q, k, v, mask, kwargs):
+        if not self.switch.on:
+            return k, v, mask, kwargs
+        pk, pv = self.source()
+        B, H, P = k.shape[0], k.shape[1], pk.shape[1]
+        if pk.shape[0] != H:  # keys already repeated for grouped-query attention
+            pk, pv = pk.repeat_interleave(H // pk.shape[0], 0), pv.repeat_interleave(H // pv.shape[0], 0)
+        old = k.shape[-2]
+        k = torch.cat([pk.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1), k], -2)
+        v = torch.cat([pv.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], -2)
+        causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
+                                                    and self.causal)
+        mask = extend_mask(mask, q, k.shape[-2], P, causal)
+        if "is_causal" in kwargs:
+            kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
+        for name, t in list(kwargs.items()):  # additive biases over keys (relative position bias)
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
+                kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], P), t], -1)}
+        return k, v, mask, kwargs
+
+
+class Prefix(Rule):
+    """init(model, sites) -> list of (key, value) per site, or None for random; projection: MLP hidden size
+    (0 for none)."""
+    kinds = ("attention",)
+    phase = 2
+
+    def __init__(self, targets: str, num_tokens: int, projection: int = 0, init=None):
+        super().__init__(targets)
+        self.num_tokens, self.projection, self.init = num_tokens, projection, init
+
+    def build(self, model, sites, sitemap):
+        p = next(model.parameters())
+        dev = p.device
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        P = self.num_tokens
+        if self.projection:
+            embed = next((s for s in sitemap if s.role == "embed"), None)
+            dim = embed.out_features if embed else sites[0].heads * sites[0].head_dim
+            shared = PrefixMLP(P, dim, self.projection, [(s.kv_heads, s.head_dim) for s in sites], device=dev)
+            out = {"_mlp": shared}
+            out.update({s.path: _Site(shared, i) for i, s in enumerate(sites)})
+            return out
+        start = self.init(model, sites) if self.init else None
+        out = {}
+        for i, s in enumerate(sites):
+            if start is not None:
+                k, v = start[i]
+            else:
+                k = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
+                v = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
+            out[s.path] = PrefixKV(k.to(dtype).clone(), v.to(dtype).clone())
+        return out
+
+    def attach(self, model, sites, built, switch, sitemap):
+        undo = []
+        for s in sites:
+            ed = _Editor(built[s.path], switch, bool(s.causal))
+            undo.append(intercept(model.get_submodule(s.path), ed, s.path, s.producer or ""))
+        embed = next((x.path for x in sitemap if x.role == "embed"), None)
+        if embed is not None:
+            undo += Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach()
+        return undo
+
+    def export(self, built):
+        """The MLP is folded away: saved are the keys and values it produces."""
+        if "_mlp" not in built:
+            return super().export(built)
+        with torch.no_grad():
+            kvs = built["_mlp"]()
+        paths = [k for k in built if k != "_mlp"]
+        return {p: {"key": k.detach().clone(), "value": v.detach().clone()} for p, (k, v) in zip(paths, kvs)}, \
+            {"projection": 0}
+
+    def describe(self, site: Site, built):
+        return f"{self.num_tokens} prefix keys/values ({site.kv_heads}x{site.head_dim}) prepended in attention"
+
+
+def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run the model once and return, for each attention site, the keys and values it computed (batch 0)."""
+    got: dict[str, tuple] = {}
+    switch = Switch()
+    undo = []
+
+    def recorder(path):
+        def ed(module, q, k, v, mask, kwargs):
+            got.setdefault(path, (k[0].detach().clone(), v[0].detach().clone()))
+            return k, v, mask, kwargs
+        return ed
+    try:
+        for s in sites:
+            undo.append(intercept(model.get_submodule(s.path), recorder(s.path), s.path, s.producer or ""))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for u in undo:
+            u.remove()
+    del switch
+    return [got[s.path] for s in sites]

@@ -1,0 +1,144 @@
+"""Sites (places in a model a rule can rewrite), the SiteMap that holds them, and selectors over it."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import SurgeryError
+
+LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+                "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o",
+                "mlp.up", "mlp.gate", "mlp.down", "linear", "head")
+
+
+@dataclass
+class Site:
+    """One rewritable place.
+
+    kind: "linear" (a module whose forward is a linear map), "param-linear" (a linear op on a weight parameter
+    of a module that is not itself a linear layer, such as nn.MultiheadAttention's in_proj_weight),
+    "embedding" or "attention" (the module that calls an attention op).
+    found_by: how it was found, e.g. "export+dataflow", "fx+dataflow", "hooks+name".
+    """
+    path: str
+    kind: str
+    role: str
+    found_by: str
+    block: int | None = None
+    stack: str | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+    # attention sites
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    causal: bool | None = None
+    inputs: dict = field(default_factory=dict)      # attention: {"q": path, "k": path, "v": path, "o": path}
+    producer: str | None = None                     # what feeds the site in the captured graph
+    consumer: str | None = None                     # what the site feeds
+
+    def short(self) -> str:
+        if self.kind == "attention":
+            return f"{self.heads}h/{self.kv_heads}kv x {self.head_dim}{' causal' if self.causal else ''}"
+        if self.in_features is not None:
+            return f"{self.in_features}->{self.out_features}"
+        return ""
+
+
+def block_of(path: str) -> tuple[str | None, int | None]:
+    """The repeated-block stack and index of a path: 'model.layers.3.mlp' -> ('model.layers', 3)."""
+    m = re.match(r"^(.*?)\.(\d+)(?:\.|$)", path)
+    return (m.group(1), int(m.group(2))) if m else (None, None)
+
+
+@dataclass
+class SiteMap:
+    sites: list[Site]
+    method: str                      # capture used: export, fx or hooks
+    entry: str = ""                  # module whose forward receives the token ids (prompt methods hook it)
+    entry_params: tuple = ()         # names that forward accepts
+    encoder_decoder: bool = False
+    seconds: float = 0.0
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __len__(self):
+        return len(self.sites)
+
+    def by_path(self, path: str) -> Site:
+        for s in self.sites:
+            if s.path == path:
+                return s
+        raise KeyError(path)
+
+    def roles(self) -> list[str]:
+        return sorted({s.role for s in self.sites})
+
+    def fingerprint(self) -> str:
+        """A hash of the architecture as the sites see it: paths, roles and shapes."""
+        rows = sorted((s.path, s.kind, s.role, s.in_features, s.out_features, s.heads, s.kv_heads, s.head_dim)
+                      for s in self.sites)
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+    def summary(self) -> dict:
+        return {"sites": len(self.sites), "roles": {r: sum(s.role == r for s in self.sites) for r in self.roles()}}
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "entry": self.entry, "encoder_decoder": self.encoder_decoder,
+                "fingerprint": self.fingerprint(), "sites": [asdict(s) for s in self.sites]}
+
+    def select(self, selector: str, kinds: tuple[str, ...]) -> list[Site]:
+        """Sites of the given kinds matching a selector; raises SurgeryError listing what exists if none do.
+
+        A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
+        `all-linear` (every linear except the output head) or `all`; `path:GLOB` matches module paths; these
+        are united. `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
+        """
+        pool = [s for s in self.sites if s.kind in kinds]
+        terms = [t.strip() for t in selector.split(",") if t.strip()]
+        if not terms:
+            raise SurgeryError("empty selector: give roles such as attn.q,attn.v or all-linear")
+        blocks = None
+        picked: dict[str, Site] = {}
+        for t in terms:
+            if t.startswith("blocks:"):
+                blocks = (blocks or set()) | _parse_blocks(t[7:])
+                continue
+            for s in pool:
+                if _term_matches(t, s):
+                    picked[s.path] = s
+        if not picked and blocks is not None and all(t.startswith("blocks:") for t in terms):
+            picked = {s.path: s for s in pool}
+        out = [s for s in pool if s.path in picked and (blocks is None or s.block in blocks)]
+        if not out:
+            roles = sorted({s.role for s in pool})
+            paths = [s.path for s in pool][:6]
+            raise SurgeryError(
+                f"selector {selector!r} matches no {'/'.join(kinds)} site; roles here: {', '.join(roles) or 'none'}; "
+                f"paths like: {', '.join(paths) or 'none'}")
+        return out
+
+
+def _parse_blocks(spec: str) -> set[int]:
+    try:
+        out: set[int] = set()
+        for part in spec.split("+"):
+            a, _, b = part.partition("-")
+            out |= set(range(int(a), int(b or a) + 1))
+        return out
+    except ValueError:
+        raise SurgeryError(f"bad block range {spec!r}: write blocks:0-3 or blocks:5") from None
+
+
+def _term_matches(term: str, s: Site) -> bool:
+    if term.startswith("path:"):
+        return fnmatch.fnmatchcase(s.path, term[5:])
+    if term == "all":
+        return True
+    if term == "all-linear":
+        return s.kind in ("linear", "param-linear") and s.role != "head"
+    return fnmatch.fnmatchcase(s.role, term) or (s.kind == "attention" and fnmatch.fnmatchcase(s.role + ".x", term))

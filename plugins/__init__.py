@@ -1,0 +1,1 @@
+"""Built-in method plugins (installed as `peftsurgery_plugins`; each registered by an entry point)."""

@@ -1,0 +1,42 @@
+"""Houlsby bottleneck adapters in series after attention output and feed-forward output (Houlsby et al., 2019)."""
+from dataclasses import dataclass
+
+from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.rewrite import Series
+from peftsurgery.rewrite.series import ACTIVATIONS
+
+__version__ = "1.0"
+
+
+@dataclass
+class AdapterConfig:
+    bottleneck: int = 16
+    activation: str = "relu"
+    targets: str = "attn.o,mlp.down"
+
+    def __post_init__(self):
+        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise SurgeryError(f"adapter: bottleneck must be a positive integer, got {self.bottleneck!r}")
+        if self.activation not in ACTIVATIONS:
+            raise SurgeryError(f"adapter: activation must be one of {', '.join(ACTIVATIONS)}")
+
+
+@hookimpl
+def peftsurgery_config():
+    return AdapterConfig
+
+
+@hookimpl
+def peftsurgery_describe():
+    return "Houlsby adapter: bottleneck MLP with a residual, in series after sites"
+
+
+@hookimpl
+def peftsurgery_rules(config, sites):
+    return [Series(config.targets, config.bottleneck, config.activation)]
+
+
+@hookimpl
+def peftsurgery_budget(config, sites):
+    b = config.bottleneck
+    return sum(2 * s.out_features * b + b + s.out_features for s in sites.select(config.targets, Series.kinds))

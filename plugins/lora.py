@@ -1,0 +1,44 @@
+"""LoRA: a trainable low-rank update B·A beside frozen linears (Hu et al., 2021)."""
+from dataclasses import dataclass
+
+from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.rewrite import LowRank
+
+__version__ = "1.0"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attn.q,attn.v"
+    rslora: bool = False          # scale alpha/sqrt(r) instead of alpha/r
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise SurgeryError(f"lora: r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise SurgeryError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.targets, str) or not self.targets.strip():
+            raise SurgeryError("lora: targets must be a selector such as attn.q,attn.v")
+
+
+@hookimpl
+def peftsurgery_config():
+    return LoraConfig
+
+
+@hookimpl
+def peftsurgery_describe():
+    return "LoRA: low-rank update beside frozen linears; mergeable"
+
+
+@hookimpl
+def peftsurgery_rules(config, sites):
+    return [LowRank(config.targets, config.r, config.alpha, config.dropout, config.rslora)]
+
+
+@hookimpl
+def peftsurgery_budget(config, sites):
+    return sum(config.r * (s.in_features + s.out_features) for s in sites.select(config.targets, LowRank.kinds))

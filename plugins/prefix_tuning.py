@@ -1,0 +1,78 @@
+"""Prefix tuning: trainable keys/values prepended at every attention (Li & Liang, 2021), with the optional MLP
+reparameterisation of the paper, folded away when saved."""
+from dataclasses import dataclass
+
+import torch
+
+from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.rewrite import Prefix, record_kv
+
+__version__ = "1.0"
+INITS = ("random", "vocab")
+
+
+@dataclass
+class PrefixTuningConfig:
+    num_tokens: int = 20
+    projection: int = 0        # hidden size of the reparameterisation MLP; 0 trains keys/values directly
+    init: str = "vocab"        # vocab: keys/values the model computes for sampled real tokens; random
+    targets: str = "attn,xattn"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise SurgeryError(f"prefix-tuning: num_tokens must be a positive integer, got {self.num_tokens!r}")
+        if not isinstance(self.projection, int) or self.projection < 0:
+            raise SurgeryError(f"prefix-tuning: projection must be 0 or a positive integer, got {self.projection!r}")
+        if self.init not in INITS:
+            raise SurgeryError(f"prefix-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
+def initial(config, sitemap):
+    if config.init == "random":
+        return None
+    embed = next((s for s in sitemap if s.role == "embed"), None)
+
+    def init(model, sites):
+        if embed is None or next(model.parameters()).device.type == "meta":
+            return None
+        g = torch.Generator().manual_seed(config.seed)
+        ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
+        ids = ids.to(next(model.parameters()).device)
+        inputs = {"input_ids": ids}
+        if sitemap.encoder_decoder:
+            inputs["decoder_input_ids"] = ids
+        was = model.training
+        model.eval()
+        try:
+            return record_kv(model, sites, inputs)
+        finally:
+            model.train(was)
+    return init
+
+
+@hookimpl
+def peftsurgery_config():
+    return PrefixTuningConfig
+
+
+@hookimpl
+def peftsurgery_describe():
+    return "Prefix tuning: trainable keys/values at each attention; optional MLP reparameterisation"
+
+
+@hookimpl
+def peftsurgery_rules(config, sites):
+    return [Prefix(config.targets, config.num_tokens, config.projection, initial(config, sites))]
+
+
+@hookimpl
+def peftsurgery_budget(config, sites):
+    chosen = sites.select(config.targets, Prefix.kinds)
+    per_token = sum(2 * s.kv_heads * s.head_dim for s in chosen)
+    if not config.projection:
+        return config.num_tokens * per_token
+    embed = next((s for s in sites if s.role == "embed"), None)
+    dim = embed.out_features if embed else chosen[0].heads * chosen[0].head_dim
+    h = config.projection
+    return config.num_tokens * dim + dim * h + h + h * per_token + per_token

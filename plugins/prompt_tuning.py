@@ -1,0 +1,69 @@
+"""Prompt tuning: trainable virtual-token embeddings prepended to the input (Lester et al., 2021)."""
+from dataclasses import dataclass
+
+import torch
+
+from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.rewrite import Prompt
+
+__version__ = "1.0"
+INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class PromptTuningConfig:
+    num_tokens: int = 20
+    init: str = "vocab"          # random | vocab (embeddings of sampled vocabulary tokens) | text
+    text: str = ""               # token ids, comma-separated, for init=text (or pass init_ids from Python)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise SurgeryError(f"prompt-tuning: num_tokens must be a positive integer, got {self.num_tokens!r}")
+        if self.init not in INITS:
+            raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "text":
+            try:
+                ids = [int(t) for t in str(self.text).replace(" ", "").split(",") if t]
+            except ValueError:
+                raise SurgeryError("prompt-tuning: text must be token ids like 12,7,99 (tokenize the text first)")
+            if not ids:
+                raise SurgeryError("prompt-tuning: init=text needs text=<token ids>")
+
+
+def initial(config):
+    def init(embedding, n):
+        g = torch.Generator().manual_seed(config.seed)
+        w = embedding.weight
+        if config.init == "random":
+            return torch.empty(n, w.shape[1]).uniform_(-0.5, 0.5, generator=g) * w.detach().float().std()
+        if config.init == "vocab":
+            ids = torch.randint(0, w.shape[0], (n,), generator=g)
+        else:  # text: repeat the ids to fill num_tokens, as the seeds describe
+            ids = torch.tensor([int(t) for t in str(config.text).replace(" ", "").split(",") if t])
+            if int(ids.max()) >= w.shape[0]:
+                raise SurgeryError(f"prompt-tuning: token id {int(ids.max())} is outside the vocabulary")
+            ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]
+        return w.detach()[ids.to(w.device)]
+    return init
+
+
+@hookimpl
+def peftsurgery_config():
+    return PromptTuningConfig
+
+
+@hookimpl
+def peftsurgery_describe():
+    return "Prompt tuning: trainable virtual tokens prepended at the input embedding"
+
+
+@hookimpl
+def peftsurgery_rules(config, sites):
+    return [Prompt(config.num_tokens, initial(config))]
+
+
+@hookimpl
+def peftsurgery_budget(config, sites):
+    embed = sites.select("embed", Prompt.kinds)[0]
+    return config.num_tokens * embed.out_features
