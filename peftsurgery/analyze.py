@@ -63,7 +63,7 @@ def _eager_attention(g: Graph) -> None:
             continue
         out.kind = "attention"
         out.extra.update(q=sin[0], k=sin[1], v=oin[-1], impl="eager", is_causal=False, mask=None,
-                         scores=score.name)
+                         scores=sm.name)  # the softmax's input holds the scores after any mask
         score.kind = "other"
 
 
@@ -225,7 +225,8 @@ def _causal(g: Graph, a: Op, origin) -> bool:
             continue
         seen.add(name)
         op = g.ops[name]
-        if op.kind == "compare" and len(op.inputs) == 2 and all(_from_arange(g, i) for i in op.inputs):
+        if op.kind == "compare" and (op.extra.get("triangle") or
+                                     len(op.inputs) == 2 and all(_from_arange(g, i) for i in op.inputs)):
             return True
         if op.kind not in ("linear", "attention", "embedding"):
             frontier.extend(op.inputs)

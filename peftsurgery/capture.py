@@ -193,6 +193,7 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.kind = "arange"
             elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
                 op.kind = "compare"
+                op.extra["triangle"] = name in ("tril", "triu")
         ops[n.name] = op
     return Graph(ops, outputs, user_inputs, method)
 

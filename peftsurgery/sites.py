@@ -96,7 +96,8 @@ class SiteMap:
 
         A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
         `all-linear` (every linear except the output head) or `all`; `path:GLOB` matches module paths; these
-        are united. `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
+        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv` when the model has no separate one).
+    `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
         """
         pool = [s for s in self.sites if s.kind in kinds]
         terms = [t.strip() for t in selector.split(",") if t.strip()]
@@ -108,9 +109,10 @@ class SiteMap:
             if t.startswith("blocks:"):
                 blocks = (blocks or set()) | _parse_blocks(t[7:])
                 continue
-            for s in pool:
-                if _term_matches(t, s):
-                    picked[s.path] = s
+            hits = [s for s in pool if _term_matches(t, s)]
+            if not hits and re.fullmatch(r"x?attn\.[qkv]", t):  # a fused projection holds q, k and v
+                hits = [s for s in pool if s.role == t[:-1] + "qkv"]
+            picked.update((s.path, s) for s in hits)
         if not picked and blocks is not None and all(t.startswith("blocks:") for t in terms):
             picked = {s.path: s for s in pool}
         out = [s for s in pool if s.path in picked and (blocks is None or s.block in blocks)]

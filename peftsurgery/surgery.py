@@ -17,6 +17,14 @@ from .sites import Site, SiteMap
 CONTAINER = "_peftsurgery"
 
 
+class Container(nn.ModuleDict):
+    """Holds every adapter's modules under one name. Its forward passes its input through unchanged, so a
+    model whose forward runs each child in turn (nn.Sequential) still computes what it did."""
+
+    def forward(self, *args):
+        return args[0] if len(args) == 1 else args
+
+
 @dataclass
 class Attached:
     """What one named adapter put on a model."""
@@ -87,16 +95,17 @@ def attach(model, method: Method, cfg, name: str, example_inputs=None, check_bud
         for u in reversed(att.undo):
             u.remove()
         raise
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if not adapters(model):  # remember the base's trainability, given back when the last adapter goes
+        object.__setattr__(model, "_peftsurgery_requires_grad",
+                           {n: p.requires_grad for n, p in model.named_parameters()})
+    for n, p in model.named_parameters():  # the base freezes; earlier adapters keep their own setting
+        if not n.startswith(CONTAINER + "."):
+            p.requires_grad_(False)
     if CONTAINER not in model._modules:
-        model.add_module(CONTAINER, nn.ModuleDict())
+        model.add_module(CONTAINER, Container())
     model._modules[CONTAINER][name] = box
-    for other in adapters(model).values():
-        for b in other.built:
-            for m in b.values():
-                m.requires_grad_(True)
     box.requires_grad_(True)
+    box.train(model.training)  # new modules start in training mode; follow the model (dropout off in eval)
     adapters(model)[name] = att
     return model
 
@@ -112,6 +121,11 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
         del reg[n]
     if CONTAINER in model._modules and not len(model._modules[CONTAINER]):
         del model._modules[CONTAINER]
+    if not reg:
+        flags = model.__dict__.pop("_peftsurgery_requires_grad", {})
+        for n, p in model.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
     return model
 
 

@@ -4,6 +4,7 @@ from .lowrank import LowRank
 from .prefix import Prefix, record_kv
 from .prompt import Prompt
 from .quantize import Quantize
+from .scale import Scale
 from .series import Series
 
-__all__ = ["Rule", "Switch", "Undo", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "record_kv"]
+__all__ = ["Rule", "Switch", "Undo", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "record_kv"]

@@ -41,9 +41,13 @@ class PrefixMLP(nn.Module):
         self._cache = None
         return super().train(mode)
 
+    def _versions(self) -> tuple:
+        return tuple(p._version for p in self.parameters())
+
     def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self._cache is not None and not torch.is_grad_enabled():
-            return self._cache
+        # reused within no-grad evaluation only while no parameter has changed (an optimizer step bumps versions)
+        if self._cache is not None and not torch.is_grad_enabled() and self._cache[0] == self._versions():
+            return self._cache[1]
         out, i, P = self.mlp(self.embedding), 0, self.embedding.shape[0]
         kvs = []
         for h, d in self.shapes:
@@ -52,7 +56,7 @@ class PrefixMLP(nn.Module):
             kvs.append((k, v))
             i += 2 * h * d
         if not self.training and not torch.is_grad_enabled():
-            self._cache = kvs
+            self._cache = (self._versions(), kvs)
         return kvs
 
 
@@ -120,6 +124,9 @@ class Prefix(Rule):
         for i, s in enumerate(sites):
             if start is not None:
                 k, v = start[i]
+                if k.shape[0] != s.kv_heads:  # recorded after grouped-query repetition: one copy per kv head
+                    rep = k.shape[0] // s.kv_heads
+                    k, v = k[::rep], v[::rep]
             else:
                 k = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
                 v = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
@@ -155,10 +162,11 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
     got: dict[str, tuple] = {}
     switch = Switch()
     undo = []
+    n = inputs["input_ids"].shape[-1]  # other adapters may have put virtual tokens before these
 
     def recorder(path):
         def ed(module, q, k, v, mask, kwargs):
-            got.setdefault(path, (k[0].detach().clone(), v[0].detach().clone()))
+            got.setdefault(path, (k[0, :, -n:].detach().clone(), v[0, :, -n:].detach().clone()))
             return k, v, mask, kwargs
         return ed
     try:

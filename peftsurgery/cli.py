@@ -1,0 +1,208 @@
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge. Every user error ends as one line on
+stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import SurgeryError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SurgeryError(f"{message} (see {self.prog} --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _quiet_transformers()
+        args.run(args)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except (SurgeryError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"peftsurgery: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="peftsurgery", description="Parameter-efficient fine-tuning by model surgery.",
+                epilog="MODEL: tiny-llama, tiny-gpt2, tiny-bert, tiny-t5, a folder with a Hugging Face "
+                       "config.json, or module:factory")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sp = sub.add_parser("plugins", help="list installed methods and their options")
+    sp.set_defaults(run=cmd_plugins)
+
+    sp = sub.add_parser("locate", help="find the sites of a model")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--format", choices=("text", "json"), default="text")
+    sp.set_defaults(run=cmd_locate)
+
+    sp = sub.add_parser("apply", help="apply a method and save the adapter")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--plugin", required=True, metavar="NAME")
+    _add_set(sp)
+    sp.add_argument("--targets", metavar="SELECTOR", help="sites to rewrite, e.g. attn.q,attn.v or all-linear")
+    sp.add_argument("--name", default="default", help="adapter name (default: default)")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_apply)
+
+    sp = sub.add_parser("inspect", help="show sites and, with --plugin, the rewritten graph")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--plugin", action="append", default=[], metavar="NAME")
+    _add_set(sp, "KEY=VALUE for every plugin, or PLUGIN.KEY=VALUE for one")
+    sp.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    sp.set_defaults(run=cmd_inspect)
+
+    sp = sub.add_parser("merge", help="fold a saved adapter into the base weights and save the model")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("adapter", metavar="ADAPTER")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_merge)
+    return p
+
+
+def _add_set(sp, help="method option KEY=VALUE (repeatable)"):
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options", help=help)
+
+
+def _options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SurgeryError(f"--set needs KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _quiet_transformers():
+    """Keep stderr for errors: no warnings or progress bars from transformers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+def cmd_plugins(args):
+    from . import registry
+    rows = []
+    for name in registry.names():
+        m = registry.Method(name)
+        opts = " ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(m.config_class))
+        rows.append([name, m.version, m.describe(), opts])
+    print(_table(["method", "version", "description", "options (defaults)"], rows))
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def _load(spec: str):
+    from .zoo import load_model
+    return load_model(spec)[0]
+
+
+def _site_rows(sm) -> list[list]:
+    return [[s.path, s.kind, s.role, s.short(), "" if s.block is None else s.block, s.found_by] for s in sm]
+
+
+def cmd_locate(args):
+    from .surgery import sitemap
+    sm = sitemap(_load(args.model))
+    if args.format == "json":
+        print(json.dumps(sm.to_json(), indent=2))
+        return
+    print(f"capture: {sm.method} ({sm.seconds:.2f} s), {len(sm)} sites")
+    print(_table(["path", "kind", "role", "shape", "block", "found_by"], _site_rows(sm)))
+
+
+def cmd_apply(args):
+    from . import budget, save
+    from .surgery import apply
+    config = _options(args.options)
+    if args.targets is not None:
+        config["targets"] = args.targets
+    model = _load(args.model)
+    apply(model, args.plugin, name=args.name, **config)
+    path = save(model, args.output, name=args.name)
+    b = budget(model)
+    n = b["adapters"][args.name]
+    print(_table(["adapter", "method", "trainable params", "base params", "percent"],
+                 [[args.name, args.plugin, f"{n:,}", f"{b['base']:,}", f"{100 * n / max(b['base'], 1):.3f}%"]]))
+    print(f"wrote {path}")
+
+
+def cmd_inspect(args):
+    from .surgery import apply, inspect, sitemap
+    model = _load(args.model)
+    sm = sitemap(model)
+    options = _options(args.options)
+    for plugin in args.plugin:
+        config = {k.split(".", 1)[-1]: v for k, v in options.items()
+                  if "." not in k or k.split(".", 1)[0] == plugin}
+        apply(model, plugin, name=plugin, **config)
+    rows = inspect(model)
+    if args.format == "json":
+        print(json.dumps({"sitemap": sm.to_json(), "rewrites": rows}, indent=2))
+    elif args.format == "dot":
+        print(_dot(sm, rows))
+    else:
+        print(f"capture: {sm.method} ({sm.seconds:.2f} s), {len(sm)} sites")
+        print(_table(["path", "kind", "role", "shape", "block", "found_by"], _site_rows(sm)))
+        if args.plugin:
+            print(f"\nrewritten graph ({', '.join(args.plugin)}):")
+            for r in rows:
+                print(f"  {r['producer'] or '(input)'} -> {r['site']} [{r['adapter']}: {r['what']}] "
+                      f"-> {r['consumer'] or '(output)'}")
+
+
+def _dot(sm, rows) -> str:
+    q = json.dumps  # a JSON string is a valid DOT quoted id
+    lines = ["digraph peftsurgery {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+    for s in sm:
+        label = f"{s.path}\n{s.role} {s.short()}".strip()
+        lines.append(f"  {q(s.path)} [label={q(label)}];")
+        if s.producer:
+            lines.append(f"  {q(s.producer)} -> {q(s.path)};")
+        if s.consumer:
+            lines.append(f"  {q(s.path)} -> {q(s.consumer)};")
+    for i, r in enumerate(rows):
+        node, label = f"rule{i}", f"{r['adapter']}: {r['rule']}\n{r['what']}"
+        lines.append(f"  {node} [shape=ellipse, style=filled, fillcolor=lightyellow, label={q(label)}];")
+        lines.append(f"  {q(r['site'])} -> {node} [style=dashed];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def cmd_merge(args):
+    from . import load, merge
+    from .zoo import save_model
+    model = _load(args.model)
+    load(model, args.adapter)
+    merge(model, unload=True)
+    print(f"wrote {save_model(model, args.output)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Where the command line gets its MODEL from: a built-in tiny model, a local Hugging Face folder, or
+`module:factory`. Also how a merged model is written back to disk."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+# name -> (config class, model class, config values); small enough to build in well under a second
+TINY = {
+    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)),
+    "tiny-gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)),
+    "tiny-bert": ("BertConfig", "BertForMaskedLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=128)),
+    "tiny-t5": ("T5Config", "T5ForConditionalGeneration", dict(
+        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0)),
+}
+FORMS = f"give one of {', '.join(TINY)}, a folder with a Hugging Face config.json, or module:factory"
+
+
+def load_model(spec: str) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer or None) for a MODEL argument."""
+    if spec in TINY:
+        return _tiny(spec), None
+    if os.path.isdir(spec):
+        return _folder(spec)
+    if ":" in spec and not os.path.exists(spec):
+        return _factory(spec), None
+    raise SurgeryError(f"unknown model {spec!r}: {FORMS}")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SurgeryError("Hugging Face models need transformers: pip install transformers") from None
+    return transformers
+
+
+def _tiny(name: str) -> nn.Module:
+    tf = _transformers()
+    cfg_cls, model_cls, values = TINY[name]
+    torch.manual_seed(0)
+    cfg = getattr(tf, cfg_cls)(**values)
+    return getattr(tf, model_cls)(cfg).eval()
+
+
+def _folder(path: str) -> tuple[nn.Module, object]:
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        raise SurgeryError(f"{path} has no config.json; {FORMS}")
+    try:
+        with open(cpath) as f:
+            archs = json.load(f).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise SurgeryError(f"{cpath} is not a valid JSON config") from None
+    tf = _transformers()
+    cls = getattr(tf, archs[0], None) if archs else None
+    if cls is None:
+        raise SurgeryError(f"{cpath} names no architecture transformers knows ({', '.join(archs) or 'none'})")
+    try:
+        model = cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SurgeryError(f"cannot load {path}: {str(e).splitlines()[0][:160]}") from None
+    tokenizer = None
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a model folder need not hold a tokenizer
+        pass
+    return model.eval(), tokenizer
+
+
+def _factory(spec: str) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # let `my_models:build` find my_models.py next to the user
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SurgeryError(f"cannot import {spec!r} ({e}); {FORMS}") from None
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def save_model(model: nn.Module, directory: str) -> str:
+    """Write a (merged) model to `directory`, replacing it atomically: Hugging Face models with save_pretrained,
+    other modules as model.safetensors. peftsurgery's own container is left out."""
+    from safetensors.torch import save_file
+
+    from .io import _swap_in
+    from .surgery import CONTAINER
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTAINER + ".")}
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, state_dict=state)
+        else:
+            # clone: tied weights share storage, which safetensors refuses
+            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+            save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        _swap_in(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -1,0 +1,301 @@
+"""Behaviour users rely on (design.md), for every built-in method: padding invariance, outputs on the user's
+tokens, cached generation equal to uncached greedy decoding, gradient checkpointing, folded prefix saves, BERT
+with token_type_ids, T5 generation."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+import peftsurgery as ps
+
+V = 128
+PAD = 0
+
+
+# ---------------------------------------------------------------- tiny model factories (local to this file)
+def llama(layers=2):
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2)).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=PAD)).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    return tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128)).eval()
+
+
+def t5():
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)).eval()
+
+
+METHODS = {
+    "lora": {"r": 4},
+    "adapter": {"bottleneck": 4},
+    "prompt-tuning": {"num_tokens": 3},
+    "prefix-tuning": {"num_tokens": 3},
+}
+GPT2_TARGETS = {"lora": {"targets": "attn.qkv"}}
+
+
+def adapted(factory, method, **extra):
+    """Apply a method and move its parameters away from their (often output-preserving) start values."""
+    cfg = {**METHODS[method], **(GPT2_TARGETS.get(method, {}) if factory is gpt2 else {}), **extra}
+    m = ps.apply(factory(), method, **cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m._peftsurgery.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
+
+
+def padded(seqs, side):
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    return ids, mask
+
+
+def follow_mask(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def all_methods(fn):
+    return pytest.mark.parametrize("method", list(METHODS))(fn)
+
+
+# ---------------------------------------------------------------- padding
+@all_methods
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_llama_padded_batch_equals_alone(method, side):
+    m = adapted(llama, method)
+    ids, mask = padded(SEQS, side)
+    with torch.no_grad():
+        alone = [m(torch.tensor([s])).logits[0] for s in SEQS]
+        batch = m(ids, attention_mask=mask).logits
+    assert batch.shape == (len(SEQS), ids.shape[1], V)
+    for i in range(len(SEQS)):
+        torch.testing.assert_close(batch[i][mask[i].bool()], alone[i], rtol=1e-4, atol=1e-5)
+
+
+@all_methods
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gpt2_padded_batch_equals_alone(method, side):
+    """GPT-2 has absolute positions: base GPT-2 is only padding-invariant when position ids follow the mask (as
+    generate() passes them); with them, every method keeps each sequence's logits."""
+    m = adapted(gpt2, method)
+    ids, mask = padded(SEQS, side)
+    with torch.no_grad():
+        alone = [m(torch.tensor([s])).logits[0] for s in SEQS]
+        batch = m(ids, attention_mask=mask, position_ids=follow_mask(mask)).logits
+    assert batch.shape == (len(SEQS), ids.shape[1], V)
+    for i in range(len(SEQS)):
+        torch.testing.assert_close(batch[i][mask[i].bool()], alone[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_gpt2_virtual_tokens_right_padding_without_position_ids(method):
+    """Right padding needs no position ids at all, virtual tokens or not."""
+    m = adapted(gpt2, method)
+    ids, mask = padded(SEQS, "right")
+    with torch.no_grad():
+        alone = [m(torch.tensor([s])).logits[0] for s in SEQS]
+        batch = m(ids, attention_mask=mask).logits
+    for i in range(len(SEQS)):
+        torch.testing.assert_close(batch[i][mask[i].bool()], alone[i], rtol=1e-4, atol=1e-5)
+
+
+@all_methods
+def test_t5_padded_batch_equals_alone(method):
+    m = adapted(t5, method)
+    ids, mask = padded(SEQS, "right")
+    dec = torch.tensor([[0, 3, 4, 5]] * len(SEQS))
+    with torch.no_grad():
+        batch = m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        for i, s in enumerate(SEQS):
+            alone = m(input_ids=torch.tensor([s]), decoder_input_ids=dec[:1]).logits[0]
+            torch.testing.assert_close(batch[i], alone, rtol=1e-4, atol=1e-5)
+    assert batch.shape == (len(SEQS), 4, V)
+
+
+# ---------------------------------------------------------------- outputs line up with the user's tokens
+@all_methods
+def test_llama_outputs_have_base_shape_and_labels_need_no_padding(method):
+    m = adapted(llama, method)
+    base = llama()
+    ids, mask = padded(SEQS, "left")
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask, output_hidden_states=True)
+        out = m(ids, attention_mask=mask, output_hidden_states=True)
+    assert out.logits.shape == ref.logits.shape
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref.hidden_states]
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = m(ids, attention_mask=mask, labels=labels).loss
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # the loss is the base model's formula on the logits we return, i.e. labels line up with the user's tokens
+    logits = m(ids, attention_mask=mask).logits
+    expect = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+    torch.testing.assert_close(loss, expect)
+
+
+@all_methods
+def test_gpt2_outputs_have_base_shape(method):
+    m = adapted(gpt2, method)
+    ids = torch.tensor([SEQS[0]])
+    with torch.no_grad():
+        out = m(ids, labels=ids, output_hidden_states=True)
+    assert out.logits.shape == (1, len(SEQS[0]), V)
+    assert all(h.shape == (1, len(SEQS[0]), 32) for h in out.hidden_states)
+    assert torch.isfinite(out.loss)
+
+
+def test_disabled_gives_base_outputs():
+    base = llama()
+    ids, mask = padded(SEQS, "left")
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask).logits
+        for method in METHODS:
+            m = adapted(llama, method)
+            assert not torch.allclose(m(ids, attention_mask=mask).logits, ref)
+            with ps.disabled(m):
+                assert torch.equal(m(ids, attention_mask=mask).logits, ref), method
+
+
+# ---------------------------------------------------------------- cached generation == uncached greedy
+def greedy(m, ids, mask, n, position_ids=False):
+    """Uncached greedy decoding: the whole sequence through forward at every step."""
+    for _ in range(n):
+        kw = {"position_ids": follow_mask(mask)} if position_ids else {}
+        with torch.no_grad():
+            nxt = m(ids, attention_mask=mask, use_cache=False, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@all_methods
+def test_llama_generate_matches_uncached_greedy(method):
+    m = adapted(llama, method)
+    for ids, mask in [(torch.tensor([SEQS[0]]), torch.ones(1, len(SEQS[0]), dtype=torch.long)),
+                      padded(SEQS, "left")]:
+        with torch.no_grad():
+            got = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        assert got.tolist() == greedy(m, ids, mask, 6).tolist()
+
+
+@all_methods
+def test_gpt2_generate_matches_uncached_greedy(method):
+    m = adapted(gpt2, method)
+    for ids, mask in [(torch.tensor([SEQS[0]]), torch.ones(1, len(SEQS[0]), dtype=torch.long)),
+                      padded(SEQS, "left")]:
+        with torch.no_grad():
+            got = m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        assert got.tolist() == greedy(m, ids, mask, 6, position_ids=True).tolist()
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_t5_generate(method):
+    m = adapted(t5, method)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        got = m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        dec = torch.tensor([[0]])
+        for _ in range(5):
+            nxt = m(input_ids=ids, decoder_input_ids=dec, use_cache=False).logits[:, -1:].argmax(-1)
+            dec = torch.cat([dec, nxt], 1)
+        with ps.disabled(m):
+            plain = m.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert got.tolist() == dec.tolist()
+    assert got.shape == plain.shape
+    out = m(input_ids=ids, labels=torch.tensor([[3, 4, 5]]))
+    assert out.logits.shape == (1, 3, V) and out.encoder_last_hidden_state.shape == (1, 5, 32)
+    assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- gradient checkpointing trains
+@pytest.mark.parametrize("method,extra", [(k, {}) for k in METHODS] + [("prefix-tuning", {"projection": 8})],
+                         ids=list(METHODS) + ["prefix-tuning-projection"])
+def test_gradient_checkpointing_trains(method, extra):
+    ids, mask = padded(SEQS, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        m = adapted(llama, method, **extra)
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+            assert m.is_gradient_checkpointing
+        m.train()
+        loss = m(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        named = {n: p for n, p in m.named_parameters() if p.requires_grad}
+        assert named and all(n.startswith("_peftsurgery.") for n in named)
+        assert all(p.grad is None for n, p in m.named_parameters() if not p.requires_grad)
+        grads.append({n: p.grad for n, p in named.items()})
+    for n, g in grads[1].items():
+        assert g is not None and g.abs().sum() > 0, n
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- prefix reparameterisation folds on save
+def test_prefix_projection_saves_folded(tmp_path):
+    m = adapted(llama, "prefix-tuning", projection=16)
+    ids, mask = padded(SEQS, "left")
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask).logits
+    ps.save(m, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    assert meta["config"]["projection"] == 0
+    assert meta["trainable_parameters"] == ps.budget(m)["trainable"]
+    back = ps.load(llama(), str(tmp_path / "ad"))
+    assert ps.adapters(back)["default"].config.projection == 0
+    n_folded = 3 * 2 * (2 * 2 * 8)  # tokens x layers x (key + value) x kv_heads x head_dim
+    assert ps.budget(back)["trainable"] == n_folded
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, ref, rtol=1e-5, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+# ---------------------------------------------------------------- BERT with token_type_ids
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_bert_token_type_ids(method):
+    base = bert()
+    m = adapted(bert, method)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    tt = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = base(input_ids=ids, token_type_ids=tt, attention_mask=mask, output_hidden_states=True)
+        out = m(input_ids=ids, token_type_ids=tt, attention_mask=mask, output_hidden_states=True)
+        alone = m(input_ids=ids[1:, :3], token_type_ids=tt[1:, :3])
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape == (2, 5, 32)
+    assert out.pooler_output.shape == ref.pooler_output.shape
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref.hidden_states]
+    assert not torch.allclose(out.last_hidden_state, ref.last_hidden_state)
+    # the padded row equals the same sentence alone, and token types reach the real tokens
+    torch.testing.assert_close(out.last_hidden_state[1, :3], alone.last_hidden_state[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        other = m(input_ids=ids, token_type_ids=torch.zeros_like(tt), attention_mask=mask)
+    assert not torch.allclose(other.last_hidden_state, out.last_hidden_state)

@@ -1,0 +1,401 @@
+"""locate(): sites and roles found by data flow on HF models and on custom modules with arbitrary names."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from torch import nn
+
+import peftsurgery as ps
+from peftsurgery import SurgeryError
+
+V, D = 128, 32
+
+
+# ---------------------------------------------------------------- tiny model factories (local to this file)
+def llama(layers=2):
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+def qwen2():
+    torch.manual_seed(0)
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=4, n_positions=128,
+                                            bos_token_id=1, eos_token_id=2)).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    return tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128)).eval()
+
+
+def t5():
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=V, d_model=D, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)).eval()
+
+
+def _split(t, h):
+    B, T, E = t.shape
+    return t.view(B, T, h, E // h).transpose(1, 2)
+
+
+def _merge(t):
+    B, H, T, d = t.shape
+    return t.transpose(1, 2).reshape(B, T, H * d)
+
+
+class SeparateSDPA(nn.Module):
+    """Separate q/k/v linears with names that say nothing, calling F.scaled_dot_product_attention."""
+
+    def __init__(self, d=D, h=4):
+        super().__init__()
+        self.h = h
+        self.alpha, self.beta, self.gamma, self.delta = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        o = F.scaled_dot_product_attention(_split(self.alpha(x), self.h), _split(self.beta(x), self.h),
+                                           _split(self.gamma(x), self.h), is_causal=True)
+        return self.delta(_merge(o))
+
+
+class FusedChunk(nn.Module):
+    """One fused qkv linear split with chunk."""
+
+    def __init__(self, d=D, h=4):
+        super().__init__()
+        self.h = h
+        self.mix = nn.Linear(d, 3 * d)
+        self.back = nn.Linear(d, d)
+
+    def forward(self, x):
+        a, b, c = self.mix(x).chunk(3, -1)
+        return self.back(_merge(F.scaled_dot_product_attention(_split(a, self.h), _split(b, self.h),
+                                                               _split(c, self.h))))
+
+
+class FusedSplit(FusedChunk):
+    """The same with torch.split and a causal mask from tril."""
+
+    def forward(self, x):
+        T = x.shape[1]
+        a, b, c = self.mix(x).split(x.shape[-1], -1)
+        m = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+        return self.back(_merge(F.scaled_dot_product_attention(_split(a, self.h), _split(b, self.h),
+                                                               _split(c, self.h), attn_mask=m)))
+
+
+class Eager(nn.Module):
+    """matmul -> softmax -> matmul attention; causal=True masks with positions compared from arange."""
+
+    def __init__(self, d=D, h=4, causal=False):
+        super().__init__()
+        self.h, self.causal = h, causal
+        self.w1, self.w2, self.w3, self.w4 = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = (_split(w(x), self.h) for w in (self.w1, self.w2, self.w3))
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if self.causal:
+            T = x.shape[1]
+            pos = torch.arange(T, device=x.device)
+            s = s.masked_fill(~(pos[:, None] >= pos[None, :]), float("-inf"))
+        return self.w4(_merge(torch.softmax(s, -1) @ v))
+
+
+class MHA(nn.Module):
+    def __init__(self, d=D, h=4):
+        super().__init__()
+        self.att = nn.MultiheadAttention(d, h, batch_first=True)
+
+    def forward(self, x):
+        return self.att(x, x, x, need_weights=False)[0]
+
+
+class Block(nn.Module):
+    def __init__(self, mixer):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mixer = mixer
+        self.ff1, self.ff2 = nn.Linear(D, 64), nn.Linear(64, D)
+
+    def forward(self, x):
+        x = x + self.mixer(self.n1(x))
+        return x + self.ff2(F.gelu(self.ff1(self.n2(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, make, n=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(V, D)
+        self.stack = nn.ModuleList([Block(make()) for _ in range(n)])
+        self.out = nn.Linear(D, V)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        for b in self.stack:
+            x = b(x)
+        return self.out(x)
+
+
+# ---------------------------------------------------------------- helpers
+def roles(sm, block=None):
+    return {s.path: s.role for s in sm if block is None or s.block == block}
+
+
+def attention(sm):
+    return [s for s in sm if s.kind == "attention"]
+
+
+def assert_dataflow(sm):
+    assert all("dataflow" in s.found_by for s in sm), {s.path: s.found_by for s in sm}
+
+
+# ---------------------------------------------------------------- HF models
+@pytest.fixture(scope="module")
+def llama_map():
+    m = llama()
+    return m, ps.locate(m)
+
+
+@pytest.mark.parametrize("factory", [llama, qwen2], ids=["llama", "qwen2"])
+def test_llama_like_roles(factory):
+    m = factory()
+    sm = ps.locate(m)
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"model.layers.{b}"
+        assert roles(sm, b) == {
+            f"{p}.self_attn": "attn",
+            f"{p}.self_attn.q_proj": "attn.q", f"{p}.self_attn.k_proj": "attn.k",
+            f"{p}.self_attn.v_proj": "attn.v", f"{p}.self_attn.o_proj": "attn.o",
+            f"{p}.mlp.gate_proj": "mlp.gate", f"{p}.mlp.up_proj": "mlp.up", f"{p}.mlp.down_proj": "mlp.down"}
+    assert sm.by_path("model.embed_tokens").role == "embed"
+    assert sm.by_path("model.embed_tokens").kind == "embedding"
+    assert sm.by_path("lm_head").role == "head"
+    for a in attention(sm):
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 2, 8, True)
+        assert a.inputs["q"].endswith("q_proj") and a.inputs["k"].endswith("k_proj")
+        assert a.inputs["v"].endswith("v_proj") and a.inputs["o"].endswith("o_proj")
+    q = sm.by_path("model.layers.0.self_attn.k_proj")
+    assert (q.in_features, q.out_features) == (32, 16)  # grouped-query: 2 kv heads x 8
+    assert sm.encoder_decoder is False
+    assert sm.entry == "model"
+
+
+def test_llama_repeated_blocks_all_mapped():
+    sm = ps.locate(llama(layers=6))
+    assert sorted({s.block for s in sm if s.block is not None}) == list(range(6))
+    for b in range(6):
+        assert sorted(s.role for s in sm if s.block == b) == sorted(
+            ["attn", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"])
+    assert len(sm) == 6 * 8 + 2
+    assert_dataflow(sm)
+
+
+def test_gpt2_conv1d_fused_qkv():
+    sm = ps.locate(gpt2())
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"transformer.h.{b}"
+        assert roles(sm, b) == {f"{p}.attn": "attn", f"{p}.attn.c_attn": "attn.qkv", f"{p}.attn.c_proj": "attn.o",
+                                f"{p}.mlp.c_fc": "mlp.up", f"{p}.mlp.c_proj": "mlp.down"}
+    qkv = sm.by_path("transformer.h.0.attn.c_attn")
+    assert (qkv.kind, qkv.in_features, qkv.out_features) == ("linear", 32, 96)  # Conv1D weight is (in, out)
+    assert sm.by_path("transformer.wte").role == "embed"
+    assert sm.by_path("lm_head").role == "head"
+    for a in attention(sm):
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, True)
+
+
+def test_bert_encoder():
+    sm = ps.locate(bert())
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"encoder.layer.{b}"
+        r = roles(sm, b)
+        assert r[f"{p}.attention.self"] == "attn"
+        assert r[f"{p}.attention.self.query"] == "attn.q"
+        assert r[f"{p}.attention.self.key"] == "attn.k"
+        assert r[f"{p}.attention.self.value"] == "attn.v"
+        assert r[f"{p}.attention.output.dense"] == "attn.o"
+        assert r[f"{p}.intermediate.dense"] == "mlp.up"
+        assert r[f"{p}.output.dense"] == "mlp.down"
+    assert sm.by_path("embeddings.word_embeddings").role == "embed"
+    for a in attention(sm):
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, False)
+    assert sm.encoder_decoder is False
+
+
+def test_t5_cross_attention():
+    sm = ps.locate(t5())
+    assert_dataflow(sm)
+    assert sm.encoder_decoder is True
+    for b in (0, 1):
+        e, d = f"encoder.block.{b}.layer", f"decoder.block.{b}.layer"
+        r = roles(sm)
+        for x in "qkvo":
+            assert r[f"{e}.0.SelfAttention.{x}"] == f"attn.{x}"
+            assert r[f"{d}.0.SelfAttention.{x}"] == f"attn.{x}"
+            assert r[f"{d}.1.EncDecAttention.{x}"] == f"xattn.{x}"
+        assert r[f"{e}.1.DenseReluDense.wi"] == "mlp.up" and r[f"{e}.1.DenseReluDense.wo"] == "mlp.down"
+        assert r[f"{d}.2.DenseReluDense.wi"] == "mlp.up" and r[f"{d}.2.DenseReluDense.wo"] == "mlp.down"
+        assert sm.by_path(f"{e}.0.SelfAttention").causal is False
+        assert sm.by_path(f"{d}.0.SelfAttention").causal is True
+        x = sm.by_path(f"{d}.1.EncDecAttention")
+        assert (x.role, x.causal, x.heads, x.head_dim) == ("xattn", False, 4, 8)
+    assert sm.by_path("lm_head").role == "head"
+    assert sum(s.role == "embed" for s in sm) == 1
+
+
+# ---------------------------------------------------------------- custom modules with arbitrary names
+def test_custom_separate_qkv_sdpa():
+    sm = ps.locate(Net(SeparateSDPA))
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"stack.{b}"
+        assert roles(sm, b) == {f"{p}.mixer": "attn", f"{p}.mixer.alpha": "attn.q", f"{p}.mixer.beta": "attn.k",
+                                f"{p}.mixer.gamma": "attn.v", f"{p}.mixer.delta": "attn.o",
+                                f"{p}.ff1": "mlp.up", f"{p}.ff2": "mlp.down"}
+    for a in attention(sm):
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, True)
+    assert sm.by_path("tok").role == "embed" and sm.by_path("out").role == "head"
+
+
+@pytest.mark.parametrize("mixer,causal", [(FusedChunk, False), (FusedSplit, True)], ids=["chunk", "split+tril"])
+def test_custom_fused_qkv(mixer, causal):
+    sm = ps.locate(Net(mixer))
+    assert_dataflow(sm)
+    for b in (0, 1):
+        assert roles(sm, b) == {f"stack.{b}.mixer": "attn", f"stack.{b}.mixer.mix": "attn.qkv",
+                                f"stack.{b}.mixer.back": "attn.o", f"stack.{b}.ff1": "mlp.up",
+                                f"stack.{b}.ff2": "mlp.down"}
+    for a in attention(sm):
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_custom_eager_attention(causal):
+    sm = ps.locate(Net(lambda: Eager(causal=causal)))
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"stack.{b}.mixer"
+        assert {k: v for k, v in roles(sm, b).items() if k.startswith(p)} == {
+            p: "attn", f"{p}.w1": "attn.q", f"{p}.w2": "attn.k", f"{p}.w3": "attn.v", f"{p}.w4": "attn.o"}
+    for a in attention(sm):
+        assert a.producer == "eager"
+        assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, causal)
+
+
+def test_custom_multihead_attention():
+    sm = ps.locate(Net(MHA))
+    assert_dataflow(sm)
+    for b in (0, 1):
+        p = f"stack.{b}.mixer.att"
+        qkv, o = sm.by_path(f"{p}.in_proj_weight"), sm.by_path(f"{p}.out_proj.weight")
+        assert (qkv.kind, qkv.role, qkv.in_features, qkv.out_features) == ("param-linear", "attn.qkv", 32, 96)
+        assert (o.kind, o.role, o.in_features, o.out_features) == ("param-linear", "attn.o", 32, 32)
+        a = sm.by_path(p)
+        assert (a.kind, a.heads, a.kv_heads, a.head_dim) == ("attention", 4, 4, 8)
+    assert roles(sm, 0)["stack.0.ff1"] == "mlp.up" and roles(sm, 0)["stack.0.ff2"] == "mlp.down"
+
+
+def test_custom_lora_on_param_linear_runs():
+    """LoRA attaches to nn.MultiheadAttention's in_proj_weight (no linear module there) and changes outputs."""
+    m = Net(MHA)
+    ids = torch.randint(0, V, (2, 5))
+    with torch.no_grad():
+        base = m(ids)
+    ps.apply(m, "lora", targets="attn.qkv,attn.o", r=2)
+    assert len(ps.inspect(m)) == 4
+    with torch.no_grad():
+        # B starts at zero (allclose: a parametrized weight takes MHA off its fused fast path)
+        torch.testing.assert_close(m(ids), base, rtol=0, atol=1e-6)
+        for p in m._peftsurgery.parameters():
+            p.add_(0.1)
+        assert not torch.allclose(m(ids), base)
+        with ps.disabled(m):
+            torch.testing.assert_close(m(ids), base, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- selectors
+def _sel(sm, selector, kinds=("linear", "param-linear")):
+    return [s.path for s in sm.select(selector, kinds)]
+
+
+def test_selector_roles(llama_map):
+    _, sm = llama_map
+    assert _sel(sm, "attn.q,attn.v") == [f"model.layers.{b}.self_attn.{x}_proj" for b in (0, 1) for x in "qv"]
+    assert {sm.by_path(p).role for p in _sel(sm, "mlp.*")} == {"mlp.gate", "mlp.up", "mlp.down"}
+
+
+def test_selector_glob(llama_map):
+    _, sm = llama_map
+    got = _sel(sm, "attn.*")
+    assert len(got) == 8 and {sm.by_path(p).role for p in got} == {"attn.q", "attn.k", "attn.v", "attn.o"}
+    assert _sel(sm, "attn", ("attention",)) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def test_selector_all_linear_excludes_head(llama_map):
+    _, sm = llama_map
+    got = _sel(sm, "all-linear")
+    assert len(got) == 14 and "lm_head" not in got
+    assert "lm_head" in _sel(sm, "head")
+
+
+def test_selector_blocks(llama_map):
+    m = llama(layers=4)
+    sm = ps.locate(m)
+    got = _sel(sm, "attn.q,blocks:0-1")
+    assert got == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    got = _sel(sm, "blocks:3")
+    assert len(got) == 7 and all(sm.by_path(p).block == 3 for p in got)
+
+
+def test_selector_path(llama_map):
+    _, sm = llama_map
+    assert _sel(sm, "path:*q_proj*") == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_selector_nothing_lists_roles(llama_map):
+    m, sm = llama_map
+    with pytest.raises(SurgeryError) as e:
+        sm.select("xattn.q", ("linear", "param-linear"))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for r in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "head"):
+        assert r in msg
+    with pytest.raises(SurgeryError, match="roles here"):
+        ps.apply(m, "lora", targets="path:*nothing*")
+
+
+# ---------------------------------------------------------------- a 1.1B Llama on the meta device
+def test_meta_1b_llama_locates_and_applies():
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4)
+    with torch.device("meta"):
+        m = tf.LlamaForCausalLM(cfg)
+    sm = ps.locate(m)
+    s = sm.summary()["roles"]
+    assert s == {"attn": 22, "attn.q": 22, "attn.k": 22, "attn.v": 22, "attn.o": 22, "mlp.gate": 22,
+                 "mlp.up": 22, "mlp.down": 22, "embed": 1, "head": 1}
+    a = sm.by_path("model.layers.21.self_attn")
+    assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (32, 4, 64, True)
+    ps.apply(m, "lora", targets="all-linear", r=8)
+    assert len(ps.inspect(m)) == 22 * 7
+    per_block = 8 * ((2048 + 2048) * 2 + (2048 + 256) * 2 + (2048 + 5632) * 2 + (5632 + 2048))
+    assert ps.budget(m)["trainable"] == 22 * per_block
+    assert all(p.device.type == "meta" for p in m._peftsurgery.parameters())

@@ -1,0 +1,531 @@
+"""Property-based tests: over random tiny models and random method configs, the base stays frozen and exact.
+
+Models: HF Llama / Qwen2 / GPT-2 / BERT / T5 and a custom module (separate q/k/v linears with arbitrary names
+calling F.scaled_dot_product_attention), with random depth, heads, kv heads, head_dim and widths.
+Methods: lora, adapter, prompt-tuning, prefix-tuning, and qlora (Llama-style models only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import peftsurgery
+from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.registry import Method, manager
+from peftsurgery.rewrite import LowRank, Prefix, Series
+from peftsurgery.surgery import CONTAINER
+try:
+    from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_t5
+except ImportError:  # tests/ collected as a package
+    from tests.conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_t5
+
+EXAMPLES = int(os.environ.get("PEFTSURGERY_PROPERTY_EXAMPLES", "8"))   # raise it for a deeper search
+# No shrinking: each example costs a model export (~0.5 s) and shrinking a failure can take many minutes; the
+# falsifying example is still printed. Set PEFTSURGERY_PROPERTY_SHRINK=1 to get a minimal one.
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("PEFTSURGERY_PROPERTY_SHRINK") else [])
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=PHASES,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+STEPS = 3
+
+
+# --- a custom model: separate q/k/v linears with arbitrary names, grouped-query, F.scaled_dot_product_attention
+
+class Mixer(nn.Module):
+    def __init__(self, dim, heads, kv_heads, head_dim, width):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_query = nn.Linear(dim, heads * head_dim)
+        self.keys = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.fc_in = nn.Linear(dim, width)
+        self.fc_out = nn.Linear(width, dim)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        h = self.norm1(x)
+        q = self.to_query(h).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        k = self.keys(h).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(h).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, -1))
+        return x + self.fc_out(F.gelu(self.fc_in(self.norm2(x))))
+
+
+class CustomLM(nn.Module):
+    def __init__(self, layers=2, heads=4, kv_heads=2, head_dim=8, width=64):
+        super().__init__()
+        dim = heads * head_dim
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(Mixer(dim, heads, kv_heads, head_dim, width) for _ in range(layers))
+        self.final = nn.LayerNorm(dim)
+        self.decoder = nn.Linear(dim, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        x = self.tok(input_ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.decoder(self.final(x))
+
+
+def tiny_custom(**kw):
+    torch.manual_seed(0)
+    return CustomLM(**kw).eval()
+
+
+# --- strategies
+
+ARCHS = ("llama", "qwen2", "gpt2", "bert", "t5", "custom")
+LLAMA_STYLE = ("llama", "qwen2", "custom")
+
+
+@st.composite
+def model_specs(draw, archs=ARCHS):
+    arch = draw(st.sampled_from(archs))
+    heads = draw(st.sampled_from([2, 4]))
+    kv = draw(st.sampled_from([d for d in (1, 2, 4) if heads % d == 0])) if arch in LLAMA_STYLE else heads
+    return {"arch": arch, "layers": draw(st.integers(1, 3)), "heads": heads, "kv_heads": kv,
+            "head_dim": draw(st.sampled_from([4, 8])), "width": draw(st.sampled_from([8, 16, 24]))}
+
+
+def build(spec):
+    L, H, K, D, W = (spec[k] for k in ("layers", "heads", "kv_heads", "head_dim", "width"))
+    arch = spec["arch"]
+    if arch in ("llama", "qwen2"):
+        f = tiny_llama if arch == "llama" else tiny_qwen2
+        return f(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=K, head_dim=D,
+                 num_hidden_layers=L, intermediate_size=W)
+    if arch == "gpt2":
+        return tiny_gpt2(n_embd=H * D, n_head=H, n_layer=L, n_inner=W)
+    if arch == "bert":
+        return tiny_bert(hidden_size=H * D, num_attention_heads=H, num_hidden_layers=L, intermediate_size=W)
+    if arch == "t5":
+        return tiny_t5(d_model=H * D, d_kv=D, num_heads=H, num_layers=L, num_decoder_layers=L, d_ff=W)
+    return tiny_custom(layers=L, heads=H, kv_heads=K, head_dim=D, width=W)
+
+
+def lora_targets(arch):
+    qv = "attn.qkv" if arch == "gpt2" else "attn.q,attn.v"
+    return st.sampled_from([qv, "attn.*", "all-linear", "attn.o,mlp.down", "mlp.*", "blocks:0"])
+
+
+@st.composite
+def method_configs(draw, arch, methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora")):
+    if arch not in ("llama", "qwen2"):
+        methods = tuple(m for m in methods if m != "qlora")
+    method = draw(st.sampled_from(methods))
+    if method in ("lora", "qlora"):
+        cfg = {"r": draw(st.integers(1, 4)), "alpha": draw(st.sampled_from([1.0, 4.0, 16.0])),
+               "targets": draw(lora_targets(arch))}
+        cfg["dropout"] = draw(st.sampled_from([0.0, 0.1]))
+        if method == "lora":
+            cfg["rslora"] = draw(st.booleans())
+        else:
+            cfg["quantize"] = draw(st.sampled_from(["all-linear", "attn.*"]))
+        return method, cfg
+    if method == "adapter":
+        return method, {"bottleneck": draw(st.integers(1, 6)),
+                        "activation": draw(st.sampled_from(["relu", "gelu", "tanh"])),
+                        "targets": draw(st.sampled_from(["attn.o,mlp.down", "mlp.down", "attn.o"]))}
+    if method == "prompt-tuning":
+        init = draw(st.sampled_from(["random", "vocab", "text"]))
+        cfg = {"num_tokens": draw(st.integers(1, 4)), "init": init, "seed": draw(st.integers(0, 3))}
+        if init == "text":
+            cfg["text"] = "5,17,99"
+        return method, cfg
+    return method, {"num_tokens": draw(st.integers(1, 4)), "init": draw(st.sampled_from(["random", "vocab"])),
+                    "projection": draw(st.sampled_from([0, 0, 4, 8]))}
+
+
+@st.composite
+def cases(draw, archs=ARCHS, methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora")):
+    spec = draw(model_specs(archs))
+    method, cfg = draw(method_configs(spec["arch"], methods))
+    return spec, method, cfg
+
+
+# --- helpers
+
+def inputs(spec, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    kw = {"input_ids": torch.randint(0, VOCAB, (2, 6), generator=g)}
+    if spec["arch"] == "t5":
+        kw["decoder_input_ids"] = torch.randint(0, VOCAB, (2, 4), generator=g)
+    return kw
+
+
+def run(model, kw):
+    out = model(**kw)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def evaluate(model, kw):
+    return run(model, kw).detach().clone()
+
+
+def base_state(model):
+    """Every base parameter and buffer (not the adapters'), cloned."""
+    items = list(model.named_parameters()) + list(model.named_buffers())
+    return {n: t.detach().clone() for n, t in items if not n.startswith(CONTAINER + ".")}
+
+
+def plugin_params(model):
+    box = model._modules.get(CONTAINER)
+    return {} if box is None else {f"{CONTAINER}.{n}": p for n, p in box.named_parameters()}
+
+
+def train(model, kw, steps=STEPS, lr=1e-2):
+    """AdamW steps on the trainable parameters; returns names of those that ever got a nonzero gradient."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=lr)
+    target = torch.randn_like(evaluate(model, kw), generator=torch.Generator().manual_seed(7))
+    graded = set()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (run(model, kw).float() - target).pow(2).mean()
+        loss.backward()
+        graded |= {n for n, p in params.items() if p.grad is not None and bool(p.grad.any())}
+        opt.step()
+    return graded
+
+
+def apply(model, method, cfg, name="default"):
+    torch.manual_seed(123)   # adapter initialisation draws from the global generator
+    return peftsurgery.apply(model, method, name=name, **cfg)
+
+
+# --- properties
+
+@SETTINGS
+@given(cases())
+def test_only_plugin_params_train_and_base_stays_bit_identical(case):
+    """Properties 1, 3 and 7: after apply only the adapter's parameters require grad; after AdamW steps every
+    base parameter and buffer is bit-identical, only adapter parameters changed (each one with gradient did),
+    and disabled() gives the base outputs exactly."""
+    spec, method, cfg = case
+    model, kw = build(spec), inputs(spec)
+    base_out, before = evaluate(model, kw), base_state(model)
+    apply(model, method, cfg)
+    plugin = plugin_params(model)
+    assert plugin, "the adapter has no parameters"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(plugin)
+    if method == "qlora":   # the quantized base is the reference from here on
+        before = base_state(model)
+        with peftsurgery.disabled(model):
+            base_out = evaluate(model, kw)
+    else:
+        after_apply = base_state(model)
+        assert after_apply.keys() == before.keys()
+        assert all(torch.equal(before[n], after_apply[n]) for n in before)
+    start = {n: p.detach().clone() for n, p in plugin.items()}
+    model.train()
+    graded = train(model, kw)
+    model.eval()
+    after = base_state(model)
+    assert after.keys() == before.keys()
+    assert [n for n in before if not torch.equal(before[n], after[n])] == []
+    now = dict(model.named_parameters())
+    changed = {n for n, p in now.items() if n in start and not torch.equal(start[n], p)}
+    changed |= {n for n, p in now.items() if n not in start and n not in before}
+    assert changed and changed <= set(plugin)
+    assert graded <= changed
+    with peftsurgery.disabled(model):
+        assert torch.equal(evaluate(model, kw), base_out)
+    assert not torch.equal(evaluate(model, kw), base_out), "training the adapter changed nothing"
+
+
+@SETTINGS
+@given(cases(methods=("lora", "adapter", "qlora")))
+def test_identity_at_init(case):
+    """Property 2: LoRA, QLoRA (over its quantized base) and bottleneck adapters start as the identity."""
+    spec, method, cfg = case
+    model, kw = build(spec), inputs(spec)
+    base_out = evaluate(model, kw)
+    apply(model, method, cfg)
+    if method == "qlora":
+        with peftsurgery.disabled(model):
+            base_out = evaluate(model, kw)
+    torch.testing.assert_close(evaluate(model, kw), base_out, atol=1e-6, rtol=0)
+
+
+@SETTINGS
+@given(cases())
+def test_disabled_is_exact_base(case):
+    """Property 3 at init and after training in eval mode, for every method (qlora: its quantized base, which
+    must itself not drift)."""
+    spec, method, cfg = case
+    model, kw = build(spec), inputs(spec)
+    base_out = evaluate(model, kw)
+    apply(model, method, cfg)
+    with peftsurgery.disabled(model):
+        first = evaluate(model, kw)
+        assert torch.equal(evaluate(model, kw), first)
+    if method != "qlora":
+        assert torch.equal(first, base_out)
+    train(model, kw)
+    with peftsurgery.disabled(model):
+        assert torch.equal(evaluate(model, kw), first)
+    assert not torch.equal(evaluate(model, kw), first)
+
+
+@SETTINGS
+@given(model_specs(), st.data())
+def test_lora_merge_unmerge_round_trip(spec, data):
+    """Property 4: merged outputs equal unmerged ones; unmerging restores the base weights."""
+    model, kw = build(spec), inputs(spec)
+    cfg = {"r": data.draw(st.integers(1, 4)), "alpha": data.draw(st.sampled_from([1.0, 4.0, 16.0])),
+           "targets": data.draw(lora_targets(spec["arch"])), "rslora": data.draw(st.booleans()),
+           "dropout": data.draw(st.sampled_from([0.0, 0.1]))}
+    originals = base_state(model)
+    apply(model, "lora", cfg)
+    train(model, kw)
+    unmerged = evaluate(model, kw)
+    peftsurgery.merge(model)
+    merged_weights = base_state(model)
+    assert any(not torch.equal(originals[n], merged_weights[n]) for n in originals), "merge changed no weight"
+    merged = evaluate(model, kw)
+    scale = unmerged.abs().max().item()
+    torch.testing.assert_close(merged, unmerged, atol=1e-5 * max(scale, 1.0), rtol=0)
+    with pytest.raises(SurgeryError):
+        with peftsurgery.disabled(model):
+            pass
+    peftsurgery.unmerge(model)
+    restored = base_state(model)
+    for n, t in originals.items():
+        torch.testing.assert_close(restored[n], t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(evaluate(model, kw), unmerged, atol=1e-5 * max(scale, 1.0), rtol=0)
+
+
+@SETTINGS
+@given(cases())
+def test_save_load_round_trip_is_exact(tmp_path_factory, case):
+    """Property 5: a trained adapter saved and loaded onto a fresh identical base gives the same outputs."""
+    spec, method, cfg = case
+    model, kw = build(spec), inputs(spec)
+    apply(model, method, cfg)
+    evaluate(model, kw)           # a no-grad pass first (anything cached then must not go stale)
+    train(model, kw)              # trained in eval mode
+    trained = evaluate(model, kw)
+    with torch.enable_grad():
+        live = run(model, kw).detach()
+    torch.testing.assert_close(trained, live, atol=1e-6, rtol=0)
+    path = tmp_path_factory.mktemp("adapter") / "a"
+    peftsurgery.save(model, str(path))
+    fresh = build(spec)
+    peftsurgery.load(fresh, str(path))
+    assert torch.equal(evaluate(fresh, kw), trained)
+
+
+@SETTINGS
+@given(cases())
+def test_declared_budget_equals_built(case):
+    """Property 6 (and 7): the plugin's declared budget, the core's count and the trainable parameters agree."""
+    spec, method, cfg = case
+    model = build(spec)
+    apply(model, method, cfg, name="mine")
+    box = model._modules[CONTAINER]["mine"]
+    trainable = sum(p.numel() for p in box.parameters() if p.requires_grad)
+    declared = Method(method).budget(Method(method).config(cfg), peftsurgery.sitemap(model))
+    report = peftsurgery.budget(model)
+    assert report["adapters"]["mine"] == trainable == declared
+    assert report["trainable"] == trainable
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+# --- a plugin whose declared budget is wrong
+
+@dataclasses.dataclass
+class WrongConfig:
+    rule: str = "lowrank"
+    off: int = 1
+
+
+class WrongBudget:
+    """Builds a real rule but declares a budget `off` parameters away from what it builds."""
+
+    @hookimpl
+    def peftsurgery_config(self):
+        return WrongConfig
+
+    @hookimpl
+    def peftsurgery_rules(self, config, sites):
+        return [self._rule(config)]
+
+    @staticmethod
+    def _rule(config):
+        if config.rule == "lowrank":
+            return LowRank("attn.*", 2, 4.0)
+        if config.rule == "series":
+            return Series("mlp.down", 3)
+        return Prefix("attn", 2)
+
+    @hookimpl
+    def peftsurgery_budget(self, config, sites):
+        rule = self._rule(config)
+        chosen = sites.select(rule.targets, rule.kinds)
+        if config.rule == "lowrank":
+            true = sum(2 * (s.in_features + s.out_features) for s in chosen)
+        elif config.rule == "series":
+            true = sum(2 * s.out_features * 3 + 3 + s.out_features for s in chosen)
+        else:
+            true = sum(2 * 2 * s.kv_heads * s.head_dim for s in chosen)
+        return true + config.off
+
+
+@pytest.fixture()
+def wrong_budget():
+    name = "test-wrong-budget"
+    plugin = WrongBudget()
+    manager().register(plugin, name=name)
+    try:
+        yield name
+    finally:
+        manager().unregister(plugin)
+
+
+@settings(max_examples=6, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(model_specs(), st.sampled_from(["lowrank", "series", "prefix"]), st.sampled_from([-1, 1]))
+def test_wrong_budget_is_rejected_and_model_untouched(wrong_budget, spec, rule, off):
+    model, kw = build(spec), inputs(spec)
+    base_out, before = evaluate(model, kw), base_state(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    # the budget is right when off=0
+    probe = build(spec)
+    peftsurgery.apply(probe, wrong_budget, rule=rule, off=0)
+    with pytest.raises(SurgeryError, match="declared"):
+        peftsurgery.apply(model, wrong_budget, rule=rule, off=off)
+    assert CONTAINER not in model._modules
+    assert not any(n.startswith(CONTAINER) for n, _ in model.named_parameters())
+    assert peftsurgery.adapters(model) == {}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    after = base_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(evaluate(model, kw), base_out)
+
+
+# --- plain tests: several adapters on one model
+
+def _lora_b_random(model, name):
+    """Give an attached LoRA nonzero B factors so that it changes outputs (as training would)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model._modules[CONTAINER][name].named_parameters():
+            if n.endswith("B.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_stack_lora_and_prefix_tuning():
+    spec = {"arch": "llama"}
+    model, kw = tiny_llama(), inputs(spec)
+    base_out = evaluate(model, kw)
+    apply(model, "lora", {"r": 2, "targets": "attn.q,attn.v"}, name="lo")
+    apply(model, "prefix-tuning", {"num_tokens": 3, "init": "random"}, name="pre")
+    plugin = plugin_params(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(plugin)
+    assert {n.split(".")[1] for n in plugin} == {"lo", "pre"}
+    report = peftsurgery.budget(model)
+    assert set(report["adapters"]) == {"lo", "pre"}
+    assert report["trainable"] == sum(p.numel() for p in plugin.values())
+    before = base_state(model)
+    graded = train(model, kw)
+    assert any(n.split(".")[1] == "lo" for n in graded) and any(n.split(".")[1] == "pre" for n in graded)
+    after = base_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    both = evaluate(model, kw)
+    with peftsurgery.disabled(model):
+        assert torch.equal(evaluate(model, kw), base_out)
+    peftsurgery.set_active(model, "lo")
+    only_lora = evaluate(model, kw)
+    peftsurgery.set_active(model, "pre")
+    only_prefix = evaluate(model, kw)
+    assert not torch.equal(only_lora, both) and not torch.equal(only_prefix, both)
+    peftsurgery.set_active(model, ["lo", "pre"])
+    assert torch.equal(evaluate(model, kw), both)
+    peftsurgery.remove(model, "pre")
+    assert torch.equal(evaluate(model, kw), only_lora)
+    peftsurgery.remove(model, "lo")
+    assert torch.equal(evaluate(model, kw), base_out)
+
+
+def test_two_named_loras_and_set_active():
+    spec = {"arch": "llama"}
+    model, kw = tiny_llama(), inputs(spec)
+    base_out = evaluate(model, kw)
+    apply(model, "lora", {"r": 2, "targets": "attn.q,attn.v"}, name="x")
+    apply(model, "lora", {"r": 3, "targets": "mlp.*"}, name="y")
+    assert set(peftsurgery.adapters(model)) == {"x", "y"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(plugin_params(model))
+    with pytest.raises(SurgeryError):
+        apply(model, "lora", {}, name="x")
+    _lora_b_random(model, "x")
+    _lora_b_random(model, "y")
+    both = evaluate(model, kw)
+    peftsurgery.set_active(model, "x")
+    out_x = evaluate(model, kw)
+    peftsurgery.set_active(model, ["y"])
+    out_y = evaluate(model, kw)
+    peftsurgery.set_active(model, [])
+    assert torch.equal(evaluate(model, kw), base_out)
+    assert len({tuple(t.flatten().tolist()) for t in (base_out, both, out_x, out_y)}) == 4
+    with pytest.raises(SurgeryError, match="no adapter named"):
+        peftsurgery.set_active(model, "z")
+    peftsurgery.set_active(model, ["x", "y"])
+    assert torch.equal(evaluate(model, kw), both)
+    with peftsurgery.disabled(model):
+        assert torch.equal(evaluate(model, kw), base_out)
+    assert torch.equal(evaluate(model, kw), both)   # disabled() restores the active set
+    peftsurgery.remove(model, "y")
+    assert torch.equal(evaluate(model, kw), out_x)
+    peftsurgery.merge(model, "x")
+    torch.testing.assert_close(evaluate(model, kw), out_x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,cfg", [
+    ("lora", {"r": 2, "targets": "all-linear"}),
+    ("adapter", {"bottleneck": 4}),
+    ("prompt-tuning", {"num_tokens": 3}),
+    ("prefix-tuning", {"num_tokens": 3, "projection": 8}),
+    ("qlora", {"r": 2}),
+])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_t5, tiny_custom],
+                         ids=["llama", "gpt2", "t5", "custom"])
+def test_remove_restores_exact_base(method, cfg, factory):
+    if method == "qlora" and factory is not tiny_llama:
+        pytest.skip("qlora is tested on Llama-style models")
+    arch = {tiny_llama: "llama", tiny_gpt2: "gpt2", tiny_t5: "t5", tiny_custom: "custom"}[factory]
+    model, kw = factory(), inputs({"arch": arch})
+    base_out, before = evaluate(model, kw), base_state(model)
+    types = {n: type(m) for n, m in model.named_modules()}
+    model.get_submodule(next(n for n, _ in model.named_modules() if n)).requires_grad_(False)  # a user's choice
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    apply(model, method, cfg)
+    train(model, kw)
+    assert not torch.equal(evaluate(model, kw), base_out)
+    peftsurgery.remove(model)
+    assert peftsurgery.adapters(model) == {}
+    assert CONTAINER not in model._modules
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert getattr(getattr(model, "config", None), "_attn_implementation", None) == attn_impl
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    after = base_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(evaluate(model, kw), base_out)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads

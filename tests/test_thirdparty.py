@@ -1,0 +1,114 @@
+"""A third-party method package (examples/thirdparty-plugin) installed with pip shows up everywhere and works
+through the public API alone."""
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import peftsurgery
+from peftsurgery import SurgeryError, registry
+from peftsurgery.cli import main
+from peftsurgery.zoo import load_model
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "thirdparty-plugin")
+DIST = "peftsurgery-ia3-demo"
+
+
+def _pip(*args):
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed(tmp_path_factory):
+    src = tmp_path_factory.mktemp("plugin") / "thirdparty-plugin"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    r = _pip("install", "--no-deps", "--no-build-isolation", "-q", str(src))
+    if r.returncode != 0:
+        pytest.skip(f"pip could not install the example plugin: {r.stderr.strip().splitlines()[-1:]}")
+    importlib.invalidate_caches()
+    registry.reload()
+    yield
+    _pip("uninstall", "-y", "-q", DIST)
+    sys.modules.pop("ia3_demo", None)
+    importlib.invalidate_caches()
+    registry.reload()
+
+
+def test_listed_by_registry_and_cli(capsys):
+    assert "scale-demo" in registry.names()
+    assert {"lora", "adapter"} <= set(registry.names())
+    assert main(["plugins"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("scale-demo"))
+    assert "0.1.0" in line and "IA3" in line and "targets=attn.k,attn.v,mlp.down" in line
+
+
+def test_identity_at_init_and_exact_budget():
+    model, _ = load_model("tiny-llama")
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    peftsurgery.apply(model, "scale-demo", name="ia3")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    # k, v: 64 -> 32 (two kv heads of 16); down: 128 -> 64; two blocks
+    assert peftsurgery.budget(model)["adapters"] == {"ia3": 2 * (32 + 32 + 64)}
+    rows = peftsurgery.inspect(model)
+    assert {r["role"] for r in rows} == {"attn.k", "attn.v", "mlp.down"}
+    assert all(r["rule"] == "Scale" for r in rows)
+
+
+def test_training_changes_only_its_vectors():
+    model, _ = load_model("tiny-llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    peftsurgery.apply(model, "scale-demo", targets="attn.v,mlp.up")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("_peftsurgery.") and p.dim() == 1 for n, p in trainable.items())
+    assert all(torch.equal(p, torch.ones_like(p)) for p in trainable.values())
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ids = torch.randint(0, 256, (4, 12))
+    model.train()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())
+    assert all(not torch.equal(p, torch.ones_like(p)) for p in trainable.values())
+    with peftsurgery.disabled(model), torch.no_grad():
+        fresh, _ = load_model("tiny-llama")
+        model.eval()
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+def test_save_load_and_merge(tmp_path):
+    model, _ = load_model("tiny-gpt2")           # Conv1D: transposed weights
+    peftsurgery.apply(model, "scale-demo", targets="attn.qkv,mlp.down")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    peftsurgery.save(model, tmp_path / "ad")
+    fresh, _ = load_model("tiny-gpt2")
+    peftsurgery.load(fresh, tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=0, rtol=0)
+        peftsurgery.merge(fresh, unload=True)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert not peftsurgery.adapters(fresh)
+
+
+def test_invalid_config_and_cli_apply(capsys, tmp_path):
+    model, _ = load_model("tiny-llama")
+    with pytest.raises(SurgeryError, match="scale-demo: targets"):
+        peftsurgery.apply(model, "scale-demo", targets=" ")
+    assert main(["apply", "tiny-llama", "--plugin", "scale-demo", "--targets", "mlp.down", "-o", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "scale-demo" in out and "128" in out                 # 2 blocks x 64
+    assert sorted(os.listdir(tmp_path / "a")) == ["adapter.json", "adapter.safetensors"]
