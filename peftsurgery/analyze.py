@@ -152,10 +152,10 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         kv_heads = kfeat // head_dim if head_dim else None
         st, bl = block_of(path)
         sites[path] = Site(path, "attention", pre, found, bl, st, heads=heads, kv_heads=kv_heads,
-                           head_dim=head_dim, causal=_causal(g, a, origin),
+                           head_dim=head_dim, causal=_causal(g, a),
                            inputs={"q": ops[q[0]].site, "k": ops[k[0]].site, "v": ops[v[0]].site,
                                    "o": ops[o_names[0]].site if o_names else None},
-                           producer=a.extra.get("impl"))
+                           impl=a.extra.get("impl"))
 
     # the head: a linear outside the repeated blocks whose output reaches a model output directly
     for out in g.outputs:
@@ -211,7 +211,7 @@ def _consumers(g: Graph, sites: dict[str, Site]) -> None:
                 sites[s].consumer = op.module
 
 
-def _causal(g: Graph, a: Op, origin) -> bool:
+def _causal(g: Graph, a: Op) -> bool:
     if a.extra.get("is_causal"):
         return True
     # an explicit mask built by comparing positions (tril/triu or <= between aranges) is causal

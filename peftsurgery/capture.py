@@ -233,7 +233,7 @@ def by_hooks(model: nn.Module, kwargs: dict) -> Graph:
     ops: dict[str, Op] = {}
     handles = []
 
-    def rec(path, mod):
+    def rec(path):
         def hook(m, args, out):
             kind = "embedding" if isinstance(m, nn.Embedding) else (
                 "linear" if is_linear_module(m) else "attention")
@@ -247,7 +247,7 @@ def by_hooks(model: nn.Module, kwargs: dict) -> Graph:
 
     for path, mod in model.named_modules():
         if is_linear_module(mod) or isinstance(mod, (nn.Embedding, nn.MultiheadAttention)):
-            handles.append(mod.register_forward_hook(rec(path, mod)))
+            handles.append(mod.register_forward_hook(rec(path)))
     try:
         with torch.no_grad():
             model(**kwargs)

@@ -36,6 +36,7 @@ class Site:
     kv_heads: int | None = None
     head_dim: int | None = None
     causal: bool | None = None
+    impl: str | None = None                         # attention: how it is computed (sdpa, eager)
     inputs: dict = field(default_factory=dict)      # attention: {"q": path, "k": path, "v": path, "o": path}
     producer: str | None = None                     # what feeds the site in the captured graph
     consumer: str | None = None                     # what the site feeds

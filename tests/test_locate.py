@@ -296,7 +296,7 @@ def test_custom_eager_attention(causal):
         assert {k: v for k, v in roles(sm, b).items() if k.startswith(p)} == {
             p: "attn", f"{p}.w1": "attn.q", f"{p}.w2": "attn.k", f"{p}.w3": "attn.v", f"{p}.w4": "attn.o"}
     for a in attention(sm):
-        assert a.producer == "eager"
+        assert a.impl == "eager"
         assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (4, 4, 8, causal)
 
 

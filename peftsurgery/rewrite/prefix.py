@@ -137,7 +137,7 @@ class Prefix(Rule):
         undo = []
         for s in sites:
             ed = _Editor(built[s.path], switch, bool(s.causal))
-            undo.append(intercept(model.get_submodule(s.path), ed, s.path, s.producer or ""))
+            undo.append(intercept(model.get_submodule(s.path), ed, s.path, s.impl or ""))
         embed = next((x.path for x in sitemap if x.role == "embed"), None)
         if embed is not None:
             undo += Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach()
@@ -171,7 +171,7 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
         return ed
     try:
         for s in sites:
-            undo.append(intercept(model.get_submodule(s.path), recorder(s.path), s.path, s.producer or ""))
+            undo.append(intercept(model.get_submodule(s.path), recorder(s.path), s.path, s.impl or ""))
         with torch.no_grad():
             model(**inputs)
     finally:
