@@ -241,10 +241,9 @@ def _from_arange(g: Graph, name: str, depth: int = 12) -> bool:
 
 
 _NAME_ROLES = [(r"(^|[._])(q|query|q_proj)$", "attn.q"), (r"(^|[._])(k|key|k_proj)$", "attn.k"),
-               (r"(^|[._])(v|value|v_proj)$", "attn.v"), (r"(qkv|c_attn|in_proj)", "attn.qkv"),
-               (r"(o_proj|out_proj|c_proj|\.o$|attention\.output\.dense)", "attn.o"),
-               (r"(gate)", "mlp.gate"), (r"(up|fc1|wi|c_fc|intermediate)", "mlp.up"),
-               (r"(down|fc2|wo|output\.dense)", "mlp.down"), (r"(lm_head|head|classifier)", "head")]
+               (r"(^|[._])(v|value|v_proj)$", "attn.v"), (r"(qkv|in_proj)", "attn.qkv"),
+               (r"(o_proj|out_proj|(^|\.)o$)", "attn.o"), (r"gate", "mlp.gate"), (r"(up|fc1)", "mlp.up"),
+               (r"(down|fc2)", "mlp.down"), (r"head", "head")]
 
 
 def _by_names(g: Graph, model: nn.Module) -> list[Site]:

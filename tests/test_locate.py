@@ -399,3 +399,28 @@ def test_meta_1b_llama_locates_and_applies():
     per_block = 8 * ((2048 + 2048) * 2 + (2048 + 256) * 2 + (2048 + 5632) * 2 + (5632 + 2048))
     assert ps.budget(m)["trainable"] == 22 * per_block
     assert all(p.device.type == "meta" for p in m._peftsurgery.parameters())
+
+
+class _Untraceable(nn.Module):
+    """Branches on a tensor's value, which neither torch.export nor torch.fx can capture."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(32, d)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj, self.head = nn.Linear(d, d), nn.Linear(d, 32)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        if float(h.sum()) > 1e9:  # data-dependent Python control flow
+            h = h * 2
+        a = F.scaled_dot_product_attention(self.q_proj(h)[:, None], self.k_proj(h)[:, None], self.v_proj(h)[:, None])
+        return self.head(h + self.out_proj(a[:, 0]))
+
+
+def test_hooks_fallback_finds_sites_by_name_and_says_so():
+    sm = ps.locate(_Untraceable().eval())
+    assert sm.method == "hooks"
+    assert {s.path: s.role for s in sm} == {"emb": "embed", "q_proj": "attn.q", "k_proj": "attn.k",
+                                            "v_proj": "attn.v", "out_proj": "attn.o", "head": "head"}
+    assert all(s.found_by == "hooks+name" for s in sm)
