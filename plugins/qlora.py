@@ -35,10 +35,15 @@ def peftsurgery_describe():
 
 @hookimpl
 def peftsurgery_rules(config, sites):
-    return [Quantize(config.quantize, "nf4", config.double_quant),
+    return [Quantize(config.quantize, config.double_quant),
             LowRank(config.targets, config.r, config.alpha, config.dropout)]
 
 
 @hookimpl
 def peftsurgery_budget(config, sites):
     return sum(config.r * (s.in_features + s.out_features) for s in sites.select(config.targets, LowRank.kinds))
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    return 1e-3

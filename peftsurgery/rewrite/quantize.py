@@ -1,4 +1,7 @@
-"""Rule: quantize the base weights of linears (NF4 / int8 through bitsandbytes)."""
+"""Rule: quantize the base weights of linears to 4-bit NormalFloat (NF4) through bitsandbytes.
+
+The float weights are dropped (that is the memory saving); removing the rule puts back float linears holding
+the dequantized weights."""
 from __future__ import annotations
 
 import torch
@@ -12,10 +15,9 @@ class Quantize(Rule):
     kinds = ("linear",)
     phase = 0
 
-    def __init__(self, targets: str, scheme: str = "nf4", double_quant: bool = True,
-                 compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, targets: str, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
         super().__init__(targets)
-        self.scheme, self.double_quant, self.compute_dtype = scheme, double_quant, compute_dtype
+        self.double_quant, self.compute_dtype = double_quant, compute_dtype
 
     def select(self, sitemap):
         try:
@@ -37,24 +39,36 @@ class Quantize(Rule):
                 raise SurgeryError(f"{s.path} is a {type(old).__name__}; only nn.Linear can be quantized")
             if old.weight.device.type == "meta":
                 raise SurgeryError(f"{s.path} is on the meta device; load real weights before quantizing")
-            if self.scheme == "nf4":
-                new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                        compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
-                                        quant_type="nf4", device=old.weight.device)
-                new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                               compress_statistics=self.double_quant)
-            else:
-                new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                          has_fp16_weights=False)
-                new.weight = bnb.nn.Int8Params(old.weight.data.clone(), requires_grad=False,
-                                               has_fp16_weights=False)
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
+                                    quant_type="nf4", device=old.weight.device)
+            new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=self.double_quant)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
             new = new.to(old.weight.device)  # quantizes
             new._forward_hooks.update(old._forward_hooks)
-            setattr(parent, name, new)
-            undo.append(Undo(lambda p=parent, n=name, o=old: setattr(p, n, o)))
+            setattr(parent, name, new)  # the float weights are not kept: saving their memory is the point
+            undo.append(Undo(lambda p=parent, n=name: setattr(p, n, _dequantized(getattr(p, n)))))
         return undo
 
+    def route(self, model, entries, rows, cache):
+        return []  # the quantized base is shared by every row
+
     def describe(self, site, built):
-        return f"base weights quantized to {self.scheme}{' (double quant)' if self.double_quant else ''}"
+        return f"base weights quantized to nf4{' (double quant)' if self.double_quant else ''}"
+
+
+def _dequantized(q: nn.Module) -> nn.Linear:
+    """A float nn.Linear computing what the 4-bit layer computes (quantization is lossy: the original
+    weights are gone)."""
+    import bitsandbytes as bnb
+    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(q.compute_dtype or torch.float32)
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if q.bias is not None:
+            lin.bias.copy_(q.bias)
+    lin.requires_grad_(False)
+    lin._forward_hooks.update(q._forward_hooks)
+    return lin
