@@ -6,7 +6,7 @@ from .sites import Site, SiteMap
 __version__ = "0.1.0"
 from .hookspecs import hookimpl
 from .io import load, save
-from .surgery import adapters, apply, budget, disabled, inspect, merge, remove, set_active, sitemap, unmerge
+from .surgery import adapters, apply, budget, disabled, inspect, merge, remove, route, set_active, sitemap, unmerge
 
 __all__ = ["SurgeryError", "Site", "SiteMap", "locate", "hookimpl", "apply", "save", "load", "merge", "unmerge",
-           "disabled", "inspect", "budget", "remove", "set_active", "adapters", "sitemap"]
+           "disabled", "inspect", "budget", "remove", "set_active", "adapters", "sitemap", "route"]

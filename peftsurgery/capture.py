@@ -199,7 +199,13 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
 
 
 def by_export(model: nn.Module, kwargs: dict) -> Graph:
-    ep = torch.export.export(model, (), kwargs, strict=False)
+    import torch.fx.config as fx_config
+    before = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True  # the analysis never reads them; recording them is ~15% of export
+    try:
+        ep = torch.export.export(model, (), kwargs, strict=False)
+    finally:
+        fx_config.do_not_emit_stack_traces = before
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     for k, v in getattr(sig, "inputs_to_buffers", {}).items():

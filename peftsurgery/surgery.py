@@ -163,6 +163,56 @@ def set_active(model: nn.Module, names: list[str] | str) -> None:
         a.switch.on = n in names
 
 
+BASE = "base"
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names):
+    """Inside this block, row i of each batch runs with adapter names[i] alone (None or "base": no adapter).
+
+    Names may repeat. Each rule does it once per site for all adapters (low-rank branches: the adapters' factors
+    stacked, gathered per row, two batched matmuls), so a batch mixing 8 adapters costs about one adapter, not 8.
+    Adapters not named are off inside the block. Raises SurgeryError for an unknown name, a merged adapter, or
+    a method whose rules cannot route per row (prompts and prefixes change the sequence, not a row's weights).
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    reg = adapters(model)
+    for n in names:
+        if n is not None and n != BASE:
+            _get(model, n)
+    # every adapter that can be routed gets a slot (stable across batches, so stacked factors are reused)
+    routable = lambda a: all(type(r).route is not Rule.route for r in a.rules)
+    wanted = [a for a in reg.values() if a.name in names or routable(a)]
+    slots = {a.name: i for i, a in enumerate(wanted)}
+    for a in reg.values():
+        if any(r.mergeable and any(getattr(m, "merged", False) for m in b.values()) for r, b in zip(a.rules, a.built)):
+            raise SurgeryError(f"adapter {a.name!r} is merged into the weights; unmerge it before routing rows")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rows = torch.tensor([slots.get(n, len(slots)) for n in names], dtype=torch.long, device=dev)
+    cache = model.__dict__.setdefault("_peftsurgery_route_cache", {})
+    if cache.get("adapters") != tuple(slots):  # stacked factors are kept for the same adapters, in order
+        cache.clear()
+        cache["adapters"] = tuple(slots)
+    cache["slots"] = len(slots)
+    groups: dict[type, tuple[Rule, list]] = {}
+    for a in wanted:
+        for r, s, b in zip(a.rules, a.sites, a.built):
+            groups.setdefault(type(r), (r, []))[1].append((slots[a.name], s, b))
+    before = {a.name: a.switch.on for a in reg.values()}
+    undo = []
+    try:
+        for r, entries in groups.values():
+            undo += r.route(model, entries, rows, cache)
+        for a in reg.values():
+            a.switch.on = False
+        yield model
+    finally:
+        for u in reversed(undo):
+            u.remove()
+        for a in reg.values():
+            a.switch.on = before[a.name]
+
+
 def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn.Module:
     """Fold adapters into the base weights; with unload=True also detach them, leaving a plain model."""
     targets = [_get(model, name)] if name else list(adapters(model).values())

@@ -186,11 +186,17 @@ def test_disabled_gives_base_outputs():
 
 # ---------------------------------------------------------------- cached generation == uncached greedy
 def greedy(m, ids, mask, n, position_ids=False):
-    """Uncached greedy decoding: the whole sequence through forward at every step."""
+    """Uncached greedy decoding: the whole sequence through forward at every step. Like generate(), a row that
+    has emitted the end-of-sequence token gets padding from then on."""
+    eos = m.config.eos_token_id
+    done = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
     for _ in range(n):
         kw = {"position_ids": follow_mask(mask)} if position_ids else {}
         with torch.no_grad():
             nxt = m(ids, attention_mask=mask, use_cache=False, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        if eos is not None:
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            done |= torch.isin(nxt, torch.tensor(eos if isinstance(eos, list) else [eos]))
         ids = torch.cat([ids, nxt], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
     return ids

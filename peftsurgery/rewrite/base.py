@@ -50,6 +50,13 @@ class Rule:
     def merge(self, model: nn.Module, sites: list[Site], built: dict[str, nn.Module], sign: float) -> None:
         raise SurgeryError(f"{type(self).__name__} cannot be merged into the base weights; keep it attached")
 
+    def route(self, model: nn.Module, entries: list, rows, cache: dict) -> list[Undo]:
+        """Give each batch row its own adapter (see surgery.route). entries: (slot, sites, built) for every
+        routed adapter using this rule class; rows: (batch,) slot per row, len(slots) meaning the base. Returns
+        the hooks to remove afterwards. A rule that changes the base for every row (quantization) returns []."""
+        raise SurgeryError(f"{type(self).__name__} cannot give each batch row its own adapter; "
+                           "route() works with low-rank adapters only")
+
     def export(self, built: dict[str, nn.Module]) -> tuple[dict, dict]:
         """(tensors to save keyed like built's state, config overrides for loading them back)."""
         return {k: {n: t for n, t in m.state_dict().items()} for k, m in built.items()}, {}

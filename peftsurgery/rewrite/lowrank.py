@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -12,22 +13,53 @@ from ..errors import SurgeryError
 from .base import Rule, Switch, Undo, hook_output
 
 
+class Factor(nn.Module):
+    """One factor of a low-rank update: a bare weight used as F.linear(x, weight). Built directly as a Parameter
+    (no nn.Linear construction and default initialisation to throw away)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class LowRankBranch(nn.Module):
     """The two factors of a low-rank update: A (r x in) then B (out x r), B starting at zero."""
 
     def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
-        self.A = nn.Linear(d_in, r, bias=False, device=device, dtype=dtype)
-        self.B = nn.Linear(r, d_out, bias=False, device=device, dtype=dtype)
-        self.scale = scale
+        self.A = Factor(torch.empty(r, d_in, device=device, dtype=dtype))
+        self.B = Factor(torch.zeros(d_out, r, device=device, dtype=dtype))
+        self.r, self.scale, self.p = r, scale, float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.B.weight)
+        if self.A.weight.device.type != "meta":  # nothing to initialise on the meta device
+            nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.B(self.A(self.dropout(x.to(self.A.weight.dtype)))) * self.scale
+        A, B = self.A.weight, self.B.weight
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        return F.linear(F.linear(x, A), B) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + scale * B(A(dropout(x))), in as few passes over out as possible: no casts when dtypes match,
+        no dropout call when p = 0, and the scale and the sum folded into one addmm."""
+        A, B = self.A.weight, self.B.weight
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        h = F.linear(x, A)
+        if out.dtype == B.dtype and out.dim() >= 2 and out.shape[-1] == B.shape[0]:
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
+                               alpha=self.scale).view(out.shape)
+        return out + (F.linear(h, B) * self.scale).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
         """The update as a full (out x in) matrix."""
@@ -43,7 +75,72 @@ class _Branch:
     def __call__(self, module, args, out):
         if not self.switch.on or self.branch.merged:
             return out
-        return out + self.branch(args[0]).to(out.dtype)
+        return self.branch.add_to(out, args[0])
+
+
+DENSE_TOKENS = 4   # route(): at most this many tokens per row, every slot's projection is computed densely
+
+
+class _Routed:
+    """Forward hook under route(): row i of the batch gets the branch of slot rows[i] (no loop over adapters)."""
+
+    def __init__(self, path: str, branches: dict[int, LowRankBranch], rows: torch.Tensor, cache: dict):
+        self.path, self.branches, self.rows, self.cache = path, branches, rows, cache
+        self.slots = cache["slots"]
+
+    def stacks(self):
+        bs = self.branches
+        params = [p for b in bs.values() for p in (b.A.weight, b.B.weight)]
+        key = tuple((id(p), p._version) for p in params) + tuple(b.scale for b in bs.values())
+        hit = self.cache.get(self.path)
+        if hit is not None and hit[0] == key and not torch.is_grad_enabled():
+            return hit[1]
+        any_b = next(iter(bs.values()))
+        d_out, d_in = any_b.B.weight.shape[0], any_b.A.weight.shape[1]
+        R = max(b.r for b in bs.values())
+        ref = any_b.A.weight
+        zeros_a, zeros_b = ref.new_zeros(d_in, R), ref.new_zeros(R, d_out)
+        As, Bs, P = [], [], []
+        for slot in range(self.slots + 1):
+            b = bs.get(slot)
+            if b is None:
+                As.append(zeros_a), Bs.append(zeros_b), P.append(0.0)
+                continue
+            a, bb = b.A.weight.t(), (b.B.weight * b.scale).t()
+            if b.r < R:
+                a, bb = F.pad(a, (0, R - b.r)), F.pad(bb, (0, 0, 0, R - b.r))
+            As.append(a), Bs.append(bb), P.append(b.p)
+        A, B = torch.stack(As), torch.stack(Bs)
+        # the same factors side by side, for batches of few tokens per row (decoding): (in, slots R), (slots R, out)
+        out = (A, B, torch.tensor(P, device=ref.device), A.permute(1, 0, 2).reshape(d_in, -1), B.reshape(-1, d_out))
+        if not torch.is_grad_enabled():
+            self.cache[self.path] = (key, out)
+        return out
+
+    def __call__(self, module, args, out):
+        x, rows = args[0], self.rows
+        if x.dim() < 2 or x.shape[0] != rows.shape[0]:
+            raise SurgeryError(f"route was given {rows.shape[0]} adapter names but {self.path} sees a batch of "
+                               f"{x.shape[0] if x.dim() else 0} rows; give one name per row")
+        A, B, P, A_cat, B_cat = self.stacks()
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        if any(b.p and b.training for b in self.branches.values()):
+            keep = 1.0 - P[rows].view(-1, 1, 1)   # each row's own dropout rate
+            x3 = x3 * (torch.rand_like(x3) < keep) / keep
+        o3 = out.reshape(out.shape[0], -1, out.shape[-1])
+        if x3.shape[1] <= DENSE_TOKENS and o3.dtype == B.dtype:
+            # few tokens per row: gathering per-row factors would move more memory than computing every slot's
+            # rank-R projection; rows keep only their own slot's (the others are multiplied by zero)
+            b, t, slots = x3.shape[0], x3.shape[1], A.shape[0]
+            keep = F.one_hot(rows, slots).to(x3.dtype).view(b, 1, slots, 1)
+            h = (torch.matmul(x3, A_cat).view(b, t, slots, -1) * keep).view(b * t, -1)
+            return torch.addmm(o3.reshape(b * t, -1), h, B_cat).view(out.shape)
+        h = torch.bmm(x3, A[rows])
+        if o3.dtype == B.dtype:
+            return torch.baddbmm(o3, h, B[rows]).view(out.shape)
+        return out + torch.bmm(h, B[rows]).view(out.shape).to(out.dtype)
 
 
 class _Delta(nn.Module):
@@ -112,6 +209,20 @@ class LowRank(Rule):
             with torch.no_grad():
                 w.add_(d, alpha=sign)
             b.merged = sign > 0
+
+    def route(self, model, entries, rows, cache):
+        """One hook per site for all routed adapters: their factors stacked into (slots + 1, in, R) and
+        (slots + 1, R, out) tensors (rank padded with zeros to the largest R, scale folded into B, the last slot
+        zero for rows on the base), gathered per row and applied with two batched matmuls."""
+        by_site: dict[str, dict[int, LowRankBranch]] = {}
+        for slot, sites, built in entries:
+            for s in sites:
+                if s.kind != "linear":
+                    raise SurgeryError(f"route cannot give each row its own adapter at {s.path}: a {s.kind} site "
+                                       "(a weight used inside another module) has no per-row input to hook")
+                by_site.setdefault(s.path, {})[slot] = built[s.path]
+        return [hook_output(model.get_submodule(path), _Routed(path, branches, rows, cache))
+                for path, branches in by_site.items()]
 
     def describe(self, site, built):
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"

@@ -1,0 +1,341 @@
+"""The benchmark cases. Each builds peftsurgery's candidate and PEFT's from the same seeded base model and data,
+interleaves their repetitions after a warm-up, and reports medians and ratios ours/PEFT."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import peftsurgery
+from peftsurgery.rewrite.lowrank import LowRankBranch
+
+from .common import (Ctx, Result, clock, clone, floor_inputs_require_grad, flop_ideal, interleave, linear_targets,
+                     llama, med, mib, peak_cuda, saved_activations, tokens, train_step, trainable_bytes)
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sizes(ctx: Ctx) -> dict:
+    """The case-1 model and batch: Llama-style, hidden 512, 4 layers, 8 heads, intermediate 1376, 8 x 128."""
+    if ctx.quick:
+        return dict(hidden=64, layers=2, heads=4, inter=172, vocab=512, batch=2, seq=32)
+    return dict(hidden=512, layers=4, heads=8, inter=1376, vocab=32000, batch=8, seq=128)
+
+
+def _model(ctx, z, seed=0):
+    return llama(z["hidden"], z["layers"], z["heads"], None, z["inter"], z["vocab"], ctx.device, seed)
+
+
+def _peft_lora(model, r=16, alpha=32, name="default"):
+    import peft
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LINEARS)
+    return peft.get_peft_model(model, cfg, adapter_name=name)
+
+
+def _branches(model, name="default") -> dict[str, LowRankBranch]:
+    att = peftsurgery.adapters(model)[name]
+    return next(b for b in att.built if b and isinstance(next(iter(b.values())), LowRankBranch))
+
+
+def copy_lora(peft_model, ours, name="default", random_b: float = 0.0, seed: int = 0):
+    """Make our adapter equal to PEFT's (its A; B zero, or random when random_b > 0, in both)."""
+    g = torch.Generator().manual_seed(seed)
+    root = peft_model.base_model.model
+    with torch.no_grad():
+        for path, b in _branches(ours, name).items():
+            mod = root.get_submodule(path)
+            la, lb = mod.lora_A[name].weight, mod.lora_B[name].weight
+            if random_b:
+                lb.copy_(torch.randn(lb.shape, generator=g) * random_b)
+            b.A.weight.copy_(la)
+            b.B.weight.copy_(lb)
+            assert abs(b.scale - mod.scaling[name]) < 1e-12
+
+
+def _adamw(model):
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(ps, lr=1e-4) if ps else None
+
+
+def _train_cases(ctx, cands: dict, batch: dict, reps: int) -> tuple[dict, dict]:
+    """Interleaved training steps of several models; also their saved activations (and CUDA peaks)."""
+    opts = {n: _adamw(m) for n, m in cands.items()}
+    for m in cands.values():
+        m.train()
+    fns = {n: (lambda m=m, o=opts[n]: train_step(m, o, batch, ctx.device)) for n, m in cands.items()}
+    samples = interleave(fns, reps, ctx.w())
+    mem = {}
+    for n, m in cands.items():
+        with saved_activations(m) as box:
+            loss = m(**batch).loss
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        mem[n] = {"activations_mib": mib(box["bytes"]), "trainable_state_mib": mib(trainable_bytes(m)),
+                  "cuda_peak_mib": mib(peak_cuda(ctx.device, lambda m=m, o=opts[n]: train_step(m, o, batch,
+                                                                                              ctx.device)))}
+    return samples, mem
+
+
+def case_lora_train(ctx: Ctx) -> Result:
+    z = sizes(ctx)
+    res = Result("1", "LoRA training step, all linears, r=16", setup={**z, "r": 16, "alpha": 32})
+    base = _model(ctx, z)
+    ids = tokens(z["batch"], z["seq"], z["vocab"], ctx.device)
+    batch = {"input_ids": ids, "labels": ids}
+    floor = floor_inputs_require_grad(clone(base))
+    ours = peftsurgery.apply(clone(base), "lora", r=16, alpha=32, targets="all-linear")
+    pm = _peft_lora(clone(base))
+    copy_lora(pm, ours)
+    with torch.no_grad():
+        res.extra["parity_loss_abs_diff"] = abs(float(ours(**batch).loss) - float(pm(**batch).loss))
+    samples, mem = _train_cases(ctx, {"ours": ours, "peft": pm, "floor": floor}, batch, ctx.n(10, 3))
+    ideal = flop_ideal(16, linear_targets(base))
+    res.extra["flop_ideal_overhead"] = ideal
+    for ph in ("forward", "backward", "optimizer", "step"):
+        o, p, f = med(samples, "ours", ph), med(samples, "peft", ph), med(samples, "floor", ph)
+        res.row(f"{ph} (median)", "ms", o * 1e3, p * 1e3, floor=None if ph == "optimizer" else f * 1e3)
+    for n in ("ours", "peft"):
+        for ph in ("forward", "backward"):
+            res.extra[f"{n}_{ph}_over_floor"] = med(samples, n, ph) / med(samples, "floor", ph) - 1
+        fb = lambda who: med(samples, who, "forward") + med(samples, who, "backward")
+        res.extra[f"{n}_fwd_bwd_over_floor"] = fb(n) / fb("floor") - 1
+    res.row("activations saved for backward", "MiB", mem["ours"]["activations_mib"], mem["peft"]["activations_mib"],
+            floor=mem["floor"]["activations_mib"])
+    res.row("trainable params + grads + AdamW state", "MiB", mem["ours"]["trainable_state_mib"],
+            mem["peft"]["trainable_state_mib"])
+    if ctx.device.startswith("cuda"):
+        res.row("CUDA peak during a step", "MiB", mem["ours"]["cuda_peak_mib"], mem["peft"]["cuda_peak_mib"],
+                floor=mem["floor"]["cuda_peak_mib"])
+    for r in res.rows:
+        res.target(f"ours/PEFT {r['metric']}", r["ratio"], 1.0)
+    res.target("training overhead (fwd+bwd) above the floor / FLOP-ideal", res.extra["ours_fwd_bwd_over_floor"] /
+               ideal, 1.5, note=f"FLOP-ideal {ideal:.1%}; ours {res.extra['ours_fwd_bwd_over_floor']:.1%}, "
+                                f"PEFT {res.extra['peft_fwd_bwd_over_floor']:.1%} above the floor")
+    res.extra["samples"] = samples
+    return res
+
+
+def case_inference(ctx: Ctx) -> Result:
+    z = sizes(ctx)
+    res = Result("2", "Inference with an unmerged and a merged adapter, against the bare base",
+                 setup={**z, "r": 16})
+    base = _model(ctx, z).eval()
+    ids = tokens(z["batch"], z["seq"], z["vocab"], ctx.device)
+    ours = peftsurgery.apply(clone(base), "lora", r=16, alpha=32, targets="all-linear").eval()
+    pm = _peft_lora(clone(base)).eval()
+    copy_lora(pm, ours, random_b=0.02)
+    ours_m = peftsurgery.apply(clone(base), "lora", r=16, alpha=32, targets="all-linear").eval()
+    copy_lora(pm, ours_m)  # the same adapter again (an adapted model does not deepcopy: its plugin is a module)
+    peftsurgery.merge(ours_m)
+    pm_m = clone(pm)
+    pm_m.merge_adapter()
+    models = {"base": base, "ours": ours, "peft": pm, "ours_merged": ours_m, "peft_merged": pm_m}
+
+    def fwd(m):
+        def f():
+            t0 = clock(ctx.device)
+            with torch.no_grad():
+                m(input_ids=ids)
+            return {"forward": clock(ctx.device) - t0}
+        return f
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        res.extra["parity_max_abs_diff_unmerged"] = float((ours(input_ids=ids).logits - ref).abs().max())
+        res.extra["parity_max_abs_diff_merged"] = float((ours_m(input_ids=ids).logits - ref).abs().max())
+    samples = interleave({n: fwd(m) for n, m in models.items()}, ctx.n(12, 3), ctx.w())
+    b = med(samples, "base", "forward")
+    for kind in ("", "_merged"):
+        o, p = med(samples, "ours" + kind, "forward"), med(samples, "peft" + kind, "forward")
+        res.row(f"forward, {'merged' if kind else 'unmerged'} adapter", "ms", o * 1e3, p * 1e3, base=b * 1e3,
+                ours_over_base=o / b - 1, peft_over_base=p / b - 1)
+        res.target(f"ours/PEFT {'merged' if kind else 'unmerged'}", o / p, 1.0)
+    res.target("merged inference above the base", med(samples, "ours_merged", "forward") / b - 1, 0.01)
+    res.extra["samples"] = samples
+    return res
+
+
+def case_mixed(ctx: Ctx) -> Result:
+    z = sizes(ctx)
+    n_ad, rows = (8, 32) if not ctx.quick else (3, 6)
+    res = Result("3", f"Mixed-adapter batch inference: {n_ad} LoRA adapters, each of {rows} rows its own",
+                 setup={**z, "adapters": n_ad, "rows": rows, "r": 16})
+    base = _model(ctx, z).eval()
+    names = [f"a{i}" for i in range(n_ad)]
+    ours, pm = clone(base), None
+    for i, n in enumerate(names):
+        peftsurgery.apply(ours, "lora", name=n, r=16, alpha=32, targets="all-linear")
+        if pm is None:
+            pm = _peft_lora(clone(base), name=n)
+        else:
+            import peft
+            pm.add_adapter(n, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LINEARS))
+        copy_lora(pm, ours, name=n, random_b=0.02, seed=i)
+    ours.eval(), pm.eval()
+    per_row = [names[i % n_ad] for i in range(rows)]
+    shapes = {"prefill": z["seq"], "one token": 1}
+    for label, seq in shapes.items():
+        ids = tokens(rows, seq, z["vocab"], ctx.device, seed=3)
+
+        def run_ours():
+            t0 = clock(ctx.device)
+            with torch.no_grad(), peftsurgery.route(ours, per_row):
+                ours(input_ids=ids)
+            return {"forward": clock(ctx.device) - t0}
+
+        def run_peft():
+            t0 = clock(ctx.device)
+            with torch.no_grad():
+                pm(input_ids=ids, adapter_names=per_row)
+            return {"forward": clock(ctx.device) - t0}
+
+        def run_base():
+            t0 = clock(ctx.device)
+            with torch.no_grad():
+                base(input_ids=ids)
+            return {"forward": clock(ctx.device) - t0}
+        with torch.no_grad(), peftsurgery.route(ours, per_row):
+            got = ours(input_ids=ids).logits
+        with torch.no_grad():
+            want = pm(input_ids=ids, adapter_names=per_row).logits
+        res.extra[f"parity_max_abs_diff_{label}"] = float((got - want).abs().max())
+        samples = interleave({"ours": run_ours, "peft": run_peft, "base": run_base}, ctx.n(7, 3), ctx.w(2, 1))
+        o, p, b = (med(samples, n, "forward") for n in ("ours", "peft", "base"))
+        tok = rows * seq
+        res.row(f"{label}: {rows} x {seq} tokens, time", "ms", o * 1e3, p * 1e3, base=b * 1e3)
+        res.row(f"{label}: throughput", "tokens/s", tok / o, tok / p, base=tok / b)
+        res.target(f"{label}: throughput ours/PEFT", p / o, 3.0, better=">=",
+                   note=f"the base model alone bounds it at {p / b:.2f}x")
+        res.target(f"{label}: time ours/PEFT", o / p, 1.0)
+        res.extra[f"samples_{label}"] = samples
+    return res
+
+
+def case_prompts(ctx: Ctx) -> Result:
+    import peft
+    z = sizes(ctx)
+    res = Result("4", "Prompt tuning and prefix tuning training steps, 20 virtual tokens",
+                 setup={**z, "num_virtual_tokens": 20})
+    base = _model(ctx, z)
+    ids = tokens(z["batch"], z["seq"], z["vocab"], ctx.device)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    floor = floor_inputs_require_grad(clone(base))
+    for label, plugin, pcfg in (
+            ("prompt tuning", "prompt-tuning", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+            ("prefix tuning", "prefix-tuning", peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))):
+        try:
+            ours = peftsurgery.apply(clone(base), plugin, num_tokens=20, init="random")
+            pm = peft.get_peft_model(clone(base), pcfg)
+            samples, mem = _train_cases(ctx, {"ours": ours, "peft": pm, "floor": floor}, batch, ctx.n(7, 3))
+        except Exception as e:  # one method failing must not lose the others' figures
+            res.errors.append(f"{label}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        for ph in ("forward", "backward", "optimizer", "step"):
+            o, p = med(samples, "ours", ph), med(samples, "peft", ph)
+            f = med(samples, "floor", ph)
+            r = res.row(f"{label}: {ph}", "ms", o * 1e3, p * 1e3, floor=None if ph == "optimizer" else f * 1e3)
+            res.target(f"ours/PEFT {label} {ph}", r, 1.0)
+        res.row(f"{label}: activations saved", "MiB", mem["ours"]["activations_mib"], mem["peft"]["activations_mib"])
+        res.extra[f"samples_{label}"] = samples
+    return res
+
+
+def case_locate(ctx: Ctx) -> Result:
+    import peft
+    if ctx.quick:
+        cfg = dict(hidden=256, layers=4, heads=8, kv_heads=2, inter=704, vocab=1000)
+    else:  # TinyLlama-1.1B's shape
+        cfg = dict(hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000)
+    res = Result("5", "Locate + apply, all linears, on a meta-device Llama", setup=cfg)
+    build = lambda: llama(cfg["hidden"], cfg["layers"], cfg["heads"], cfg["kv_heads"], cfg["inter"], cfg["vocab"],
+                          meta=True)
+    first = {}
+
+    def ours():
+        m = build()
+        t0 = time.perf_counter()
+        sm = peftsurgery.sitemap(m)
+        t1 = time.perf_counter()
+        peftsurgery.apply(m, "lora", r=16, alpha=32, targets="all-linear")
+        t2 = time.perf_counter()
+        first.setdefault("ours", t2 - t0)
+        return {"locate": t1 - t0, "apply": t2 - t1, "total": t2 - t0, "sites": len(sm)}
+
+    def theirs():
+        m = build()
+        t0 = time.perf_counter()
+        peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, target_modules=LINEARS))
+        t = time.perf_counter() - t0
+        first.setdefault("peft", t)
+        return {"total": t}
+    samples = interleave({"ours": ours, "peft": theirs}, ctx.n(7, 2), ctx.w(2, 1))
+    params = sum(p.numel() for p in build().parameters())
+    res.setup["parameters"] = params
+    o, p = med(samples, "ours", "total"), med(samples, "peft", "total")
+    res.row("locate + apply (warm)", "s", o, p, locate=med(samples, "ours", "locate"),
+            apply=med(samples, "ours", "apply"))
+    res.extra["first_call_s"] = first  # includes one-time imports and torch.export's start-up
+    res.extra["sites"] = samples["ours"]["sites"][0]
+    res.target("ours/PEFT locate + apply", o / p, 1.0)
+    res.target("locate + apply on the 1.1B config", o, 1.0, note="seconds")
+    return res
+
+
+def _quantize_like_ours(model):
+    """PEFT's side of case 6: the same NF4 double-quantized base as qlora's Quantize rule builds."""
+    import bitsandbytes as bnb
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if type(child) is torch.nn.Linear and cname in LINEARS:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+                                        device=child.weight.device)
+                new.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                               compress_statistics=True)
+                setattr(mod, cname, new.to(child.weight.device))
+    return model
+
+
+def _resident(model) -> tuple[int, int]:
+    """(bytes, original parameter count) of the quantized linears: packed weights plus quantization state."""
+    import bitsandbytes as bnb
+    nbytes = count = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = m.weight
+            nbytes += w.numel() * w.element_size()
+            qs = w.quant_state
+            for t in qs.as_dict(packed=True).values():
+                if isinstance(t, torch.Tensor):
+                    nbytes += t.numel() * t.element_size()
+            count += int(torch.Size(qs.shape).numel())
+            if m.bias is not None:
+                nbytes += m.bias.numel() * m.bias.element_size()
+                count += m.bias.numel()
+    return nbytes, count
+
+
+def case_qlora(ctx: Ctx) -> Result:
+    z = sizes(ctx)
+    if not ctx.quick:
+        z = {**z, "batch": 4}  # the 4-bit CPU kernels are slow: half the batch of case 1
+    res = Result("6", "QLoRA: NF4 double-quantized base, LoRA r=16 on all linears", setup=z)
+    base = _model(ctx, z)
+    ids = tokens(z["batch"], z["seq"], z["vocab"], ctx.device)
+    batch = {"input_ids": ids, "labels": ids}
+    ours = peftsurgery.apply(clone(base), "qlora", r=16, alpha=32)
+    pm = _peft_lora(_quantize_like_ours(clone(base)))
+    copy_lora(pm, ours)
+    ob, oc = _resident(ours)
+    pb, pc = _resident(pm)
+    res.row("resident memory of the quantized linears", "bytes/param", ob / oc, pb / pc, fp32=4.0)
+    samples, mem = _train_cases(ctx, {"ours": ours, "peft": pm}, batch, ctx.n(6, 2))
+    for ph in ("forward", "backward", "optimizer", "step"):
+        r = res.row(f"{ph} (median)", "ms", med(samples, "ours", ph) * 1e3, med(samples, "peft", ph) * 1e3)
+        res.target(f"ours/PEFT {ph}", r, 1.0)
+    res.target("ours/PEFT resident bytes per parameter", (ob / oc) / (pb / pc), 1.0)
+    res.extra["samples"] = samples
+    return res
+
+
+CASES = {"1": case_lora_train, "2": case_inference, "3": case_mixed, "4": case_prompts, "5": case_locate,
+         "6": case_qlora}

@@ -1,0 +1,181 @@
+"""Shared machinery: devices, seeded models and data, interleaved timing, memory, result rows."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Ctx:
+    device: str = "cpu"
+    quick: bool = False
+    reps: int = 0            # timed repetitions per candidate (0: the case's default)
+    warmup: int = 0          # untimed ones first (0: the case's default)
+
+    def n(self, full: int, quick: int) -> int:
+        return self.reps or (quick if self.quick else full)
+
+    def w(self, full: int = 3, quick: int = 1) -> int:
+        return self.warmup or (quick if self.quick else full)
+
+
+@dataclass
+class Result:
+    """What one case reports: rows of medians (ours against the peer), targets, and free-form facts."""
+    case: str
+    title: str
+    setup: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+
+    def row(self, metric: str, unit: str, ours, peft=None, **more):
+        ratio = (ours / peft) if (ours is not None and peft not in (None, 0)) else None
+        self.rows.append({"metric": metric, "unit": unit, "ours": ours, "peft": peft, "ratio": ratio, **more})
+        return ratio
+
+    def target(self, name: str, value, limit, better: str = "<=", note: str = ""):
+        met = None if value is None else (value <= limit if better == "<=" else value >= limit)
+        self.targets.append({"name": name, "value": value, "limit": limit, "better": better, "met": met,
+                             "note": note})
+
+    def to_json(self) -> dict:
+        return {"case": self.case, "title": self.title, "setup": self.setup, "rows": self.rows,
+                "targets": self.targets, "extra": self.extra, "errors": self.errors}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def clock(device: str) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def interleave(cands: dict, reps: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Run each candidate `warmup` times untimed, then `reps` times, alternating candidates (the order rotates
+    each round so none always runs first). A candidate is a callable returning {phase: seconds}."""
+    names = list(cands)
+    for _ in range(warmup):
+        for n in names:
+            cands[n]()
+    out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for i in range(reps):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            for phase, t in cands[n]().items():
+                out[n].setdefault(phase, []).append(t)
+    return out
+
+
+def med(samples: dict, name: str, phase: str):
+    xs = samples.get(name, {}).get(phase)
+    return statistics.median(xs) if xs else None
+
+
+def llama(hidden=512, layers=4, heads=8, kv_heads=None, inter=1376, vocab=32000, device="cpu", seed=0,
+          meta=False):
+    """A Llama-style causal LM with random weights, deterministic for a seed (sdpa attention)."""
+    import transformers as tf
+    cfg = tf.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads, intermediate_size=inter, vocab_size=vocab,
+                         max_position_embeddings=2048, attn_implementation="sdpa")
+    if meta:
+        with torch.device("meta"):
+            return tf.LlamaForCausalLM(cfg)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(cfg).to(device)
+
+
+def tokens(batch: int, seq: int, vocab: int, device: str, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def linear_targets(model) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every nn.Linear in the decoder blocks (what all-linear selects: not the head)."""
+    return [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
+
+
+def flop_ideal(r: int, shapes) -> float:
+    """Extra forward FLOPs of rank-r branches on these linears, over the linears' own: sum r(din+dout)/sum din dout."""
+    return sum(r * (i + o) for i, o in shapes) / sum(i * o for i, o in shapes)
+
+
+@contextlib.contextmanager
+def saved_activations(model):
+    """Counts the bytes autograd saves for backward during the block (each storage once, the model's own
+    parameters and buffers excluded): the activation memory of a training step, on any device."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            try:
+                st = t.untyped_storage()
+                if st.data_ptr() not in own:
+                    seen[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):
+                pass
+        return t
+
+    box = {"bytes": 0}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield box
+    box["bytes"] = sum(seen.values())
+
+
+def trainable_bytes(model) -> int:
+    """Trainable parameters, their gradients and AdamW's two moments."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def peak_cuda(device: str, fn) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def train_step(model, opt, batch: dict, device: str):
+    """One timed training step: {forward, backward, optimizer, step} in seconds."""
+    t0 = clock(device)
+    loss = model(**batch).loss
+    t1 = clock(device)
+    loss.backward()
+    t2 = clock(device)
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t3 = clock(device)
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+
+
+def floor_inputs_require_grad(model):
+    """The floor: a frozen model whose backward still runs through every layer (as it must for adapters), by
+    making the embedding output require grad, the way PEFT's enable_input_require_grads does."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    return model
+
+
+def mib(n):
+    return None if n is None else n / 2 ** 20

@@ -1,0 +1,32 @@
+"""The benchmark suite runs (quick mode, tiny sizes) and writes its JSON and chart. No timing is asserted."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import run  # noqa: E402
+
+
+def test_quick_cases_write_json_and_chart(tmp_path):
+    out = run.main(["--quick", "--cases", "2,3,5", "--reps", "1", "--warmup", "1", "--threads", "1",
+                    "--out", str(tmp_path)])
+    path = tmp_path / "cpu-quick.json"
+    assert path.exists() and (tmp_path / "cpu-quick.png").stat().st_size > 0
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(out, default=float))
+    assert data["device"] == "cpu" and data["quick"] is True and data["threads"] == 1
+    assert [c["case"] for c in data["cases"]] == ["2", "3", "5"]
+    for c in data["cases"]:
+        assert not c["errors"], c["errors"]
+        assert c["rows"] and c["targets"]
+        for row in c["rows"]:
+            assert {"metric", "unit", "ours", "peft", "ratio"} <= set(row)
+            assert row["ours"] > 0 and row["peft"] > 0
+        for t in c["targets"]:
+            assert {"name", "value", "limit", "better", "met"} <= set(t) and t["met"] in (True, False)
+    cases = {c["case"]: c for c in data["cases"]}
+    # both libraries computed the same thing before being timed
+    assert cases["2"]["extra"]["parity_max_abs_diff_unmerged"] < 1e-4
+    assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
+    assert cases["5"]["extra"]["sites"] > 0

@@ -1,0 +1,107 @@
+"""route(): each row of a batch runs with its own adapter, by batched gathers in the low-rank rule."""
+import pytest
+import torch
+
+import peftsurgery
+from peftsurgery import SurgeryError
+
+from conftest import tiny_gpt2, tiny_llama
+
+
+def _with_adapters(model, names, ranks=None, targets="all-linear"):
+    g = torch.Generator().manual_seed(1)
+    for i, n in enumerate(names):
+        r = ranks[i] if ranks else 4
+        peftsurgery.apply(model, "lora", name=n, r=r, alpha=2 * r + i, targets=targets)
+        with torch.no_grad():  # B starts at zero: give every adapter a distinct, non-trivial update
+            for b in peftsurgery.adapters(model)[n].built[0].values():
+                b.B.weight.copy_(torch.randn(b.B.weight.shape, generator=g) * 0.1)
+    model.eval()
+    return model
+
+
+def _alone(model, ids, name):
+    """The reference: this row by itself, with only its adapter active (or none)."""
+    if name in (None, "base"):
+        with peftsurgery.disabled(model):
+            return model(input_ids=ids).logits
+    before = {n: a.switch.on for n, a in peftsurgery.adapters(model).items()}
+    peftsurgery.set_active(model, [name])
+    try:
+        return model(input_ids=ids).logits
+    finally:
+        for n, a in peftsurgery.adapters(model).items():
+            a.switch.on = before[n]
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_each_row_matches_its_adapter_alone(factory):
+    model = _with_adapters(factory(), ["a", "b", "c"], ranks=[4, 2, 6])
+    rows = ["a", "b", "a", "base", "c", None, "c", "b"]  # repeats, base rows, ranks of different sizes
+    ids = torch.randint(0, 128, (len(rows), 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with peftsurgery.route(model, rows):
+            got = model(input_ids=ids).logits
+        for i, n in enumerate(rows):
+            want = _alone(model, ids[i:i + 1], n)
+            assert torch.allclose(got[i:i + 1], want, atol=1e-5), (i, n)
+
+
+def test_route_is_exact_after_training_steps_and_restores_switches():
+    model = _with_adapters(tiny_llama(), ["a", "b"])
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(3))
+    rows = ["b", "a", "b", None]
+    with torch.no_grad(), peftsurgery.route(model, rows):
+        model(input_ids=ids)  # fills the cache of stacked factors
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    with peftsurgery.route(model, rows):  # gradients flow through the routed branches
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in peftsurgery.adapters(model)["a"].built[0]["model.layers.0.mlp.up_proj"].parameters())
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        with peftsurgery.route(model, rows):  # the step changed the factors: the cache must not be reused
+            got = model(input_ids=ids).logits
+        for i, n in enumerate(rows):
+            assert torch.allclose(got[i:i + 1], _alone(model, ids[i:i + 1], n), atol=1e-5)
+    peftsurgery.set_active(model, ["a"])
+    with peftsurgery.route(model, ["b"] * 4):
+        pass
+    assert peftsurgery.adapters(model)["a"].switch.on and not peftsurgery.adapters(model)["b"].switch.on
+
+
+def test_route_errors_name_the_problem():
+    model = _with_adapters(tiny_llama(), ["a"])
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(SurgeryError, match="no adapter named 'zz'"):
+        with peftsurgery.route(model, ["a", "zz"]):
+            pass
+    with pytest.raises(SurgeryError, match="give one name per row"):
+        with torch.no_grad(), peftsurgery.route(model, ["a"] * 3):
+            model(input_ids=ids)
+    peftsurgery.merge(model)
+    with pytest.raises(SurgeryError, match="merged"):
+        with peftsurgery.route(model, ["a", "a"]):
+            pass
+    peftsurgery.unmerge(model)
+    peftsurgery.apply(model, "prompt-tuning", name="p", num_tokens=3, init="random")
+    with pytest.raises(SurgeryError, match="cannot give each batch row its own adapter"):
+        with peftsurgery.route(model, ["a", "p"]):
+            pass
+    with torch.no_grad(), peftsurgery.route(model, ["a", None]):  # an unnamed prompt adapter is simply off
+        out = model(input_ids=ids).logits
+    assert out.shape == (2, 5, 128)
+
+
+def test_route_one_token_per_row_matches_too():
+    """Decoding shape (few tokens per row) takes the dense path: every row still gets only its adapter."""
+    model = _with_adapters(tiny_llama(), ["a", "b", "c"], ranks=[2, 4, 3])
+    rows = ["c", "a", None, "b", "a"]
+    for seq in (1, 3):
+        ids = torch.randint(0, 128, (len(rows), seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            with peftsurgery.route(model, rows):
+                got = model(input_ids=ids).logits
+            for i, n in enumerate(rows):
+                assert torch.allclose(got[i:i + 1], _alone(model, ids[i:i + 1], n), atol=1e-5), (seq, i, n)
