@@ -1,4 +1,4 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge. Every user error ends as one line on
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, train, eval. Every user error ends as one line on
 stderr and exit status 2."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peftsurgery", description="Parameter-efficient fine-tuning by model surgery.",
                 epilog="MODEL: tiny-llama, tiny-gpt2, tiny-bert, tiny-t5, a folder with a Hugging Face "
-                       "config.json, or module:factory")
+                       "config.json, a .gguf file (or a folder holding one), or module:factory")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sp = sub.add_parser("plugins", help="list installed methods and their options")
@@ -66,7 +66,43 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("adapter", metavar="ADAPTER")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_merge)
+
+    sp = sub.add_parser("train", help="fine-tune a causal LM as a cloze classifier and save the adapter")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--plugin", required=True, metavar="NAME")
+    _add_set(sp)
+    sp.add_argument("--set-ids", action="append", default=[], metavar="KEY=TEXT", dest="set_ids",
+                    help="option KEY gets TEXT's token ids from the model's tokenizer (e.g. text=... for init=text)")
+    sp.add_argument("--targets", metavar="SELECTOR")
+    sp.add_argument("--data", required=True, metavar="FILE", help="training examples: .jsonl or .csv of text, label")
+    sp.add_argument("--eval-data", metavar="FILE", help="evaluate on these examples after training")
+    _add_task(sp)
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own, else 1e-3)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_train)
+
+    sp = sub.add_parser("eval", help="accuracy of a cloze classifier (the base model, or with --adapter)")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--adapter", metavar="DIR", help="an adapter saved by train (its template and labels are used)")
+    sp.add_argument("--data", required=True, metavar="FILE")
+    _add_task(sp)
+    sp.set_defaults(run=cmd_eval)
     return p
+
+
+def _add_task(sp):
+    sp.add_argument("--template", help="prompt with {text}; \\n is a newline (default: the adapter's, else "
+                                       "'{text}\\nAnswer:')")
+    sp.add_argument("--label", action="append", default=[], metavar="LABEL=WORD", dest="labels",
+                    help="one-token label word, e.g. --label=-1=negative (a leading space is added; "
+                         "default: the label itself)")
+    sp.add_argument("--eval-batch-size", type=int, default=32)
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_set(sp, help="method option KEY=VALUE (repeatable)"):
@@ -193,6 +229,105 @@ def _dot(sm, rows) -> str:
         lines.append(f"  {q(r['site'])} -> {node} [style=dashed];")
     lines.append("}")
     return "\n".join(lines)
+
+
+TASK_FILE = "train.json"
+
+
+def _task(args, examples, saved: dict | None):
+    from .train import labels_of
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    saved = saved or {}
+    template = args.template.replace("\\n", "\n") if args.template else saved.get("template", "{text}\nAnswer:")
+    words = dict(saved.get("words", {}))
+    for item in args.labels:
+        label, eq, word = item.partition("=")
+        if not eq or not word.strip():
+            raise SurgeryError(f"--label needs LABEL=WORD, got {item!r}")
+        words[label] = word if word.startswith(" ") else " " + word
+    labels = saved.get("labels") or labels_of(examples)
+    return template, labels, words
+
+
+def _report(args, row: dict):
+    print(_table(list(row), [[_fmt(v) for v in row.values()]]))
+    if args.json:
+        print(json.dumps(row))
+
+
+def _fmt(v):
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else v
+
+
+def cmd_train(args):
+    import torch
+
+    from . import budget, save
+    from .registry import Method
+    from .surgery import apply
+    from .train import Cloze, evaluate, fit, read_examples
+    from .zoo import load_model
+    examples = read_examples(args.data)
+    test = read_examples(args.eval_data) if args.eval_data else None
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SurgeryError("--epochs and --batch-size must be positive")
+    method = Method(args.plugin)
+    model, tokenizer = load_model(args.model)
+    template, labels, words = _task(args, examples, None)
+    cloze = Cloze(tokenizer, template, labels, words)
+    config = _options(args.options)
+    if tokenizer is not None:
+        for key, text in _options(args.set_ids).items():
+            config[key] = ",".join(str(i) for i in tokenizer.encode(text.replace("\\n", "\n"),
+                                                                     add_special_tokens=False))
+    elif args.set_ids:
+        raise SurgeryError("--set-ids needs a model with a tokenizer")
+    if args.targets is not None:
+        config["targets"] = args.targets
+    lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
+    torch.manual_seed(args.seed)
+    apply(model, args.plugin, **config)
+    result = fit(model, cloze, examples, args.epochs, args.batch_size, lr or 1e-3, args.seed,
+                 progress=not args.quiet, desc=f"train {args.plugin}")
+    row = {"method": args.plugin, "lr": lr or 1e-3, "trainable_params": budget(model)["trainable"],
+           "steps": result["steps"], "median_s_per_step": round(result["median_step_seconds"], 3),
+           "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
+    if test is not None:
+        row["accuracy"] = evaluate(model, cloze, test, args.eval_batch_size, progress=not args.quiet)
+    path = save(model, args.output)
+    with open(os.path.join(path, TASK_FILE + ".tmp"), "w") as f:
+        json.dump({**cloze.to_json(), "results": row, "losses": result["losses"],
+                   "step_seconds": result["step_seconds"], "config": config, "data": args.data,
+                   "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}, f, indent=2)
+    os.replace(os.path.join(path, TASK_FILE + ".tmp"), os.path.join(path, TASK_FILE))
+    _report(args, row)
+    print(f"wrote {path}")
+
+
+def cmd_eval(args):
+    from . import load
+    from .train import Cloze, evaluate, read_examples
+    from .zoo import load_model
+    examples = read_examples(args.data)
+    saved = None
+    if args.adapter:
+        task = os.path.join(args.adapter, TASK_FILE)
+        if os.path.isfile(task):
+            try:
+                with open(task) as f:
+                    saved = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise SurgeryError(f"{task} is corrupted; train the adapter again") from None
+    model, tokenizer = load_model(args.model)
+    template, labels, words = _task(args, examples, saved)
+    cloze = Cloze(tokenizer, template, labels, words)
+    if args.adapter:
+        load(model, args.adapter)
+    acc = evaluate(model, cloze, examples, args.eval_batch_size, progress=not args.quiet)
+    _report(args, {"model": args.model, "adapter": args.adapter or "(none)", "examples": len(examples),
+                   "accuracy": acc})
 
 
 def cmd_merge(args):

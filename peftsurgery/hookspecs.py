@@ -29,3 +29,9 @@ def peftsurgery_budget(config, sites):
 @hookspec(firstresult=True)
 def peftsurgery_describe():
     """Return a one-line description of the method (shown by `peftsurgery plugins`)."""
+
+
+@hookspec(firstresult=True)
+def peftsurgery_learning_rate(config):
+    """Optional: the AdamW learning rate the method trains well with under this config, used by
+    `peftsurgery train` (and peftsurgery.train) when none is given. Methods without it get 1e-3."""

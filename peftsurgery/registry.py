@@ -79,6 +79,10 @@ class Method:
     def budget(self, config, sites) -> int:
         return int(self._call("peftsurgery_budget", config=config, sites=sites))
 
+    def learning_rate(self, config) -> float | None:
+        lr = self._call("peftsurgery_learning_rate", config=config)
+        return None if lr is None else float(lr)
+
 
 def _version(plugin) -> str:
     v = getattr(plugin, "__version__", None)

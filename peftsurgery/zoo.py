@@ -1,7 +1,9 @@
-"""Where the command line gets its MODEL from: a built-in tiny model, a local Hugging Face folder, or
-`module:factory`. Also how a merged model is written back to disk."""
+"""Where the command line gets its MODEL from: a built-in tiny model, a local Hugging Face folder, a GGUF file
+(or a folder holding one; converted once into a cached Hugging Face folder), or `module:factory`. Also how a
+merged model is written back to disk."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -28,14 +30,23 @@ TINY = {
         vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
         decoder_start_token_id=0)),
 }
-FORMS = f"give one of {', '.join(TINY)}, a folder with a Hugging Face config.json, or module:factory"
+FORMS = (f"give one of {', '.join(TINY)}, a folder with a Hugging Face config.json, a .gguf file (or a folder "
+         "holding one), or module:factory")
+GGUF_PIN = "gguf==0.19.0"
 
 
 def load_model(spec: str) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer or None) for a MODEL argument."""
     if spec in TINY:
         return _tiny(spec), None
+    if os.path.isfile(spec) and spec.lower().endswith(".gguf"):
+        return _folder(gguf_folder(spec))
     if os.path.isdir(spec):
+        ggufs = sorted(f for f in os.listdir(spec) if f.lower().endswith(".gguf"))
+        if not os.path.isfile(os.path.join(spec, "config.json")) and ggufs:
+            if len(ggufs) > 1:
+                raise SurgeryError(f"{spec} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); give one of them")
+            return _folder(gguf_folder(os.path.join(spec, ggufs[0])))
         return _folder(spec)
     if ":" in spec and not os.path.exists(spec):
         return _factory(spec), None
@@ -81,6 +92,63 @@ def _folder(path: str) -> tuple[nn.Module, object]:
     except Exception:  # a model folder need not hold a tokenizer
         pass
     return model.eval(), tokenizer
+
+
+def cache_dir() -> str:
+    """$PEFTSURGERY_CACHE, else $XDG_CACHE_HOME/peftsurgery, else ~/.cache/peftsurgery."""
+    root = os.environ.get("PEFTSURGERY_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "peftsurgery")
+    return root
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_folder(path: str) -> str:
+    """A plain Hugging Face folder (float32 safetensors, config, tokenizer) converted from a GGUF file, made once
+    and kept in the cache under the file's SHA-256; later calls only hash the file."""
+    digest = _sha256(path)
+    target = os.path.join(cache_dir(), "models", digest[:16])
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    import importlib.util
+    if importlib.util.find_spec("gguf") is None:
+        raise SurgeryError(f"reading a GGUF file needs the gguf package: pip install {GGUF_PIN}")
+    tf = _transformers()
+    folder, name = os.path.split(os.path.abspath(path))
+    print(f"peftsurgery: converting {name} once into {target}", file=sys.stderr)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SurgeryError(f"cannot read {path} as a GGUF model: {str(e).splitlines()[0][:160]}") from None
+    # the loaded model remembers its GGUF origin and refuses save_pretrained: rebuild a plain one
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    from .io import _swap_in
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "peftsurgery-source.json"), "w") as f:
+            json.dump({"gguf": os.path.abspath(path), "sha256": digest}, f, indent=2)
+        _swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _factory(spec: str) -> nn.Module:

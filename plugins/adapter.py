@@ -40,3 +40,8 @@ def peftsurgery_rules(config, sites):
 def peftsurgery_budget(config, sites):
     b = config.bottleneck
     return sum(2 * s.out_features * b + b + s.out_features for s in sites.select(config.targets, Series.kinds))
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    return 1e-3

@@ -42,3 +42,8 @@ def peftsurgery_rules(config, sites):
 @hookimpl
 def peftsurgery_budget(config, sites):
     return sum(config.r * (s.in_features + s.out_features) for s in sites.select(config.targets, LowRank.kinds))
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    return 1e-3

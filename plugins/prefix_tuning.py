@@ -8,14 +8,15 @@ from peftsurgery import SurgeryError, hookimpl
 from peftsurgery.rewrite import Prefix, record_kv
 
 __version__ = "1.0"
-INITS = ("random", "vocab")
+INITS = ("random", "vocab", "text")
 
 
 @dataclass
 class PrefixTuningConfig:
     num_tokens: int = 20
     projection: int = 0        # hidden size of the reparameterisation MLP; 0 trains keys/values directly
-    init: str = "vocab"        # vocab: keys/values the model computes for sampled real tokens; random
+    init: str = "vocab"        # keys/values the model computes for real tokens: vocab (sampled) | text; random
+    text: str = ""             # token ids, comma-separated, for init=text (`--set-ids text=...` tokenizes text)
     targets: str = "attn,xattn"
     seed: int = 0
 
@@ -26,6 +27,15 @@ class PrefixTuningConfig:
             raise SurgeryError(f"prefix-tuning: projection must be 0 or a positive integer, got {self.projection!r}")
         if self.init not in INITS:
             raise SurgeryError(f"prefix-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "text" and not token_ids(self.text):
+            raise SurgeryError("prefix-tuning: init=text needs text=<token ids> like 12,7,99")
+
+
+def token_ids(text) -> list[int]:
+    try:
+        return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+    except ValueError:
+        raise SurgeryError("prefix-tuning: text must be token ids like 12,7,99 (tokenize the text first)") from None
 
 
 def initial(config, sitemap):
@@ -37,7 +47,13 @@ def initial(config, sitemap):
         if embed is None or next(model.parameters()).device.type == "meta":
             return None
         g = torch.Generator().manual_seed(config.seed)
-        ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
+        if config.init == "text":  # the text's ids, repeated to fill num_tokens
+            ids = torch.tensor(token_ids(config.text))
+            if int(ids.max()) >= embed.in_features:
+                raise SurgeryError(f"prefix-tuning: token id {int(ids.max())} is outside the vocabulary")
+            ids = ids.repeat((config.num_tokens + len(ids) - 1) // len(ids))[None, :config.num_tokens]
+        else:
+            ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
         ids = ids.to(next(model.parameters()).device)
         inputs = {"input_ids": ids}
         if sitemap.encoder_decoder:
@@ -76,3 +92,8 @@ def peftsurgery_budget(config, sites):
     dim = embed.out_features if embed else chosen[0].heads * chosen[0].head_dim
     h = config.projection
     return config.num_tokens * dim + dim * h + h + h * per_token + per_token
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    return 1e-2

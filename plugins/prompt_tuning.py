@@ -67,3 +67,8 @@ def peftsurgery_rules(config, sites):
 def peftsurgery_budget(config, sites):
     embed = sites.select("embed", Prompt.kinds)[0]
     return config.num_tokens * embed.out_features
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    return 3e-2

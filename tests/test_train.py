@@ -1,0 +1,305 @@
+"""The cloze-classifier path of the real-model example (peftsurgery.train, `peftsurgery train` / `eval`, GGUF
+loading), on a tiny random Llama with a word-level tokenizer built in the test: no download."""
+import json
+import os
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import peftsurgery
+from peftsurgery import SurgeryError
+from peftsurgery.cli import main
+from peftsurgery.registry import Method
+from peftsurgery.train import Cloze, Example, balanced_split, evaluate, fit, loss_of, read_examples, write_jsonl
+from peftsurgery.zoo import load_model
+
+GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+FILLER = ["the", "film", "was", "plot", "acting", "very", "quite", "a", "movie", "story"]
+WORDS = ["[UNK]", "[PAD]", "Review", "Sentiment", ":", "positive", "negative", *GOOD, *BAD, *FILLER]
+TEMPLATE = "Review: {text}\nSentiment:"
+
+
+def tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=1, attn_implementation="sdpa")
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        pool = GOOD if label == "pos" else BAD
+        words = [FILLER[int(j)] for j in torch.randint(0, len(FILLER), (int(torch.randint(1, 7, (1,), generator=g)),),
+                                                        generator=g)]
+        words.insert(int(torch.randint(0, len(words) + 1, (1,), generator=g)), pool[int(torch.randint(0, 4, (1,),
+                                                                                                    generator=g))])
+        out.append(Example(" ".join(words), label))
+    return out
+
+
+WORDMAP = {"pos": " positive", "neg": " negative"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    exs = examples(96)
+    write_jsonl(exs[:64], str(d / "train.jsonl"))
+    write_jsonl(exs[64:], str(d / "test.jsonl"))
+    return d
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+def test_read_csv_pang_lee_layout_jsonl_and_header(tmp_path):
+    p = tmp_path / "pl.csv"
+    p.write_bytes('\ufeff"1","a "" quoted "" film . \n"\r\n"-1","dull\n"\r\n'.encode("utf-8"))
+    assert read_examples(str(p)) == [Example('a " quoted " film .', "1"), Example("dull", "-1")]
+    h = tmp_path / "h.csv"
+    h.write_text("id,text,label\n7,nice,pos\n8,bad,neg\n")
+    assert read_examples(str(h)) == [Example("nice", "pos"), Example("bad", "neg")]
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"text": "ok", "label": 1}\n\n{"text": "no", "label": 0}\n')
+    assert read_examples(str(j)) == [Example("ok", "1"), Example("no", "0")]
+    j.write_text('{"text": "ok"}\n')
+    with pytest.raises(SurgeryError, match=r"d.jsonl:1 is not a JSON object with text and label"):
+        read_examples(str(j))
+    with pytest.raises(SurgeryError, match="is not a file"):
+        read_examples(str(tmp_path / "missing.csv"))
+
+
+def test_balanced_split_is_deterministic_disjoint_and_balanced():
+    exs = [Example(f"text {i}", "1" if i % 3 else "-1") for i in range(300)] + [Example("text 1", "1")]
+    tr, te = balanced_split(exs, 40, 100, seed=0)
+    assert (tr, te) == balanced_split(exs, 40, 100, seed=0)
+    assert (tr, te) != balanced_split(exs, 40, 100, seed=1)
+    assert len(tr) == 40 and len(te) == 100
+    assert not {e.text for e in tr} & {e.text for e in te}
+    assert [sum(e.label == lab for e in tr) for lab in ("1", "-1")] == [20, 20]
+    assert [sum(e.label == lab for e in te) for lab in ("1", "-1")] == [50, 50]
+    with pytest.raises(SurgeryError, match="needed"):
+        balanced_split(exs, 40, 1000)
+
+
+# ---- the cloze task ---------------------------------------------------------------------------------------------
+
+def test_label_words_must_be_single_tokens():
+    with pytest.raises(SurgeryError, match="is 2 tokens"):
+        Cloze(tokenizer(), TEMPLATE, ["pos", "neg"], {"pos": " very good", "neg": " negative"})
+    with pytest.raises(SurgeryError, match="placeholder"):
+        Cloze(tokenizer(), "Review:", ["pos", "neg"], WORDMAP)
+
+
+@pytest.mark.parametrize("method,options", [(None, {}), ("lora", {}), ("prompt-tuning", {"num_tokens": 3}),
+                                            ("prefix-tuning", {"num_tokens": 3})])
+def test_scores_are_last_real_token_logits_with_left_padding(method, options):
+    model = tiny_model()
+    if method:
+        peftsurgery.apply(model, method, **options)
+    cloze = Cloze(tokenizer(), TEMPLATE, ["pos", "neg"], WORDMAP)
+    exs = [Example("good", "pos"), Example("the film was quite very dull", "neg"), Example("fine plot", "pos")]
+    ids, mask, y = cloze.encode(exs)
+    assert y.tolist() == [0, 1, 0]
+    assert (mask[:, -1] == 1).all() and mask[0, 0] == 0 and (ids[mask == 0] == 1).all()  # left padding with [PAD]
+    with torch.no_grad():
+        batch = cloze.scores(model, ids, mask)
+        for i, e in enumerate(exs):
+            alone_ids = torch.tensor([tokenizer().encode(TEMPLATE.replace("{text}", e.text))])
+            logits = model(input_ids=alone_ids).logits[0, -1]
+            word = [tokenizer().encode(WORDMAP[lab], add_special_tokens=False)[0] for lab in ("pos", "neg")]
+            torch.testing.assert_close(batch[i], logits[word], atol=1e-5, rtol=1e-5)
+
+
+def test_fit_lowers_the_loss_and_evaluate_counts_correct_argmax():
+    model = tiny_model()
+    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    train = examples(64)
+    peftsurgery.apply(model, "lora", r=4, targets="all-linear")
+    base = {k: v.clone() for k, v in model.state_dict().items() if "_peftsurgery" not in k}
+    with torch.no_grad():
+        before = float(loss_of(model, cloze, train))
+    result = fit(model, cloze, train, epochs=3, batch_size=16, lr=1e-2, seed=0)
+    with torch.no_grad():
+        after = float(loss_of(model, cloze, train))
+    assert result["steps"] == 12 and len(result["step_seconds"]) == 12 and result["peak_memory_bytes"] > 0
+    assert after < before - 0.05, (before, after)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())  # base frozen
+    acc = evaluate(model, cloze, train, batch_size=7)
+    with torch.no_grad():
+        ids, mask, y = cloze.encode(train)
+        manual = float((cloze.scores(model, ids, mask).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(manual)
+    with pytest.raises(SurgeryError, match="has no label word"):
+        evaluate(model, cloze, [Example("good", "maybe")])
+
+
+def test_prefix_init_text_records_keys_of_the_text():
+    model = tiny_model()
+    ids = tokenizer().encode("Review: good film", add_special_tokens=False)
+    peftsurgery.apply(model, "prefix-tuning", num_tokens=4, init="text", text=",".join(map(str, ids)))
+    sm = peftsurgery.sitemap(model)
+    att = next(s for s in sm if s.kind == "attention")
+    from peftsurgery.rewrite import record_kv
+    fresh = tiny_model()
+    k, v = record_kv(fresh, [att], {"input_ids": torch.tensor([ids[:4]])})[0]
+    built = peftsurgery.adapters(model)["default"].built[0][att.path]
+    torch.testing.assert_close(built.key, k[::k.shape[0] // att.kv_heads])
+    with pytest.raises(SurgeryError, match="init=text needs text"):
+        Method("prefix-tuning").config({"init": "text"})
+
+
+def test_methods_declare_learning_rates():
+    lrs = {m: Method(m).learning_rate(Method(m).config({})) for m in
+           ("lora", "qlora", "adapter", "prompt-tuning", "prefix-tuning")}
+    assert all(isinstance(v, float) and 0 < v < 1 for v in lrs.values())
+    assert lrs["prompt-tuning"] > lrs["lora"]
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+def test_cli_train_then_eval(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    code = main(["train", str(model_dir), "--plugin", "prompt-tuning", "--set", "num_tokens=4", "--set", "init=text",
+                 "--set-ids", "text=Review Sentiment", "--data", str(data / "train.jsonl"),
+                 "--eval-data", str(data / "test.jsonl"), "--template", "Review: {text}\\nSentiment:",
+                 "--label", "pos=positive", "--label", "neg=negative", "--epochs", "1", "--batch-size", "16",
+                 "--quiet", "--json", "-o", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(stdout.strip().splitlines()[-2])
+    assert row["method"] == "prompt-tuning" and row["steps"] == 4 and row["trainable_params"] == 4 * 32
+    assert row["lr"] == Method("prompt-tuning").learning_rate(None)          # the method's own default
+    saved = json.load(open(out / "train.json"))
+    assert saved["template"] == TEMPLATE and saved["words"] == WORDMAP and saved["config"]["text"] == "2,3"
+    assert os.path.isfile(out / "adapter.safetensors")
+    # eval reads template and label words from the adapter and reproduces the accuracy train reported
+    code = main(["eval", str(model_dir), "--adapter", str(out), "--data", str(data / "test.jsonl"), "--quiet",
+                 "--json"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(row["accuracy"])
+    code = main(["eval", str(model_dir), "--data", str(data / "test.jsonl"), "--template", TEMPLATE.replace(
+        "\n", "\\n"), "--label", "pos=positive", "--label", "neg=negative", "--quiet", "--json"])
+    zero = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])["accuracy"]
+    assert code == 0 and 0 <= zero <= 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "{model}", "--data", "{missing}"], "is not a file"),
+    (["eval", "tiny-llama", "--data", "{test}"], "needs the model's tokenizer"),
+    (["eval", "{model}", "--data", "{test}", "--label", "pos=very good"], "is 2 tokens"),
+    (["eval", "{model}", "--data", "{test}", "--label", "pos"], "--label needs LABEL=WORD"),
+    (["train", "{model}", "--plugin", "nope", "--data", "{test}", "-o", "{out}"], "no method named 'nope'"),
+    (["train", "{model}", "--plugin", "lora", "--data", "{test}", "--epochs", "0", "-o", "{out}"], "must be positive"),
+])
+def test_cli_errors_are_one_line(model_dir, data, tmp_path, capsys, argv, message):
+    values = {"model": model_dir, "missing": tmp_path / "nothing.csv", "test": data / "test.jsonl",
+              "out": tmp_path / "o"}
+    labels = ["--label", "pos=positive", "--label", "neg=negative"] if argv[0] == "train" else []
+    code = main([a.format(**values) for a in argv] + labels + ["--quiet"])
+    err = capsys.readouterr()[1]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+# ---- GGUF ------------------------------------------------------------------------------------------------------------
+
+def _write_gguf(path, model, vocab):
+    """A float32 Llama GGUF file with a BPE tokenizer, written with the gguf package's writer."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * len(vocab))
+    w.add_token_scores([0.0] * len(vocab))
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(1)
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(t, heads):  # llama.cpp's interleaved rotary layout, which transformers undoes when reading
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                t = permute(t, H)
+            elif gg == "attn_k":
+                t = permute(t, KV)
+            w.add_tensor(f"blk.{i}.{gg}.weight", t.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_or_folder_converts_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTSURGERY_CACHE", str(tmp_path / "cache"))
+    model = tiny_model()
+    folder = tmp_path / "gg"
+    folder.mkdir()
+    _write_gguf(folder / "tiny.gguf", model, WORDS)
+    loaded, tok = load_model(str(folder / "tiny.gguf"))
+    assert tok is not None and type(loaded).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([[2, 4, 7, 13, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    cached = os.listdir(tmp_path / "cache" / "models")
+    assert len(cached) == 1
+    stamp = os.path.getmtime(tmp_path / "cache" / "models" / cached[0] / "config.json")
+    again, _ = load_model(str(folder))                      # a folder holding one GGUF: the cached copy
+    assert os.path.getmtime(tmp_path / "cache" / "models" / cached[0] / "config.json") == stamp
+    assert torch.equal(again.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
+    (folder / "second.gguf").write_bytes(b"")
+    with pytest.raises(SurgeryError, match="holds 2 GGUF files"):
+        load_model(str(folder))
+
+
+def test_gguf_without_the_gguf_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    monkeypatch.setenv("PEFTSURGERY_CACHE", str(tmp_path / "cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert main(["locate", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr()[1]
+    assert "pip install gguf==" in err and len(err.strip().splitlines()) == 1
