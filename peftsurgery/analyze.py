@@ -143,7 +143,7 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         path = a.module or ops[q[0]].extra.get("owner", "")
         if path in sites:
             continue
-        qs, ks = ops[a.extra["q"]].shape, ops[a.extra["k"]].shape
+        qs = ops[a.extra["q"]].shape
         head_dim = qs[-1] if qs else None
         qfeat, kfeat = ops[q[0]].extra["features"][1], ops[k[0]].extra["features"][1]
         if q == k:  # fused: the projection holds q, k and v

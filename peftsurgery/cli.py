@@ -289,9 +289,9 @@ def cmd_train(args):
     lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
     torch.manual_seed(args.seed)
     apply(model, args.plugin, **config)
-    result = fit(model, cloze, examples, args.epochs, args.batch_size, lr or 1e-3, args.seed,
+    result = fit(model, cloze, examples, args.epochs, args.batch_size, lr, args.seed,
                  progress=not args.quiet, desc=f"train {args.plugin}")
-    row = {"method": args.plugin, "lr": lr or 1e-3, "trainable_params": budget(model)["trainable"],
+    row = {"method": args.plugin, "lr": lr, "trainable_params": budget(model)["trainable"],
            "steps": result["steps"], "median_s_per_step": round(result["median_step_seconds"], 3),
            "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
     if test is not None:

@@ -1,6 +1,7 @@
 """Adapters on disk: adapter.safetensors plus adapter.json. Writes are atomic; nothing is ever unpickled."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -37,20 +38,28 @@ def save(model: nn.Module, directory: str, name: str = "default") -> str:
             "peftsurgery_version": __version__, "config": cfg,
             "base": {"fingerprint": sitemap(model).fingerprint(), "class": type(model).__name__},
             "trainable_parameters": att.budget}
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_dir(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"method": att.method.name})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(meta, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
+    return os.path.abspath(directory)
+
+
+@contextlib.contextmanager
+def atomic_dir(directory: str):
+    """Yield a temporary folder beside `directory`; when the block ends without error it replaces `directory`
+    in one step, otherwise it is removed and `directory` is left as it was."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
         _swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def _swap_in(new: str, target: str) -> None:

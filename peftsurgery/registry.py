@@ -79,9 +79,10 @@ class Method:
     def budget(self, config, sites) -> int:
         return int(self._call("peftsurgery_budget", config=config, sites=sites))
 
-    def learning_rate(self, config) -> float | None:
+    def learning_rate(self, config) -> float:
+        """The method's own default (peftsurgery_learning_rate), else 1e-3."""
         lr = self._call("peftsurgery_learning_rate", config=config)
-        return None if lr is None else float(lr)
+        return 1e-3 if lr is None else float(lr)
 
 
 def _version(plugin) -> str:

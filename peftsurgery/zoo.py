@@ -7,9 +7,7 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 from torch import nn
@@ -137,17 +135,12 @@ def gguf_folder(path: str) -> str:
         model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
-    from .io import _swap_in
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
+    from .io import atomic_dir
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "peftsurgery-source.json"), "w") as f:
             json.dump({"gguf": os.path.abspath(path), "sha256": digest}, f, indent=2)
-        _swap_in(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -170,13 +163,9 @@ def save_model(model: nn.Module, directory: str) -> str:
     other modules as model.safetensors. peftsurgery's own container is left out."""
     from safetensors.torch import save_file
 
-    from .io import _swap_in
+    from .io import atomic_dir
     from .surgery import CONTAINER
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_dir(directory) as tmp:
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTAINER + ".")}
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, state_dict=state)
@@ -184,7 +173,4 @@ def save_model(model: nn.Module, directory: str) -> str:
             # clone: tied weights share storage, which safetensors refuses
             tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
             save_file(tensors, os.path.join(tmp, "model.safetensors"))
-        _swap_in(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return os.path.abspath(directory)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from peftsurgery import SurgeryError, hookimpl
-from peftsurgery.rewrite import Prefix, record_kv
+from peftsurgery.rewrite import Prefix, record_kv, text_ids
 
 __version__ = "1.0"
 INITS = ("random", "vocab", "text")
@@ -27,15 +27,11 @@ class PrefixTuningConfig:
             raise SurgeryError(f"prefix-tuning: projection must be 0 or a positive integer, got {self.projection!r}")
         if self.init not in INITS:
             raise SurgeryError(f"prefix-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.init == "text" and not token_ids(self.text):
-            raise SurgeryError("prefix-tuning: init=text needs text=<token ids> like 12,7,99")
-
-
-def token_ids(text) -> list[int]:
-    try:
-        return [int(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError:
-        raise SurgeryError("prefix-tuning: text must be token ids like 12,7,99 (tokenize the text first)") from None
+        if self.init == "text":
+            try:
+                text_ids(self.text)
+            except SurgeryError as e:
+                raise SurgeryError(f"prefix-tuning: {e}") from None
 
 
 def initial(config, sitemap):
@@ -46,13 +42,10 @@ def initial(config, sitemap):
     def init(model, sites):
         if embed is None or next(model.parameters()).device.type == "meta":
             return None
-        g = torch.Generator().manual_seed(config.seed)
         if config.init == "text":  # the text's ids, repeated to fill num_tokens
-            ids = torch.tensor(token_ids(config.text))
-            if int(ids.max()) >= embed.in_features:
-                raise SurgeryError(f"prefix-tuning: token id {int(ids.max())} is outside the vocabulary")
-            ids = ids.repeat((config.num_tokens + len(ids) - 1) // len(ids))[None, :config.num_tokens]
+            ids = text_ids(config.text, config.num_tokens, embed.in_features)[None]
         else:
+            g = torch.Generator().manual_seed(config.seed)
             ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
         ids = ids.to(next(model.parameters()).device)
         inputs = {"input_ids": ids}

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from peftsurgery import SurgeryError, hookimpl
-from peftsurgery.rewrite import Prompt
+from peftsurgery.rewrite import Prompt, text_ids
 
 __version__ = "1.0"
 INITS = ("random", "vocab", "text")
@@ -24,11 +24,9 @@ class PromptTuningConfig:
             raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "text":
             try:
-                ids = [int(t) for t in str(self.text).replace(" ", "").split(",") if t]
-            except ValueError:
-                raise SurgeryError("prompt-tuning: text must be token ids like 12,7,99 (tokenize the text first)")
-            if not ids:
-                raise SurgeryError("prompt-tuning: init=text needs text=<token ids>")
+                text_ids(self.text)
+            except SurgeryError as e:
+                raise SurgeryError(f"prompt-tuning: {e}") from None
 
 
 def initial(config):
@@ -40,10 +38,7 @@ def initial(config):
         if config.init == "vocab":
             ids = torch.randint(0, w.shape[0], (n,), generator=g)
         else:  # text: repeat the ids to fill num_tokens, as the seeds describe
-            ids = torch.tensor([int(t) for t in str(config.text).replace(" ", "").split(",") if t])
-            if int(ids.max()) >= w.shape[0]:
-                raise SurgeryError(f"prompt-tuning: token id {int(ids.max())} is outside the vocabulary")
-            ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]
+            ids = text_ids(config.text, n, w.shape[0])
         return w.detach()[ids.to(w.device)]
     return init
 

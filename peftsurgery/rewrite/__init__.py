@@ -2,9 +2,9 @@
 from .base import Rule, Switch, Undo
 from .lowrank import LowRank
 from .prefix import Prefix, record_kv
-from .prompt import Prompt
+from .prompt import Prompt, text_ids
 from .quantize import Quantize
 from .scale import Scale
 from .series import Series
 
-__all__ = ["Rule", "Switch", "Undo", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "record_kv"]
+__all__ = ["Rule", "Switch", "Undo", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "record_kv", "text_ids"]

@@ -39,23 +39,22 @@ class LowRankBranch(nn.Module):
             nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.A.weight, self.B.weight
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x)), casting only when dtypes differ and calling dropout only when p > 0."""
+        A = self.A.weight
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
-        return F.linear(F.linear(x, A), B) * self.scale
+        return F.linear(x, A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._down(x), self.B.weight) * self.scale
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out + scale * B(A(dropout(x))), in as few passes over out as possible: no casts when dtypes match,
-        no dropout call when p = 0, and the scale and the sum folded into one addmm."""
-        A, B = self.A.weight, self.B.weight
-        if x.dtype != A.dtype:
-            x = x.to(A.dtype)
-        if self.p and self.training:
-            x = F.dropout(x, self.p, True)
-        h = F.linear(x, A)
+        """out + scale * B(A(dropout(x))) with the scale and the sum folded into one addmm."""
+        B = self.B.weight
+        h = self._down(x)
         if out.dtype == B.dtype and out.dim() >= 2 and out.shape[-1] == B.shape[0]:
             return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(),
                                alpha=self.scale).view(out.shape)

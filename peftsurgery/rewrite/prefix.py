@@ -160,7 +160,6 @@ class Prefix(Rule):
 def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run the model once and return, for each attention site, the keys and values it computed (batch 0)."""
     got: dict[str, tuple] = {}
-    switch = Switch()
     undo = []
     n = inputs["input_ids"].shape[-1]  # other adapters may have put virtual tokens before these
 
@@ -177,5 +176,4 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
     finally:
         for u in undo:
             u.remove()
-    del switch
     return [got[s.path] for s in sites]

@@ -9,6 +9,20 @@ from .base import Rule
 from .inputs import Entry
 
 
+def text_ids(text: str, n: int | None = None, vocab: int | None = None) -> torch.Tensor:
+    """Token ids written as "12,7,99" (tokenize text first); with n, repeated to fill n positions; with vocab,
+    checked against the vocabulary size. SurgeryError when malformed, empty or out of range."""
+    try:
+        ids = torch.tensor([int(t) for t in str(text).replace(" ", "").split(",") if t], dtype=torch.long)
+    except ValueError:
+        raise SurgeryError(f"text must be token ids like 12,7,99 (tokenize the text first), got {text!r}") from None
+    if not len(ids):
+        raise SurgeryError("init=text needs text=<token ids> like 12,7,99")
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise SurgeryError(f"token id {int(ids.max())} is outside the vocabulary of {vocab}")
+    return ids if n is None else ids.repeat((n + len(ids) - 1) // len(ids))[:n]
+
+
 class PromptEmbedding(nn.Module):
     """num_tokens trainable vectors; an optional encoder (e.g. P-tuning's) maps them before use."""
 
