@@ -200,12 +200,15 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
 
 def by_export(model: nn.Module, kwargs: dict) -> Graph:
     import torch.fx.config as fx_config
-    before = fx_config.do_not_emit_stack_traces
-    fx_config.do_not_emit_stack_traces = True  # the analysis never reads them; recording them is ~15% of export
+    # the analysis never reads stack traces; recording them is ~15% of export (the switch is new in torch 2.13)
+    before = getattr(fx_config, "do_not_emit_stack_traces", None)
+    if before is not None:
+        fx_config.do_not_emit_stack_traces = True
     try:
         ep = torch.export.export(model, (), kwargs, strict=False)
     finally:
-        fx_config.do_not_emit_stack_traces = before
+        if before is not None:
+            fx_config.do_not_emit_stack_traces = before
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     for k, v in getattr(sig, "inputs_to_buffers", {}).items():

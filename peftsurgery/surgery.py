@@ -214,8 +214,9 @@ def route(model: nn.Module, names):
 
 
 def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn.Module:
-    """Fold adapters into the base weights; with unload=True also detach them, leaving a plain model."""
-    targets = [_get(model, name)] if name else list(adapters(model).values())
+    """Fold an adapter (by name, else every active one) into the base weights, so the model computes what it
+    computed before; with unload=True also detach them, leaving a plain model."""
+    targets = [_get(model, name)] if name else [a for a in adapters(model).values() if a.switch.on]
     for a in targets:
         bad = [type(r).__name__ for r in a.rules if not r.mergeable and r.phase != 0]
         if bad:

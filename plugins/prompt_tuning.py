@@ -34,7 +34,8 @@ def initial(config):
         g = torch.Generator().manual_seed(config.seed)
         w = embedding.weight
         if config.init == "random":
-            return torch.empty(n, w.shape[1]).uniform_(-0.5, 0.5, generator=g) * w.detach().float().std()
+            u = torch.empty(n, w.shape[1]).uniform_(-0.5, 0.5, generator=g)
+            return u.to(w.device) * w.detach().float().std()
         if config.init == "vocab":
             ids = torch.randint(0, w.shape[0], (n,), generator=g)
         else:  # text: repeat the ids to fill num_tokens, as the seeds describe

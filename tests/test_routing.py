@@ -71,6 +71,19 @@ def test_route_is_exact_after_training_steps_and_restores_switches():
     assert peftsurgery.adapters(model)["a"].switch.on and not peftsurgery.adapters(model)["b"].switch.on
 
 
+def test_merge_without_a_name_folds_only_the_active_adapters():
+    model = _with_adapters(tiny_llama(), ["a", "b"])
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    peftsurgery.set_active(model, ["a"])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        peftsurgery.merge(model)
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+    peftsurgery.unmerge(model)
+    with peftsurgery.route(model, ["b", "b"]):  # "b" was never merged, "a" is unmerged again: routing works
+        pass
+
+
 def test_route_errors_name_the_problem():
     model = _with_adapters(tiny_llama(), ["a"])
     ids = torch.ones(2, 5, dtype=torch.long)
