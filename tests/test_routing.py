@@ -75,11 +75,15 @@ def test_merge_without_a_name_folds_only_the_active_adapters():
     model = _with_adapters(tiny_llama(), ["a", "b"])
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
     peftsurgery.set_active(model, ["a"])
+    q = model.model.layers[0].self_attn.q_proj
+    hooks = list(q._forward_hooks.items())
     with torch.no_grad():
         want = model(input_ids=ids).logits
         peftsurgery.merge(model)
         assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+        assert len(q._forward_hooks) == len(hooks) - 1  # the merged branch's hook is off: the linear runs bare
     peftsurgery.unmerge(model)
+    assert list(q._forward_hooks.items()) == hooks   # back, in the same order
     with peftsurgery.route(model, ["b", "b"]):  # "b" was never merged, "a" is unmerged again: routing works
         pass
 

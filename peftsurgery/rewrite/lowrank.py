@@ -38,6 +38,7 @@ class LowRankBranch(nn.Module):
         if self.A.weight.device.type != "meta":  # nothing to initialise on the meta device
             nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         self.merged = False
+        self.parked: dict = {}   # while merged: the hooks taken off the linear (see _park)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """A(dropout(x)), casting only when dtypes differ and calling dropout only when p > 0."""
@@ -208,6 +209,8 @@ class LowRank(Rule):
             with torch.no_grad():
                 w.add_(d, alpha=sign)
             b.merged = sign > 0
+            if mod is not None:
+                _park(mod, b)
 
     def route(self, model, entries, rows, cache):
         """One hook per site for all routed adapters: their factors stacked into (slots + 1, in, R) and
@@ -225,6 +228,21 @@ class LowRank(Rule):
 
     def describe(self, site, built):
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
+
+
+def _park(module: nn.Module, branch: LowRankBranch) -> None:
+    """A merged branch's hook comes off its linear (a module without hooks takes torch's fast call path, so a
+    merged model runs like the base) and goes back in its original place on unmerge."""
+    hooks = module._forward_hooks
+    if branch.merged:
+        branch.parked = {k: h for k, h in hooks.items() if isinstance(h, _Branch) and h.branch is branch}
+        for k in branch.parked:
+            del hooks[k]
+    else:
+        hooks.update(branch.parked)
+        branch.parked = {}
+        for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
+            hooks.move_to_end(k)
 
 
 def _weight(model: nn.Module, site) -> torch.Tensor:
