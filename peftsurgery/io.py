@@ -120,10 +120,10 @@ def load(model: nn.Module, directory: str, name: str | None = None, trainable: b
     attach(model, method, cfg, name)
     att = adapters(model)[name]
     try:
-        expected = {}
-        for i, b in enumerate(att.built):
-            for key, m in b.items():
-                for pname, t in m.state_dict().items():
+        expected = {}  # the tensors save() writes, as views of the new adapter's parameters
+        for i, (r, b) in enumerate(zip(att.rules, att.built)):
+            for key, params in r.export(b)[0].items():
+                for pname, t in params.items():
                     expected[f"{i}.{_key(key)}.{pname}"] = t
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:

@@ -252,7 +252,7 @@ def inspect(model: nn.Module) -> list[dict]:
         for r, sites, b in zip(a.rules, a.sites, a.built):
             for s in sites:
                 m = b.get(s.path)
-                n = sum(p.numel() for p in m.parameters()) if m is not None else 0
+                n = 0 if m is None else m.numel() if hasattr(m, "numel") else sum(p.numel() for p in m.parameters())
                 rows.append({"adapter": a.name, "method": a.method.name, "site": s.path, "role": s.role,
                              "rule": type(r).__name__, "what": r.describe(s, m), "params": n,
                              "producer": s.producer, "consumer": s.consumer})

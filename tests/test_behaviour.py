@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import transformers as tf
+from safetensors import safe_open
 
 import peftsurgery as ps
 
@@ -282,6 +283,20 @@ def test_prefix_projection_saves_folded(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids, attention_mask=mask).logits, ref, rtol=1e-5, atol=1e-5)
     assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def test_prefix_keys_values_are_one_tensor_saved_per_site(tmp_path):
+    """All layers' keys and values live in one parameter (one tensor for the optimizer); the file keeps a key and
+    a value per site, and inspect() gives each site its share."""
+    m = adapted(llama, "prefix-tuning")
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].shape == (2, 2, 2, 3, 8)  # layers, k/v, kv_heads, tokens, dim
+    ps.save(m, tmp_path / "ad")
+    names = sorted(safe_open(str(tmp_path / "ad" / "adapter.safetensors"), "pt").keys())
+    assert names == [f"0.model/layers/{i}/self_attn.{t}" for i in (0, 1) for t in ("key", "value")]
+    assert [r["params"] for r in ps.inspect(m) if r["rule"] == "Prefix"] == [2 * 2 * 3 * 8] * 2
+    back = ps.load(llama(), str(tmp_path / "ad"))
+    torch.testing.assert_close(ps.adapters(back)["default"].built[0]["_kv"].kv, trainable[0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- BERT with token_type_ids

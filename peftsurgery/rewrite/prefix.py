@@ -15,14 +15,15 @@ from .inputs import Entry
 
 
 class PrefixKV(nn.Module):
-    """Keys and values of one site: (kv_heads, num_tokens, head_dim) each."""
+    """The keys and values of every site of one shape in one tensor, (sites, 2, kv_heads, num_tokens, head_dim):
+    the optimizer steps one parameter rather than two per layer."""
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+    def __init__(self, kv: torch.Tensor):
         super().__init__()
-        self.key, self.value = nn.Parameter(key), nn.Parameter(value)
+        self.kv = nn.Parameter(kv)
 
-    def forward(self):
-        return self.key, self.value
+    def site(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[i].unbind(0)
 
 
 class PrefixMLP(nn.Module):
@@ -59,17 +60,28 @@ class PrefixMLP(nn.Module):
             self._cache = (self._versions(), kvs)
         return kvs
 
+    def site(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self()[i]
+
 
 class _Site(nn.Module):
-    """Site view on a shared PrefixMLP (no parameters of its own)."""
+    """One site's view on a shared PrefixKV or PrefixMLP (no parameters of its own): key and value are
+    (kv_heads, num_tokens, head_dim)."""
 
-    def __init__(self, shared: PrefixMLP, index: int):
+    def __init__(self, shared: PrefixKV | PrefixMLP, index: int, size: int):
         super().__init__()
         object.__setattr__(self, "shared", shared)
-        self.index = index
+        self.index, self.size = index, size
 
     def forward(self):
-        return self.shared()[self.index]
+        return self.shared.site(self.index)
+
+    def numel(self) -> int:
+        """This site's share of the shared parameters (what inspect() reports for it)."""
+        return self.size
+
+    key = property(lambda self: self()[0])
+    value = property(lambda self: self()[1])
 
 
 class _Editor:
@@ -117,10 +129,10 @@ class Prefix(Rule):
             dim = embed.out_features if embed else sites[0].heads * sites[0].head_dim
             shared = PrefixMLP(P, dim, self.projection, [(s.kv_heads, s.head_dim) for s in sites], device=dev)
             out = {"_mlp": shared}
-            out.update({s.path: _Site(shared, i) for i, s in enumerate(sites)})
+            out.update({s.path: _Site(shared, i, 2 * P * s.kv_heads * s.head_dim) for i, s in enumerate(sites)})
             return out
         start = self.init(model, sites) if self.init else None
-        out = {}
+        groups: dict[tuple, list] = {}  # sites by key shape: one PrefixKV each
         for i, s in enumerate(sites):
             if start is not None:
                 k, v = start[i]
@@ -130,7 +142,11 @@ class Prefix(Rule):
             else:
                 k = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
                 v = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
-            out[s.path] = PrefixKV(k.to(dtype).clone(), v.to(dtype).clone())
+            groups.setdefault(tuple(k.shape), []).append((s.path, torch.stack([k, v]).to(dtype)))
+        out = {}
+        for g, members in enumerate(groups.values()):
+            shared = out[f"_kv{g or ''}"] = PrefixKV(torch.stack([kv for _, kv in members]))
+            out.update({path: _Site(shared, j, kv.numel()) for j, (path, kv) in enumerate(members)})
         return out
 
     def attach(self, model, sites, built, switch, sitemap):
@@ -144,14 +160,13 @@ class Prefix(Rule):
         return undo
 
     def export(self, built):
-        """The MLP is folded away: saved are the keys and values it produces."""
-        if "_mlp" not in built:
-            return super().export(built)
+        """Saved per site, its keys and values, however they are held (an MLP is folded away, computed once).
+        Shared tensors give views, so loading writes through them."""
         with torch.no_grad():
-            kvs = built["_mlp"]()
-        paths = [k for k in built if k != "_mlp"]
-        return {p: {"key": k.detach().clone(), "value": v.detach().clone()} for p, (k, v) in zip(paths, kvs)}, \
-            {"projection": 0}
+            kvs = built["_mlp"]() if "_mlp" in built else None
+            state = {p: dict(zip(("key", "value"), m() if kvs is None else kvs[m.index]))
+                     for p, m in built.items() if isinstance(m, _Site)}
+        return state, ({"projection": 0} if kvs is not None else {})
 
     def describe(self, site: Site, built):
         return f"{self.num_tokens} prefix keys/values ({site.kv_heads}x{site.head_dim}) prepended in attention"
