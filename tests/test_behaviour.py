@@ -320,3 +320,23 @@ def test_bert_token_type_ids(method):
     with torch.no_grad():
         other = m(input_ids=ids, token_type_ids=torch.zeros_like(tt), attention_mask=mask)
     assert not torch.allclose(other.last_hidden_state, out.last_hidden_state)
+
+
+# ---------------------------------------------------------------- the prefix mask, built once per forward
+def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid():
+    from peftsurgery.rewrite.attention import extend_mask
+    q = torch.zeros(1, 4, 5, 8)
+    for Q, K, n in [(5, 5, 3), (2, 7, 3)]:  # a prompt; a continuation with cached keys
+        got = extend_mask(None, q[:, :, :Q], K + n, n, causal=True)
+        want = torch.cat([torch.ones(Q, n, dtype=torch.bool), torch.ones(Q, K, dtype=torch.bool).tril(K - Q)], -1)
+        assert torch.equal(got[0, 0], want)
+        assert extend_mask(None, q[:, :, :Q], K + n, n, causal=True) is got  # the next layer reuses it
+    assert extend_mask(None, q, 8, 3, causal=False) is None
+    m = torch.zeros(2, 1, 5, 5)
+    a = extend_mask(m, q, 8, 3, causal=True)
+    assert a.shape == (2, 1, 5, 8) and torch.equal(a[..., 3:], m) and not a[..., :3].any()
+    assert extend_mask(m, q, 8, 3, causal=True) is a
+    m[0, 0, 0, 0] = float("-inf")  # changed in place: extended anew
+    b = extend_mask(m, q, 8, 3, causal=True)
+    assert b is not a and b[0, 0, 0, 3] == float("-inf")
+    assert extend_mask(m.clone(), q, 8, 3, causal=True) is not b  # another tensor, even if equal

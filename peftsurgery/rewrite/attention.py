@@ -134,16 +134,30 @@ def intercept(module: nn.Module, editor, site_path: str, impl: str) -> Undo:
     return Undo(undo)
 
 
+_last_mask: list = [None]   # (source mask, key, extended mask) of the last call: every layer of a forward asks alike
+
+
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
-    """Prepend n always-visible key positions to an attention mask (bool, additive float, or None)."""
+    """Prepend n always-visible key positions to an attention mask (bool, additive float, or None). The result
+    is reused while the same mask (same tensor, unchanged) or the same causal shape comes back."""
     if mask is None:
         if not causal or q.shape[-2] == 1:
             return None
-        Q, K = q.shape[-2], k_len_new - n
-        mask = torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)[None, None]
-    pad_shape = (*mask.shape[:-1], n)
-    if mask.dtype == torch.bool:
-        pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+        key = (q.shape[-2], k_len_new, q.device)
     else:
-        pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], -1)
+        key = (mask._version, n)
+    last = _last_mask[0]  # one read: other threads may replace it meanwhile
+    if last is not None and last[0] is mask and last[1] == key:
+        return last[2]
+    if mask is None:  # causal over the real keys; the n prefix keys precede them all, so visible to every query
+        out = torch.ones(q.shape[-2], k_len_new, dtype=torch.bool, device=q.device).tril(k_len_new - q.shape[-2])
+        out = out[None, None]
+    else:
+        pad_shape = (*mask.shape[:-1], n)
+        if mask.dtype == torch.bool:
+            pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+        else:
+            pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
+        out = torch.cat([pad, mask], -1)
+    _last_mask[0] = (mask, key, out)
+    return out
