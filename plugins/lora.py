@@ -46,4 +46,5 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    return 1e-3
+    # chosen on validation sentences outside the example's train and test sets (README, "Real model example")
+    return 5e-4
