@@ -3,8 +3,10 @@ tokens, cached generation equal to uncached greedy decoding, gradient checkpoint
 with token_type_ids, T5 generation."""
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -340,3 +342,7 @@ def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid
     b = extend_mask(m, q, 8, 3, causal=True)
     assert b is not a and b[0, 0, 0, 3] == float("-inf")
     assert extend_mask(m.clone(), q, 8, 3, causal=True) is not b  # another tensor, even if equal
+    gone = weakref.ref(b)
+    del a, b, m
+    gc.collect()
+    assert gone() is None  # an extended mask is not kept beyond the life of the mask it extends

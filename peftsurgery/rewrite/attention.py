@@ -11,6 +11,8 @@ Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwa
 """
 from __future__ import annotations
 
+import weakref
+
 import sys
 
 import torch
@@ -134,7 +136,16 @@ def intercept(module: nn.Module, editor, site_path: str, impl: str) -> Undo:
     return Undo(undo)
 
 
-_last_mask: list = [None]   # (source mask, key, extended mask) of the last call: every layer of a forward asks alike
+# the last call's (weak reference to the source mask or None, key, extended mask): every layer of a forward asks
+# alike. An entry dies with its source mask; a causal mask (no source) is kept only up to _KEEP elements.
+_last_mask: list = [None]
+_KEEP = 1 << 24
+
+
+def _forget(ref) -> None:
+    last = _last_mask[0]
+    if last is not None and last[0] is ref:
+        _last_mask[0] = None
 
 
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
@@ -147,7 +158,7 @@ def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
     else:
         key = (mask._version, n)
     last = _last_mask[0]  # one read: other threads may replace it meanwhile
-    if last is not None and last[0] is mask and last[1] == key:
+    if last is not None and last[1] == key and (last[0] is None if mask is None else last[0]() is mask):
         return last[2]
     if mask is None:  # causal over the real keys; the n prefix keys precede them all, so visible to every query
         out = torch.ones(q.shape[-2], k_len_new, dtype=torch.bool, device=q.device).tril(k_len_new - q.shape[-2])
@@ -159,5 +170,8 @@ def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
         else:
             pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
         out = torch.cat([pad, mask], -1)
-    _last_mask[0] = (mask, key, out)
+    if mask is not None:
+        _last_mask[0] = (weakref.ref(mask, _forget), key, out)
+    elif out.numel() <= _KEEP:
+        _last_mask[0] = (None, key, out)
     return out
