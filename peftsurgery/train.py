@@ -2,8 +2,8 @@
 
 Each example becomes a prompt from a template (`Review: {text}\nSentiment:`); every label has a one-token label
 word (` positive`); the model's logits for the label words at the last real token are the class scores, and the
-loss is cross-entropy over them. Batches are left-padded with an attention mask, so the last position is the
-last real token of every row. Works with any model whose forward takes input_ids / attention_mask and returns
+loss is cross-entropy over them. Batches are left-padded with an attention mask (and position ids counting real
+tokens only, where the model takes them), so the last position is the last real token of every row. Works with any model whose forward takes input_ids / attention_mask and returns
 logits, and any tokenizer with `encode(text, add_special_tokens=...)`.
 """
 from __future__ import annotations
@@ -166,7 +166,10 @@ class Cloze:
         """(batch, labels): the label words' logits at the last position (the last real token)."""
         dev = next(model.parameters()).device
         kwargs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
-        if "logits_to_keep" in _params(model):
+        params = _params(model)
+        if "position_ids" in params:  # positions count real tokens only: a row scores the same in any batch
+            kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if "logits_to_keep" in params:
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]

@@ -110,10 +110,18 @@ def test_label_words_must_be_single_tokens():
         Cloze(tokenizer(), "Review:", ["pos", "neg"], WORDMAP)
 
 
+def tiny_gpt2():
+    """Absolute position embeddings: left padding must not shift a row's positions."""
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                            pad_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("factory", [tiny_model, tiny_gpt2])
 @pytest.mark.parametrize("method,options", [(None, {}), ("lora", {}), ("prompt-tuning", {"num_tokens": 3}),
                                             ("prefix-tuning", {"num_tokens": 3})])
-def test_scores_are_last_real_token_logits_with_left_padding(method, options):
-    model = tiny_model()
+def test_scores_are_last_real_token_logits_with_left_padding(factory, method, options):
+    model = factory()
     if method:
         peftsurgery.apply(model, method, **options)
     cloze = Cloze(tokenizer(), TEMPLATE, ["pos", "neg"], WORDMAP)
