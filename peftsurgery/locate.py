@@ -11,7 +11,7 @@ from torch import nn
 from . import capture
 from .analyze import analyse
 from .errors import SurgeryError
-from .sites import Site, SiteMap
+from .sites import CONTAINER, Site, SiteMap
 
 SEQ = 8
 
@@ -129,7 +129,7 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> Site
             if not moved:
                 out.append(s)
         sites = out
-    sites = [s for s in sites if not s.path.split(".")[0] == "_peftsurgery"]  # attached adapters are not sites
+    sites = [s for s in sites if s.path.split(".")[0] != CONTAINER]  # attached adapters are not sites
     order = {p: i for i, (p, _) in enumerate(model.named_modules(remove_duplicate=False))}
     sites.sort(key=lambda s: (order.get(s.path, order.get(s.path.rsplit(".", 1)[0], 0)), s.path))
     ent = _entry(model, entry.get("stack", ()))

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import SurgeryError
 
+CONTAINER = "_peftsurgery"   # the submodule holding attached adapters: never a site itself
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
                 "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o",
                 "mlp.up", "mlp.gate", "mlp.down", "linear", "head")
@@ -97,8 +98,8 @@ class SiteMap:
 
         A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
         `all-linear` (every linear except the output head) or `all`; `path:GLOB` matches module paths; these
-        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv` when the model has no separate one).
-    `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
+        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv` when the model has no separate
+        one). `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
         """
         pool = [s for s in self.sites if s.kind in kinds]
         terms = [t.strip() for t in selector.split(",") if t.strip()]

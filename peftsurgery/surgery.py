@@ -12,9 +12,7 @@ from .errors import SurgeryError
 from .locate import locate
 from .registry import Method
 from .rewrite import Rule, Switch, Undo
-from .sites import Site, SiteMap
-
-CONTAINER = "_peftsurgery"
+from .sites import CONTAINER, Site, SiteMap
 
 
 class Container(nn.ModuleDict):
@@ -136,12 +134,16 @@ def _get(model, name: str) -> Attached:
     return reg[name]
 
 
+def _merged(a: Attached) -> bool:
+    """Whether any of the adapter's modules is folded into the base weights."""
+    return any(r.mergeable and any(getattr(m, "merged", False) for m in b.values()) for r, b in zip(a.rules, a.built))
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Inside this block the model computes exactly what its base computes."""
     atts = list(adapters(model).values())
-    merged = [a for a in atts if any(r.mergeable and any(getattr(m, "merged", False) for m in b.values())
-                                      for r, b in zip(a.rules, a.built))]
+    merged = [a for a in atts if _merged(a)]
     if merged:
         raise SurgeryError(f"adapter {merged[0].name!r} is merged into the weights; unmerge it first")
     before = [a.switch.on for a in atts]
@@ -185,7 +187,7 @@ def route(model: nn.Module, names):
     wanted = [a for a in reg.values() if a.name in names or routable(a)]
     slots = {a.name: i for i, a in enumerate(wanted)}
     for a in reg.values():
-        if any(r.mergeable and any(getattr(m, "merged", False) for m in b.values()) for r, b in zip(a.rules, a.built)):
+        if _merged(a):
             raise SurgeryError(f"adapter {a.name!r} is merged into the weights; unmerge it before routing rows")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = torch.tensor([slots.get(n, len(slots)) for n in names], dtype=torch.long, device=dev)

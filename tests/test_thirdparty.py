@@ -97,8 +97,15 @@ def test_save_load_and_merge(tmp_path):
     peftsurgery.save(model, tmp_path / "ad")
     fresh, _ = load_model("tiny-gpt2")
     peftsurgery.load(fresh, tmp_path / "ad")
+    qkv = fresh.transformer.h[0].attn.c_attn
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=0, rtol=0)
+        peftsurgery.merge(fresh)
+        assert not qkv._forward_hooks  # merged: the vector's hook is off, the linear runs bare
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        peftsurgery.unmerge(fresh)
+        assert len(qkv._forward_hooks) == 1
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
         peftsurgery.merge(fresh, unload=True)
         torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     assert not peftsurgery.adapters(fresh)

@@ -11,9 +11,8 @@ Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwa
 """
 from __future__ import annotations
 
-import weakref
-
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F

@@ -69,6 +69,22 @@ def hook_output(module: nn.Module, fn) -> Undo:
     return Undo(module.register_forward_hook(fn).remove)
 
 
+def park(module: nn.Module, owner: nn.Module) -> None:
+    """For a mergeable rule: once `owner` (a built module with .merged and .parked) is merged into `module`'s
+    weights, the output hooks that run it (those whose .owner it is) come off `module`, so a merged model takes
+    torch's hook-free call path like the base; on unmerge they go back in their original places."""
+    hooks = module._forward_hooks
+    if owner.merged:
+        owner.parked = {k: h for k, h in hooks.items() if getattr(h, "owner", None) is owner}
+        for k in owner.parked:
+            del hooks[k]
+    else:
+        hooks.update(owner.parked)
+        owner.parked = {}
+        for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
+            hooks.move_to_end(k)
+
+
 def reference(site: Site, model: nn.Module) -> nn.Module:
     try:
         return model.get_submodule(site.path)

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Rule, Switch, Undo, hook_output
+from .base import Rule, Switch, Undo, hook_output, park
 
 
 class Factor(nn.Module):
@@ -20,9 +20,6 @@ class Factor(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
 
 
 class LowRankBranch(nn.Module):
@@ -34,11 +31,10 @@ class LowRankBranch(nn.Module):
         self.A = Factor(torch.empty(r, d_in, device=device, dtype=dtype))
         self.B = Factor(torch.zeros(d_out, r, device=device, dtype=dtype))
         self.r, self.scale, self.p = r, scale, float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if self.A.weight.device.type != "meta":  # nothing to initialise on the meta device
             nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
         self.merged = False
-        self.parked: dict = {}   # while merged: the hooks taken off the linear (see _park)
+        self.parked: dict = {}   # while merged: the hooks taken off the linear (see base.park)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """A(dropout(x)), casting only when dtypes differ and calling dropout only when p > 0."""
@@ -48,9 +44,6 @@ class LowRankBranch(nn.Module):
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
         return F.linear(x, A)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._down(x), self.B.weight) * self.scale
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + scale * B(A(dropout(x))) with the scale and the sum folded into one addmm."""
@@ -70,12 +63,12 @@ class _Branch:
     """Forward hook adding the branch to a linear's output (a class, so deepcopy carries it along)."""
 
     def __init__(self, branch: LowRankBranch, switch: Switch):
-        self.branch, self.switch = branch, switch
+        self.owner, self.switch = branch, switch
 
     def __call__(self, module, args, out):
-        if not self.switch.on or self.branch.merged:
+        if not self.switch.on or self.owner.merged:
             return out
-        return self.branch.add_to(out, args[0])
+        return self.owner.add_to(out, args[0])
 
 
 DENSE_TOKENS = 4   # route(): at most this many tokens per row, every slot's projection is computed densely
@@ -210,7 +203,7 @@ class LowRank(Rule):
                 w.add_(d, alpha=sign)
             b.merged = sign > 0
             if mod is not None:
-                _park(mod, b)
+                park(mod, b)
 
     def route(self, model, entries, rows, cache):
         """One hook per site for all routed adapters: their factors stacked into (slots + 1, in, R) and
@@ -228,21 +221,6 @@ class LowRank(Rule):
 
     def describe(self, site, built):
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
-
-
-def _park(module: nn.Module, branch: LowRankBranch) -> None:
-    """A merged branch's hook comes off its linear (a module without hooks takes torch's fast call path, so a
-    merged model runs like the base) and goes back in its original place on unmerge."""
-    hooks = module._forward_hooks
-    if branch.merged:
-        branch.parked = {k: h for k, h in hooks.items() if isinstance(h, _Branch) and h.branch is branch}
-        for k in branch.parked:
-            del hooks[k]
-    else:
-        hooks.update(branch.parked)
-        branch.parked = {}
-        for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
-            hooks.move_to_end(k)
 
 
 def _weight(model: nn.Module, site) -> torch.Tensor:

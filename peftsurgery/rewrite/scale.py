@@ -6,7 +6,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Rule, Switch, hook_output
+from .base import Rule, Switch, hook_output, park
 
 
 class ScaleVector(nn.Module):
@@ -16,6 +16,7 @@ class ScaleVector(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(features, device=device, dtype=dtype))
         self.merged = False
+        self.parked: dict = {}   # while merged: the hooks taken off the linear (see base.park)
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         return out * self.weight.to(out.dtype)
@@ -25,12 +26,12 @@ class _Scaled:
     """Forward hook multiplying a linear's output by the vector (a class, so deepcopy carries it along)."""
 
     def __init__(self, vector: ScaleVector, switch: Switch):
-        self.vector, self.switch = vector, switch
+        self.owner, self.switch = vector, switch
 
     def __call__(self, module, args, out):
-        if not self.switch.on or self.vector.merged:
+        if not self.switch.on or self.owner.merged:
             return out
-        return self.vector(out)
+        return self.owner(out)
 
 
 class Scale(Rule):
@@ -64,6 +65,7 @@ class Scale(Rule):
                 if m.bias is not None:
                     m.bias.mul_(f)
             v.merged = sign > 0
+            park(m, v)
 
     def describe(self, site, built):
         return f"scale output by a trainable vector ({site.out_features}): out * v"
