@@ -80,6 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own, else 1e-3)")
+    sp.add_argument("--schedule", default="constant", metavar="NAME",
+                    help="learning rate over the run: constant, or linear decay to zero (default: constant)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_train)
@@ -101,6 +103,7 @@ def _add_task(sp):
                          "default: the label itself)")
     sp.add_argument("--eval-batch-size", type=int, default=32)
     sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
     sp.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -251,6 +254,19 @@ def _task(args, examples, saved: dict | None):
     return template, labels, words
 
 
+def _on_device(model, device: str | None):
+    if device is None:
+        return model
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SurgeryError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda: torch sees no CUDA GPU here; leave --device out to run on the CPU")
+    return model.to(dev)
+
+
 def _report(args, row: dict):
     print(_table(list(row), [[_fmt(v) for v in row.values()]]))
     if args.json:
@@ -275,6 +291,7 @@ def cmd_train(args):
         raise SurgeryError("--epochs and --batch-size must be positive")
     method = Method(args.plugin)
     model, tokenizer = load_model(args.model)
+    model = _on_device(model, args.device)
     template, labels, words = _task(args, examples, None)
     cloze = Cloze(tokenizer, template, labels, words)
     config = _options(args.options)
@@ -290,7 +307,7 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
     apply(model, args.plugin, **config)
     result = fit(model, cloze, examples, args.epochs, args.batch_size, lr, args.seed,
-                 progress=not args.quiet, desc=f"train {args.plugin}")
+                 progress=not args.quiet, desc=f"train {args.plugin}", schedule=args.schedule)
     row = {"method": args.plugin, "lr": lr, "trainable_params": budget(model)["trainable"],
            "steps": result["steps"], "median_s_per_step": round(result["median_step_seconds"], 3),
            "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
@@ -300,7 +317,8 @@ def cmd_train(args):
     with open(os.path.join(path, TASK_FILE + ".tmp"), "w") as f:
         json.dump({**cloze.to_json(), "results": row, "losses": result["losses"],
                    "step_seconds": result["step_seconds"], "config": config, "data": args.data,
-                   "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}, f, indent=2)
+                   "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
+                   "seed": args.seed}, f, indent=2)
     os.replace(os.path.join(path, TASK_FILE + ".tmp"), os.path.join(path, TASK_FILE))
     _report(args, row)
     print(f"wrote {path}")
@@ -321,6 +339,7 @@ def cmd_eval(args):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SurgeryError(f"{task} is corrupted; train the adapter again") from None
     model, tokenizer = load_model(args.model)
+    model = _on_device(model, args.device)
     template, labels, words = _task(args, examples, saved)
     cloze = Cloze(tokenizer, template, labels, words)
     if args.adapter:

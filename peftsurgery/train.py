@@ -231,16 +231,23 @@ def loss_of(model, cloze: Cloze, examples: list[Example]) -> torch.Tensor:
     return F.cross_entropy(s, y.to(s.device))
 
 
+SCHEDULES = ("constant", "linear")
+
+
 def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
-        seed: int = 0, progress: bool = False, desc: str = "train") -> dict:
-    """Train the model's trainable parameters (AdamW) on `examples`. Returns losses per step, seconds per step
-    and the peak memory while training."""
+        seed: int = 0, progress: bool = False, desc: str = "train", schedule: str = "constant") -> dict:
+    """Train the model's trainable parameters (AdamW) on `examples`; `schedule` "linear" decays the learning
+    rate linearly to zero over the run. Returns losses per step, seconds per step and the peak memory while
+    training."""
+    if schedule not in SCHEDULES:
+        raise SurgeryError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SurgeryError("the model has no trainable parameters; apply a method first")
     opt = torch.optim.AdamW(params, lr=lr)
     rng = random.Random(seed)
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps if schedule == "linear" else 1.0)
     losses, seconds = [], []
     reset_peak_memory(model)
     model.train()
@@ -255,6 +262,7 @@ def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_siz
                 loss.backward()
                 loss = loss.detach()
                 opt.step()
+                decay.step()
                 opt.zero_grad(set_to_none=True)
                 seconds.append(time.perf_counter() - t)
                 losses.append(loss.item())

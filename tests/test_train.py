@@ -176,6 +176,23 @@ def test_prefix_init_text_records_keys_of_the_text():
         Method("prefix-tuning").config({"init": "text"})
 
 
+def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
+    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    trained = {}
+    for schedule in ("constant", "linear"):
+        model = tiny_model()
+        peftsurgery.apply(model, "lora", r=4, targets="all-linear")
+        seen, real = [], torch.optim.AdamW.step
+        monkeypatch.setattr(torch.optim.AdamW, "step",
+                            lambda opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]), real(opt, *a, **k))[1])
+        fit(model, cloze, examples(32), epochs=2, batch_size=8, lr=1e-2, seed=0, schedule=schedule)
+        monkeypatch.undo()
+        trained[schedule] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        expected = [1e-2] * 8 if schedule == "constant" else [1e-2 * (1 - i / 8) for i in range(8)]
+        assert seen == pytest.approx(expected)
+    assert any(not torch.equal(a, b) for a, b in zip(trained["constant"], trained["linear"]))
+
+
 def test_methods_declare_learning_rates():
     lrs = {m: Method(m).learning_rate(Method(m).config({})) for m in
            ("lora", "qlora", "adapter", "prompt-tuning", "prefix-tuning")}
@@ -212,6 +229,23 @@ def test_cli_train_then_eval(model_dir, data, tmp_path, capsys):
     assert code == 0 and 0 <= zero <= 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cli_trains_on_cuda_and_the_adapter_scores_the_same_on_the_cpu(model_dir, data, tmp_path, capsys):
+    out, test = tmp_path / "adapter", str(data / "test.jsonl")
+    code = main(["train", str(model_dir), "--plugin", "lora", "--data", str(data / "train.jsonl"), "--eval-data", test,
+                 "--template", "Review: {text}\\nSentiment:", "--label", "pos=positive", "--label", "neg=negative",
+                 "--device", "cuda", "--quiet", "--json", "-o", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(stdout.strip().splitlines()[-2])
+    assert row["peak_memory_mb"] > 0
+    for device in ("cuda", "cpu"):
+        assert main(["eval", str(model_dir), "--adapter", str(out), "--data", test, "--device", device, "--quiet",
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr()[0].strip().splitlines()[-1])["accuracy"] == pytest.approx(
+            row["accuracy"], abs=1 / 32)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["eval", "{model}", "--data", "{missing}"], "is not a file"),
     (["eval", "tiny-llama", "--data", "{test}"], "needs the model's tokenizer"),
@@ -219,6 +253,11 @@ def test_cli_train_then_eval(model_dir, data, tmp_path, capsys):
     (["eval", "{model}", "--data", "{test}", "--label", "pos"], "--label needs LABEL=WORD"),
     (["train", "{model}", "--plugin", "nope", "--data", "{test}", "-o", "{out}"], "no method named 'nope'"),
     (["train", "{model}", "--plugin", "lora", "--data", "{test}", "--epochs", "0", "-o", "{out}"], "must be positive"),
+    (["train", "{model}", "--plugin", "lora", "--data", "{test}", "--schedule", "cosine", "-o", "{out}"],
+     "unknown schedule 'cosine'"),
+    (["eval", "{model}", "--data", "{test}", "--device", "gpu0"], "is not a torch device"),
+    pytest.param(["eval", "{model}", "--data", "{test}", "--device", "cuda"], "torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")),
 ])
 def test_cli_errors_are_one_line(model_dir, data, tmp_path, capsys, argv, message):
     values = {"model": model_dir, "missing": tmp_path / "nothing.csv", "test": data / "test.jsonl",
