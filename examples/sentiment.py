@@ -15,6 +15,7 @@ import csv
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -35,6 +36,7 @@ METHODS = {   # method -> options; learning rates are the plugins' own defaults
     "adapter": [],        # bottleneck chosen below to match LoRA's budget
     "qlora": [],
 }
+PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora")   # the methods Hugging Face PEFT also has
 
 
 def smollm2_gguf() -> str:
@@ -72,7 +74,11 @@ def read_polarity(path: str) -> list[Example]:
 
 def cli(*argv) -> dict:
     """Run `peftsurgery ...` as a user would; progress bars show on stderr; returns its --json line."""
-    cmd = [sys.executable, "-m", "peftsurgery.cli", *map(str, argv), "--json"]
+    return json_line([sys.executable, "-m", "peftsurgery.cli", *map(str, argv), "--json"])
+
+
+def json_line(cmd: list[str]) -> dict:
+    """Run a command, echo its output, return its last JSON line."""
     # idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning threads made
     # steps up to 5x slower here
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -84,6 +90,14 @@ def cli(*argv) -> dict:
     return json.loads(next(x for x in reversed(lines) if x.startswith("{")))
 
 
+def peer_run(model, name, lr, seed, out, args) -> dict:
+    """Hugging Face PEFT's version of `name`, trained and scored by the same loop (examples/sentiment_peft.py)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentiment_peft.py")
+    cmd = [sys.executable, script, name, model, "--dir", out, "--lr", str(lr), "--seed", str(seed),
+           "--threads", str(args.threads)] + (["--device", args.device] if args.device else [])
+    return {**json_line(cmd), "method": f"PEFT {name}"}
+
+
 def adapter_bottleneck(model_path: str) -> int:
     """The Houlsby bottleneck whose parameter count is closest to LoRA's (r=8 on attn.q, attn.v)."""
     model, _ = load_model(model_path)
@@ -93,15 +107,35 @@ def adapter_bottleneck(model_path: str) -> int:
     return min(range(1, 257), key=lambda b: abs(adapter.budget(adapter.config({"bottleneck": b}), sm) - target))
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per method: accuracy averaged over its seeds (each seed's kept), the median step time, the highest
+    peak memory."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    summary = []
+    for method, runs in out.items():
+        accs = [r["accuracy"] for r in runs]
+        row = {**runs[0], "accuracy": statistics.fmean(accs), "accuracies": accs}
+        if method != "zero-shot":
+            row["median_s_per_step"] = statistics.median(r["median_s_per_step"] for r in runs)
+            row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
+        summary.append(row)
+    return summary
+
+
 def table(rows: list[dict]) -> str:
-    head = "| method | accuracy | vs zero-shot | trainable params | lr | median s/step | peak memory |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    seeds = max(len(r["accuracies"]) for r in rows)
+    head = (f"| method | accuracy{f' (mean of {seeds} seeds)' if seeds > 1 else ''} | vs zero-shot |"
+            f"{' per seed |' if seeds > 1 else ''} trainable params | lr | median s/step | peak memory |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     zero = rows[0]["accuracy"]
     for r in rows:
+        each = f" {' / '.join(f'{100 * a:.1f}' for a in r['accuracies'])} |" if seeds > 1 else ""
         if r["method"] == "zero-shot":
-            lines.append(f"| zero-shot | {100 * r['accuracy']:.1f}% | | 0 | | | |")
+            lines.append(f"| zero-shot | {100 * r['accuracy']:.1f}% | |{' |' if seeds > 1 else ''} 0 | | | |")
             continue
-        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - zero):+.1f} | "
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - zero):+.1f} |{each} "
                      f"{r['trainable_params']:,} | {r['lr']:g} | {r['median_s_per_step']:.2f} | "
                      f"{r['peak_memory_mb']:,} MB |")
     return "\n".join(lines)
@@ -114,14 +148,15 @@ def chart(rows: list[dict], path: str) -> None:
     trained = [r for r in rows if r["method"] != "zero-shot"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["method"] for r in trained]
-    a.bar(names, [100 * r["accuracy"] for r in trained], color="tab:blue")
+    colours = ["tab:orange" if r["method"].startswith("PEFT") else "tab:blue" for r in trained]
+    a.bar(names, [100 * r["accuracy"] for r in trained], color=colours)
     a.axhline(100 * rows[0]["accuracy"], color="tab:red", ls="--", label=f"zero-shot {100 * rows[0]['accuracy']:.1f}%")
     a.set_ylim(40, 100)
     a.set_ylabel("test accuracy (%)")
     a.legend(loc="lower right")
     for i, r in enumerate(trained):
         a.text(i, 100 * r["accuracy"] + 0.5, f"{100 * r['accuracy']:.1f}", ha="center", fontsize=9)
-    b.bar(names, [r["median_s_per_step"] for r in trained], color="tab:gray")
+    b.bar(names, [r["median_s_per_step"] for r in trained], color=colours)
     b.set_ylabel("median seconds per step")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=20)
@@ -130,14 +165,14 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None) -> dict:
+def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0) -> dict:
     options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else [])
     options += ["--lr", lr] if lr is not None else []
-    return cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
-               "--epochs", 3, "--batch-size", 16, "--seed", 0, *common, "-o", out)
+    return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
+                  "--epochs", 3, "--batch-size", 16, "--seed", seed, *common, "-o", out), "seed": seed}
 
 
-def tune(args, model, examples, used, train_file, common, bottleneck) -> None:
+def tune(args, model, examples, used, train_file, common, bottleneck, seeds) -> None:
     """Validation accuracy per method and learning rate, on balanced sentences outside train and test (seed 1)."""
     seen = {e.text for e in used}
     val, _ = balanced_split([e for e in examples if e.text not in seen], args.validation, 0, seed=1)
@@ -146,16 +181,26 @@ def tune(args, model, examples, used, train_file, common, bottleneck) -> None:
     rows = []
     for name in args.methods.split(","):
         for lr in args.tune_lr.split(","):
-            print(f"\n{name} lr={lr}", flush=True)
-            r = train_run(model, name, bottleneck, train_file, val_file, common,
-                          os.path.join(args.out, "tune", f"{name}-{lr}"), lr=float(lr))
-            rows.append({"method": name, "lr": float(lr), "validation_accuracy": r["accuracy"]})
-            print(f"{name} lr={lr}: validation accuracy {100 * r['accuracy']:.1f}%", flush=True)
+            for seed in seeds:
+                print(f"\n{name} lr={lr} seed {seed}", flush=True)
+                r = train_run(model, name, bottleneck, train_file, val_file, common,
+                              os.path.join(args.out, "tune", f"{name}-{lr}-{seed}"), lr=float(lr), seed=seed)
+                rows.append({"method": name, "lr": float(lr), "seed": seed, "validation_accuracy": r["accuracy"]})
+                print(f"{name} lr={lr} seed {seed}: validation accuracy {100 * r['accuracy']:.1f}%", flush=True)
     with open(os.path.join(args.out, "tune.json"), "w") as f:
         json.dump({"validation": args.validation, "rows": rows}, f, indent=2)
-    print("\n| method | lr | validation accuracy |\n|---|---|---|")
+    print("\n" + tune_table(rows))
+
+
+def tune_table(rows: list[dict]) -> str:
+    """Mean validation accuracy per method and learning rate over the seeds run, each seed's figure beside it."""
+    runs = {}
     for r in rows:
-        print(f"| {r['method']} | {r['lr']:g} | {100 * r['validation_accuracy']:.1f}% |")
+        runs.setdefault((r["method"], r["lr"]), []).append(100 * r["validation_accuracy"])
+    lines = ["| method | lr | validation accuracy (mean) | per seed |", "|---|---|---|---|"]
+    for (method, lr), accs in runs.items():
+        lines.append(f"| {method} | {lr:g} | {statistics.fmean(accs):.1f}% | {' / '.join(f'{a:.1f}' for a in accs)} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -170,6 +215,13 @@ def main():
                    help="instead of the test run: train each method at these learning rates and report accuracy "
                         "on --validation sentences outside the training and test sets (how the defaults were chosen)")
     p.add_argument("--validation", type=int, default=500)
+    p.add_argument("--seeds", default="0", metavar="N,N,...",
+                   help="train each method once per seed (initial values and batch order; the split stays seed 0) "
+                        "and report the mean (default: 0)")
+    p.add_argument("--peer", action="store_true",
+                   help="also run Hugging Face PEFT's lora, prompt-tuning, prefix-tuning and qlora on the same "
+                        "split, seeds, loop and learning rates (examples/sentiment_peft.py; needs peft)")
+    p.add_argument("--device", help="train and score on this torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
     model = args.model or smollm2_gguf()
     os.makedirs(args.out, exist_ok=True)
@@ -180,20 +232,28 @@ def main():
     write_jsonl(test, test_file)
     bottleneck = adapter_bottleneck(model)          # also converts the GGUF once
     common = ["--template", TEMPLATE, *LABELS, "--threads", args.threads]
+    common += ["--device", args.device] if args.device else []
+    seeds = [int(x) for x in args.seeds.split(",")]
     if args.tune_lr:
-        return tune(args, model, examples, train + test, train_file, common, bottleneck)
+        return tune(args, model, examples, train + test, train_file, common, bottleneck, seeds)
 
     print("zero-shot", flush=True)
-    rows = [{"method": "zero-shot", **cli("eval", model, "--data", test_file, *common)}]
+    runs = [{"method": "zero-shot", **cli("eval", model, "--data", test_file, *common)}]
     for name in args.methods.split(","):
-        print(f"\n{name}", flush=True)
-        rows.append(train_run(model, name, bottleneck, train_file, test_file, common,
-                              os.path.join(args.out, "adapters", name)))
+        for seed in seeds:
+            print(f"\n{name}" + (f" seed {seed}" if len(seeds) > 1 else ""), flush=True)
+            suffix = f"-{seed}" if len(seeds) > 1 else ""
+            runs.append(train_run(model, name, bottleneck, train_file, test_file, common,
+                                  os.path.join(args.out, "adapters", name + suffix), seed=seed))
+            if args.peer and name in PEER:
+                print(f"\nPEFT {name}", flush=True)
+                runs.append({**peer_run(model, name, runs[-1]["lr"], seed, args.out, args), "seed": seed})
+    rows = summarize(runs)
     text = table(rows)
     print("\n" + text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"model": model, "train": args.train, "test": args.test, "threads": args.threads, "rows": rows},
-                  f, indent=2)
+        json.dump({"model": model, "train": args.train, "test": args.test, "threads": args.threads,
+                   "device": args.device or "cpu", "seeds": seeds, "rows": rows, "runs": runs}, f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     chart(rows, os.path.join(args.out, "results.png"))

@@ -2,6 +2,8 @@
 loading), on a tiny random Llama with a word-level tokenizer built in the test: no download."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -266,6 +268,23 @@ def test_cli_errors_are_one_line(model_dir, data, tmp_path, capsys, argv, messag
     code = main([a.format(**values) for a in argv] + labels + ["--quiet"])
     err = capsys.readouterr()[1]
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_path, method):
+    """examples/sentiment_peft.py (sentiment.py --peer): PEFT's method on the example's files, same budget as ours."""
+    exs = [Example(e.text, "1" if e.label == "pos" else "-1") for e in examples(48)]
+    write_jsonl(exs[:32], str(tmp_path / "train.jsonl"))
+    write_jsonl(exs[32:], str(tmp_path / "test.jsonl"))
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "sentiment_peft.py")
+    out = subprocess.run([sys.executable, script, method, str(model_dir), "--dir", str(tmp_path), "--lr", "1e-2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    options = {"r": 8, "alpha": 16, "targets": "attn.q,attn.v"} if method == "lora" else {"num_tokens": 20}
+    m = Method(method)
+    assert row["trainable_params"] == m.budget(m.config(options), peftsurgery.sitemap(tiny_model()))
+    assert 0 <= row["accuracy"] <= 1 and row["lr"] == 1e-2
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------
