@@ -89,4 +89,6 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    return 1e-2
+    # chosen on validation sentences outside the example's train and test sets, mean over 5 seeds (README,
+    # "Real model example")
+    return 3e-3
