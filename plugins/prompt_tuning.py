@@ -69,4 +69,4 @@ def peftsurgery_budget(config, sites):
 def peftsurgery_learning_rate(config):
     # chosen on validation sentences outside the example's train and test sets, mean over 5 seeds (README,
     # "Real model example")
-    return 3e-3
+    return 1e-3
