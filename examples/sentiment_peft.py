@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+from peftsurgery import SurgeryError
 from peftsurgery.train import Cloze, evaluate, fit, read_examples
 from peftsurgery.zoo import gguf_folder, load_model
 from sentiment import INIT_TEXT, PEER, TEMPLATE
@@ -77,4 +79,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SurgeryError as e:
+        sys.exit(f"sentiment_peft: {e}")
