@@ -147,20 +147,20 @@ def chart(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     trained = [r for r in rows if r["method"] != "zero-shot"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     names = [r["method"] for r in trained]
     colours = ["tab:orange" if r["method"].startswith("PEFT") else "tab:blue" for r in trained]
     a.bar(names, [100 * r["accuracy"] for r in trained], color=colours)
     a.axhline(100 * rows[0]["accuracy"], color="tab:red", ls="--", label=f"zero-shot {100 * rows[0]['accuracy']:.1f}%")
     a.set_ylim(40, 100)
     a.set_ylabel("test accuracy (%)")
-    a.legend(loc="lower right")
+    a.legend(loc="upper right")
     for i, r in enumerate(trained):
         a.text(i, 100 * r["accuracy"] + 0.5, f"{100 * r['accuracy']:.1f}", ha="center", fontsize=9)
     b.bar(names, [r["median_s_per_step"] for r in trained], color=colours)
     b.set_ylabel("median seconds per step")
     for ax in (a, b):
-        ax.tick_params(axis="x", rotation=20)
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     fig.suptitle("SmolLM2-135M-Instruct, Pang & Lee sentences: 256 training, 1,000 test examples")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
