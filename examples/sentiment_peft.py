@@ -1,6 +1,6 @@
 """The peer on the same split: Hugging Face PEFT's version of one method, trained and scored by the very loop
 that `peftsurgery train` uses (peftsurgery.train: same prompts, label words, batches, seed, AdamW, learning
-rate, schedule), so the only difference is whose method code runs. examples/sentiment.py --peer calls it once
+rate), so the only difference is whose method code runs. examples/sentiment.py --peer calls it once
 per method; by hand:
 
     python examples/sentiment_peft.py lora SmolLM2-135M-Instruct.Q4_1.gguf --dir results/sentiment --lr 5e-4
@@ -19,34 +19,35 @@ import torch
 
 from peftsurgery import SurgeryError
 from peftsurgery.train import Cloze, evaluate, fit, read_examples
-from peftsurgery.zoo import gguf_folder, load_model
+from peftsurgery.zoo import gguf_folder
 from sentiment import INIT_TEXT, PEER, TEMPLATE
 
 
-def peft_model(name: str, folder: str, model, device):
+def peft_model(name: str, folder: str, device: str, seed: int):
     """PEFT's method under the settings of examples/sentiment.py (its defaults where we have no counterpart:
-    prefix tuning's N(0,1) prefix). qlora reloads the model with transformers' 4-bit NF4 loading."""
+    prefix tuning's N(0,1) prefix), loaded as a PEFT user would: qlora loads the base 4-bit NF4 directly through
+    transformers, never as floats."""
     import peft
+    import transformers as tf
     causal = peft.TaskType.CAUSAL_LM
+    q = None
     if name == "lora":
         cfg = peft.LoraConfig(task_type=causal, r=8, lora_alpha=16, lora_dropout=0.0,
                               target_modules=["q_proj", "v_proj"])
     elif name == "qlora":
-        import transformers as tf
         q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.float32,
-                                                        device_map=device)
         cfg = peft.LoraConfig(task_type=causal, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     elif name == "prompt-tuning":
         cfg = peft.PromptTuningConfig(task_type=causal, num_virtual_tokens=20,
                                       prompt_tuning_init=peft.PromptTuningInit.TEXT,
                                       prompt_tuning_init_text=INIT_TEXT, tokenizer_name_or_path=folder)
-    elif name == "prefix-tuning":
-        cfg = peft.PrefixTuningConfig(task_type=causal, num_virtual_tokens=20)
     else:
-        raise SystemExit(f"PEFT peer: unknown method {name!r}; use one of {', '.join(PEER)}")
-    return peft.get_peft_model(model, cfg)
+        cfg = peft.PrefixTuningConfig(task_type=causal, num_virtual_tokens=20)
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.float32,
+                                                    device_map=device)
+    torch.manual_seed(seed)   # PEFT's initial values, as `peftsurgery train --seed` seeds ours
+    return peft.get_peft_model(model, cfg), tf.AutoTokenizer.from_pretrained(folder)
 
 
 def main():
@@ -55,7 +56,6 @@ def main():
     p.add_argument("model", help="a .gguf file (converted once, as peftsurgery does) or an HF folder")
     p.add_argument("--dir", required=True, help="folder holding train.jsonl and test.jsonl")
     p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--schedule", default="constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -64,12 +64,9 @@ def main():
     train = read_examples(os.path.join(args.dir, "train.jsonl"))
     test = read_examples(os.path.join(args.dir, "test.jsonl"))
     folder = gguf_folder(args.model) if args.model.endswith(".gguf") else args.model
-    model, tokenizer = load_model(folder)
+    model, tokenizer = peft_model(args.method, folder, args.device, args.seed)
     cloze = Cloze(tokenizer, TEMPLATE.replace("\\n", "\n"), ["-1", "1"], {"1": " positive", "-1": " negative"})
-    torch.manual_seed(args.seed)
-    model = peft_model(args.method, folder, model.to(args.device), args.device)
-    result = fit(model, cloze, train, 3, 16, args.lr, args.seed, progress=True,
-                 desc=f"train PEFT {args.method}", schedule=args.schedule)
+    result = fit(model, cloze, train, 3, 16, args.lr, args.seed, progress=True, desc=f"train PEFT {args.method}")
     row = {"method": args.method, "lr": args.lr,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "median_s_per_step": round(result["median_step_seconds"], 3),
