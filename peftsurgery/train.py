@@ -3,8 +3,9 @@
 Each example becomes a prompt from a template (`Review: {text}\nSentiment:`); every label has a one-token label
 word (` positive`); the model's logits for the label words at the last real token are the class scores, and the
 loss is cross-entropy over them. Batches are left-padded with an attention mask (and position ids counting real
-tokens only, where the model takes them), so the last position is the last real token of every row. Works with any model whose forward takes input_ids / attention_mask and returns
-logits, and any tokenizer with `encode(text, add_special_tokens=...)`.
+tokens only, where the model takes them), so the last position is the last real token of every row. Works with
+any model whose forward takes input_ids / attention_mask and returns logits, and any tokenizer with
+`encode(text, add_special_tokens=...)`.
 """
 from __future__ import annotations
 
