@@ -174,7 +174,7 @@ def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=No
                   "--epochs", 3, "--batch-size", 16, "--seed", seed, *common, "-o", out), "seed": seed}
 
 
-def tune(args, model, examples, used, train_file, common, bottleneck, seeds) -> None:
+def tune(args, model, examples, used, train_file, common, bottleneck) -> None:
     """Validation accuracy per method and learning rate, on balanced sentences outside train and test (seed 1)."""
     seen = {e.text for e in used}
     val, _ = balanced_split([e for e in examples if e.text not in seen], args.validation, 0, seed=1)
@@ -183,7 +183,7 @@ def tune(args, model, examples, used, train_file, common, bottleneck, seeds) -> 
     rows = []
     for name in args.methods.split(","):
         for lr in args.tune_lr.split(","):
-            for seed in seeds:
+            for seed in args.seeds:
                 print(f"\n{name} lr={lr} seed {seed}", flush=True)
                 r = train_run(model, name, bottleneck, train_file, val_file, common,
                               os.path.join(args.out, "tune", f"{name}-{lr}-{seed}"), lr=float(lr), seed=seed)
@@ -242,18 +242,17 @@ def main():
     bottleneck = adapter_bottleneck(model)          # also converts the GGUF once
     common = ["--template", TEMPLATE, *LABELS, "--threads", args.threads]
     common += ["--device", args.device] if args.device else []
-    seeds = args.seeds
     if args.peer and importlib.util.find_spec("peft") is None:
         sys.exit("--peer needs Hugging Face PEFT: pip install peft==0.21.2")
     if args.tune_lr:
-        return tune(args, model, examples, train + test, train_file, common, bottleneck, seeds)
+        return tune(args, model, examples, train + test, train_file, common, bottleneck)
 
     print("zero-shot", flush=True)
     runs = [{"method": "zero-shot", **cli("eval", model, "--data", test_file, *common)}]
     for name in args.methods.split(","):
-        for seed in seeds:
-            print(f"\n{name}" + (f" seed {seed}" if len(seeds) > 1 else ""), flush=True)
-            suffix = f"-{seed}" if len(seeds) > 1 else ""
+        for seed in args.seeds:
+            print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)
+            suffix = f"-{seed}" if len(args.seeds) > 1 else ""
             runs.append(train_run(model, name, bottleneck, train_file, test_file, common,
                                   os.path.join(args.out, "adapters", name + suffix), seed=seed))
             if args.peer and name in PEER:
@@ -264,7 +263,7 @@ def main():
     print("\n" + text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"model": model, "train": args.train, "test": args.test, "threads": args.threads,
-                   "device": args.device or "cpu", "seeds": seeds, "rows": rows, "runs": runs}, f, indent=2)
+                   "device": args.device or "cpu", "seeds": args.seeds, "rows": rows, "runs": runs}, f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     chart(rows, os.path.join(args.out, "results.png"))
