@@ -1,6 +1,22 @@
-"""Shared tiny-model factories (random weights, vocab 128, eval mode, torch.manual_seed(0))."""
+"""Shared tiny-model factories (random weights, vocab 128, eval mode, torch.manual_seed(0)) and the hypothesis
+profiles: `ci` (the default: derandomized, the same examples on every run) and `deep` (hundreds of random
+examples; select it with PEFTSURGERY_HYPOTHESIS=deep, see README "Tests")."""
+import os
+
 import torch
 import transformers as tf
+from hypothesis import HealthCheck, Phase, settings
+
+# No shrinking by default: each example costs a model export (~0.5 s) and shrinking a failure can take many
+# minutes; the falsifying example is still printed. PEFTSURGERY_PROPERTY_SHRINK=1 turns it on.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("PEFTSURGERY_PROPERTY_SHRINK") else [])
+_COMMON = dict(deadline=None, database=None, phases=_PHASES, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", derandomize=True, max_examples=6, **_COMMON)
+settings.register_profile("deep", derandomize=False, max_examples=300, **_COMMON)
+settings.load_profile(os.environ.get("PEFTSURGERY_HYPOTHESIS", "ci"))
 
 VOCAB = 128
 

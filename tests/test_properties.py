@@ -7,12 +7,11 @@ Methods: lora, adapter, prompt-tuning, prefix-tuning, and qlora (Llama-style mod
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,13 +25,8 @@ try:
 except ImportError:  # tests/ collected as a package
     from tests.conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_t5
 
-EXAMPLES = int(os.environ.get("PEFTSURGERY_PROPERTY_EXAMPLES", "8"))   # raise it for a deeper search
-# No shrinking: each example costs a model export (~0.5 s) and shrinking a failure can take many minutes; the
-# falsifying example is still printed. Set PEFTSURGERY_PROPERTY_SHRINK=1 to get a minimal one.
-PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
-    [Phase.shrink] if os.environ.get("PEFTSURGERY_PROPERTY_SHRINK") else [])
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=PHASES,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Example counts, derandomization and phases come from the hypothesis profile (tests/conftest.py): `ci` by
+# default, `deep` with PEFTSURGERY_HYPOTHESIS=deep.
 STEPS = 3
 
 
@@ -155,6 +149,32 @@ def cases(draw, archs=ARCHS, methods=("lora", "adapter", "prompt-tuning", "prefi
     return spec, method, cfg
 
 
+def _spec(arch, layers=2, heads=4, kv_heads=2, head_dim=8, width=16):
+    return {"arch": arch, "layers": layers, "heads": heads, "kv_heads": kv_heads if arch in LLAMA_STYLE else heads,
+            "head_dim": head_dim, "width": width}
+
+
+# One explicit case per method (run first, in every profile), so each property sees every method whatever the
+# generated examples draw; regressions found by deep runs are added here or as @example on their test.
+EVERY_METHOD = [
+    (_spec("llama"), "lora", {"r": 2, "alpha": 4.0, "targets": "all-linear", "dropout": 0.1, "rslora": False}),
+    (_spec("gpt2", layers=1), "adapter", {"bottleneck": 3, "activation": "gelu", "targets": "attn.o,mlp.down"}),
+    (_spec("t5"), "prompt-tuning", {"num_tokens": 3, "init": "vocab", "seed": 1}),
+    (_spec("custom", kv_heads=1), "prefix-tuning", {"num_tokens": 2, "init": "vocab", "projection": 4}),
+    (_spec("qwen2", heads=2, kv_heads=1, head_dim=4, width=8), "qlora",
+     {"r": 2, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0, "quantize": "all-linear"}),
+]
+
+
+def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora")):
+    def decorate(test):
+        for case in reversed(EVERY_METHOD):
+            if case[1] in methods:
+                test = example(case)(test)
+        return test
+    return decorate
+
+
 # --- helpers
 
 def inputs(spec, seed=1):
@@ -211,7 +231,7 @@ def apply(model, method, cfg, name="default"):
 
 # --- properties
 
-@SETTINGS
+@every_method()
 @given(cases())
 def test_only_plugin_params_train_and_base_stays_bit_identical(case):
     """Properties 1, 3 and 7: after apply only the adapter's parameters require grad; after AdamW steps every
@@ -249,7 +269,7 @@ def test_only_plugin_params_train_and_base_stays_bit_identical(case):
     assert not torch.equal(evaluate(model, kw), base_out), "training the adapter changed nothing"
 
 
-@SETTINGS
+@every_method(("lora", "adapter", "qlora"))
 @given(cases(methods=("lora", "adapter", "qlora")))
 def test_identity_at_init(case):
     """Property 2: LoRA, QLoRA (over its quantized base) and bottleneck adapters start as the identity."""
@@ -263,7 +283,7 @@ def test_identity_at_init(case):
     torch.testing.assert_close(evaluate(model, kw), base_out, atol=1e-6, rtol=0)
 
 
-@SETTINGS
+@every_method()
 @given(cases())
 def test_disabled_is_exact_base(case):
     """Property 3 at init and after training in eval mode, for every method (qlora: its quantized base, which
@@ -283,7 +303,6 @@ def test_disabled_is_exact_base(case):
     assert not torch.equal(evaluate(model, kw), first)
 
 
-@SETTINGS
 @given(model_specs(), st.data())
 def test_lora_merge_unmerge_round_trip(spec, data):
     """Property 4: merged outputs equal unmerged ones; unmerging restores the base weights."""
@@ -311,7 +330,7 @@ def test_lora_merge_unmerge_round_trip(spec, data):
     torch.testing.assert_close(evaluate(model, kw), unmerged, atol=1e-5 * max(scale, 1.0), rtol=0)
 
 
-@SETTINGS
+@every_method()
 @given(cases())
 def test_save_load_round_trip_is_exact(tmp_path_factory, case):
     """Property 5: a trained adapter saved and loaded onto a fresh identical base gives the same outputs."""
@@ -331,7 +350,7 @@ def test_save_load_round_trip_is_exact(tmp_path_factory, case):
     assert torch.equal(evaluate(fresh, kw), trained)
 
 
-@SETTINGS
+@every_method()
 @given(cases())
 def test_declared_budget_equals_built(case):
     """Property 6 (and 7): the plugin's declared budget, the core's count and the trainable parameters agree."""
@@ -398,8 +417,6 @@ def wrong_budget():
         manager().unregister(plugin)
 
 
-@settings(max_examples=6, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(model_specs(), st.sampled_from(["lowrank", "series", "prefix"]), st.sampled_from([-1, 1]))
 def test_wrong_budget_is_rejected_and_model_untouched(wrong_budget, spec, rule, off):
     model, kw = build(spec), inputs(spec)
