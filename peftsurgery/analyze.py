@@ -118,7 +118,8 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         i, o = op.extra["features"]
         st, bl = block_of(op.site)
         sites[op.site] = Site(op.site, op.site_kind, r, found, bl, st, i, o,
-                              producer=_producer(g, op), consumer=None)
+                              producer=_producer(g, op), consumer=None,
+                              runner=op.module if op.site_kind == "param-linear" else None)
         role[name] = r
 
     attn_ops = [o for o in ops.values() if o.kind == "attention"]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from .errors import SurgeryError
 
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _quiet_transformers()
-        args.run(args)
+        with warnings.catch_warnings():
+            _one_line_warnings()
+            args.run(args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except (SurgeryError, OSError) as e:
@@ -29,6 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftsurgery: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line_warnings():
+    """peftsurgery's own warnings become one line on stderr, without the file and line Python adds."""
+    from .locate import RolesByNameWarning
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):
+        if not issubclass(category, RolesByNameWarning):
+            return show(message, category, *rest, **kw)
+        print(f"peftsurgery: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = one_line
+    warnings.simplefilter("always", RolesByNameWarning)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -43,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("locate", help="find the sites of a model")
     sp.add_argument("model", metavar="MODEL")
     sp.add_argument("--format", choices=("text", "json"), default="text")
+    _add_strict(sp)
     sp.set_defaults(run=cmd_locate)
 
     sp = sub.add_parser("apply", help="apply a method and save the adapter")
@@ -52,6 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--targets", metavar="SELECTOR", help="sites to rewrite, e.g. attn.q,attn.v or all-linear")
     sp.add_argument("--name", default="default", help="adapter name (default: default)")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    _add_strict(sp)
     sp.set_defaults(run=cmd_apply)
 
     sp = sub.add_parser("inspect", help="show sites and, with --plugin, the rewritten graph")
@@ -59,6 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plugin", action="append", default=[], metavar="NAME")
     _add_set(sp, "KEY=VALUE for every plugin, or PLUGIN.KEY=VALUE for one")
     sp.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    _add_strict(sp)
     sp.set_defaults(run=cmd_inspect)
 
     sp = sub.add_parser("merge", help="fold a saved adapter into the base weights and save the model")
@@ -108,6 +128,11 @@ def _add_task(sp):
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_strict(sp):
+    sp.add_argument("--strict", action="store_true",
+                    help="refuse roles guessed from module names when the model's data flow cannot be captured")
+
+
 def _add_set(sp, help="method option KEY=VALUE (repeatable)"):
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options", help=help)
 
@@ -142,10 +167,13 @@ def _table(headers: list[str], rows: list[list]) -> str:
 def cmd_plugins(args):
     from . import registry
     rows = []
-    for name in registry.names():
-        m = registry.Method(name)
-        opts = " ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(m.config_class))
-        rows.append([name, m.version, m.describe(), opts])
+    for name in sorted(set(registry.names()) | set(registry.broken())):
+        try:
+            m = registry.Method(name)
+            opts = " ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(m.config_class))
+            rows.append([name, m.version, m.describe(), opts])
+        except SurgeryError as e:
+            rows.append([name, "-", f"BROKEN: {e}", ""])
     print(_table(["method", "version", "description", "options (defaults)"], rows))
 
 
@@ -162,13 +190,25 @@ def _load(spec: str):
     return load_model(spec)[0]
 
 
+def _configs(plugins: list[str], options: dict) -> list[tuple[str, dict]]:
+    """(plugin, its options) for each plugin, checked (Method.config) before any model is loaded: a typo costs
+    no load. KEY=VALUE goes to every plugin, PLUGIN.KEY=VALUE to that one."""
+    from .registry import Method
+    out = []
+    for plugin in plugins:
+        config = {k.split(".", 1)[-1]: v for k, v in options.items() if "." not in k or k.split(".", 1)[0] == plugin}
+        Method(plugin).config(config)
+        out.append((plugin, config))
+    return out
+
+
 def _site_rows(sm) -> list[list]:
     return [[s.path, s.kind, s.role, s.short(), "" if s.block is None else s.block, s.found_by] for s in sm]
 
 
 def cmd_locate(args):
     from .surgery import sitemap
-    sm = sitemap(_load(args.model))
+    sm = sitemap(_load(args.model), strict=args.strict)
     if args.format == "json":
         print(json.dumps(sm.to_json(), indent=2))
         return
@@ -178,12 +218,14 @@ def cmd_locate(args):
 
 def cmd_apply(args):
     from . import budget, save
+    from .registry import Method
     from .surgery import apply
     config = _options(args.options)
     if args.targets is not None:
         config["targets"] = args.targets
+    Method(args.plugin).config(config)  # a bad option costs no model load
     model = _load(args.model)
-    apply(model, args.plugin, name=args.name, **config)
+    apply(model, args.plugin, name=args.name, strict=args.strict, **config)
     path = save(model, args.output, name=args.name)
     b = budget(model)
     n = b["adapters"][args.name]
@@ -194,12 +236,10 @@ def cmd_apply(args):
 
 def cmd_inspect(args):
     from .surgery import apply, inspect, sitemap
+    configs = _configs(args.plugin, _options(args.options))
     model = _load(args.model)
-    sm = sitemap(model)
-    options = _options(args.options)
-    for plugin in args.plugin:
-        config = {k.split(".", 1)[-1]: v for k, v in options.items()
-                  if "." not in k or k.split(".", 1)[0] == plugin}
+    sm = sitemap(model, strict=args.strict)  # located once: apply below reuses it
+    for plugin, config in configs:
         apply(model, plugin, name=plugin, **config)
     rows = inspect(model)
     if args.format == "json":
@@ -290,19 +330,21 @@ def cmd_train(args):
     if args.epochs < 1 or args.batch_size < 1:
         raise SurgeryError("--epochs and --batch-size must be positive")
     method = Method(args.plugin)
+    config = _options(args.options)
+    if args.targets is not None:
+        config["targets"] = args.targets
+    # --set-ids values need the model's tokenizer: check the rest first, with a placeholder id in their place
+    method.config({**config, **{k: "0" for k in _options(args.set_ids)}})
     model, tokenizer = load_model(args.model)
     model = _on_device(model, args.device)
     template, labels, words = _task(args, examples, None)
     cloze = Cloze(tokenizer, template, labels, words)
-    config = _options(args.options)
     if tokenizer is not None:
         for key, text in _options(args.set_ids).items():
             config[key] = ",".join(str(i) for i in tokenizer.encode(text.replace("\\n", "\n"),
                                                                      add_special_tokens=False))
     elif args.set_ids:
         raise SurgeryError("--set-ids needs a model with a tokenizer")
-    if args.targets is not None:
-        config["targets"] = args.targets
     lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
     torch.manual_seed(args.seed)
     apply(model, args.plugin, **config)

@@ -1,6 +1,9 @@
 """The hooks a method plugin implements. A plugin is a module (or object) registered under the entry-point
 group "peftsurgery"; the entry point's name is the method's name. Implement each hook with
-`@peftsurgery.hookimpl`."""
+`@peftsurgery.hookimpl`. peftsurgery_config, peftsurgery_rules and peftsurgery_budget are required; a plugin
+with a hook not declared here, a missing required hook or a hook whose arguments differ is reported as broken
+(`peftsurgery plugins`) and refused with a one-line error when used, as is a hook returning the wrong type.
+`peftsurgery.checks` has one-line checks for config values (integer, positive, fraction, flag, selector)."""
 import pluggy
 
 hookspec = pluggy.HookspecMarker("peftsurgery")

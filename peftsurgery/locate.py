@@ -1,8 +1,12 @@
 """locate(model) -> SiteMap: capture the computation, analyse it, map repeated blocks."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -10,10 +14,15 @@ from torch import nn
 
 from . import capture
 from .analyze import analyse
+from .checks import one_line
 from .errors import SurgeryError
 from .sites import CONTAINER, Site, SiteMap
 
 SEQ = 8
+
+
+class RolesByNameWarning(UserWarning):
+    """Some roles were guessed from module names: neither torch.export nor torch.fx captured the model."""
 
 
 def example_inputs(model: nn.Module) -> dict:
@@ -68,24 +77,49 @@ def _rename(site: Site, path: str, old: int, new: int) -> Site:
     a, b = f"{path}.{old}", f"{path}.{new}"
     sub = lambda p: (b + p[len(a):]) if p and (p == a or p.startswith(a + ".")) else p
     s = Site(**{**site.__dict__, "inputs": {k: sub(v) for k, v in site.inputs.items()}})
-    s.path, s.producer, s.consumer = sub(site.path), sub(site.producer), sub(site.consumer)
+    s.path, s.producer, s.consumer, s.runner = sub(site.path), sub(site.producer), sub(site.consumer), sub(site.runner)
     if s.stack == path:
         s.block = new
     return s
 
 
-def _capture(model: nn.Module, kwargs: dict) -> capture.Graph:
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's warnings, log lines and printed partial graphs while tracing: a failed trace is reported
+    once, by locate."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
+
+
+def _traced(how, model: nn.Module, kwargs: dict) -> capture.Graph:
+    if how is capture.by_hooks:  # runs the model for real: its warnings are the user's to see
+        return how(model, kwargs)
+    with _quiet():
+        return how(model, kwargs)
+
+
+def _capture(model: nn.Module, kwargs: dict) -> tuple[capture.Graph, list[str]]:
+    """The graph of the first way that works, and why the ways before it failed."""
     errors = []
     for how in (capture.by_export, capture.by_fx, capture.by_hooks):
         try:
-            return how(model, kwargs)
+            return _traced(how, model, kwargs), errors
         except Exception as e:  # each way fails on some models; the next one is tried
-            errors.append(f"{how.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            errors.append(f"{how.__name__}: {one_line(e, 120)}")
     raise SurgeryError("could not capture the model (" + "; ".join(errors) + "); pass example_inputs that run it")
 
 
-def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> SiteMap:
-    """Find the sites of a model. example_inputs: kwargs for forward (a dict) or positional args (a tuple)."""
+def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict: bool = False) -> SiteMap:
+    """Find the sites of a model. example_inputs: kwargs for forward (a dict) or positional args (a tuple).
+
+    When neither torch.export nor torch.fx captures the model, roles come from module names (found_by
+    "hooks+name"): that is announced with a RolesByNameWarning, or refused with a SurgeryError if strict."""
     t0 = time.perf_counter()
     if example_inputs is None:
         kwargs = globals()["example_inputs"](model)
@@ -98,14 +132,14 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> Site
     model.eval()
     lists = _repeated_lists(model)
     saved = [(ml, ml._modules) for _, ml, _, _ in lists]
-    graph = None
+    graph, errors = None, []
     try:
         # analyse one block of each kind: keep only representatives in each repeated list
         for _, ml, reps, _ in lists:
             ml._modules = OrderedDict((str(k), ml._modules[str(r)]) for k, r in enumerate(reps))
         if lists:
             try:
-                graph = capture.by_export(model, kwargs)
+                graph = _traced(capture.by_export, model, kwargs)
             except Exception:
                 graph = None
     finally:
@@ -113,9 +147,10 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> Site
             ml._modules = mods
     if graph is None:
         lists = []
-        graph = _capture(model, kwargs)
+        graph, errors = _capture(model, kwargs)
     sites, entry = analyse(graph, model)
     model.train(was_training)
+    _named(model, sites, errors, strict)
     # map the representatives' sites to every block of their kind
     for path, _, reps, members in lists:
         out = []
@@ -139,6 +174,20 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None) -> Site
                    encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
                        s.role.startswith("xattn") for s in sites),
                    seconds=time.perf_counter() - t0)
+
+
+def _named(model: nn.Module, sites: list[Site], errors: list[str], strict: bool) -> None:
+    """Announce (or, if strict, refuse) roles that came from module names rather than data flow."""
+    named = [s for s in sites if s.found_by.endswith("+name")]
+    if not named:
+        return
+    what = lambda verb: (f"roles of {type(model).__name__}'s {len(named)} sites {verb} guessed from module names: "
+                         f"torch.export and torch.fx could not capture it ({'; '.join(errors)})")
+    fix = "make its forward traceable by torch.export or pass example_inputs that run it"
+    if strict:
+        raise SurgeryError(f"{what('can only be')}; {fix} (strict refuses the guess)")
+    warnings.warn(f"{what('were')}; check them, {fix}, or use strict=True (--strict) to refuse",
+                  RolesByNameWarning, stacklevel=3)
 
 
 def _entry(model: nn.Module, stack: tuple) -> str | None:

@@ -41,6 +41,7 @@ class Site:
     inputs: dict = field(default_factory=dict)      # attention: {"q": path, "k": path, "v": path, "o": path}
     producer: str | None = None                     # what feeds the site in the captured graph
     consumer: str | None = None                     # what the site feeds
+    runner: str | None = None                       # param-linear: the module whose forward uses the weight
 
     def short(self) -> str:
         if self.kind == "attention":
@@ -87,7 +88,10 @@ class SiteMap:
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
-        return {"sites": len(self.sites), "roles": {r: sum(s.role == r for s in self.sites) for r in self.roles()}}
+        """Counts: sites, sites per role, sites per way found (found_by; "+name" means guessed from names)."""
+        count = lambda values: {v: values.count(v) for v in sorted(set(values))}
+        return {"sites": len(self.sites), "roles": count([s.role for s in self.sites]),
+                "found_by": count([s.found_by for s in self.sites])}
 
     def to_json(self) -> dict:
         return {"method": self.method, "entry": self.entry, "encoder_decoder": self.encoder_decoder,

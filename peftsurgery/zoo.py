@@ -12,6 +12,7 @@ import sys
 import torch
 from torch import nn
 
+from .checks import one_line
 from .errors import SurgeryError
 
 # name -> (config class, model class, config values); small enough to build in well under a second
@@ -150,9 +151,12 @@ def _factory(spec: str) -> nn.Module:
         sys.path.insert(0, os.getcwd())  # let `my_models:build` find my_models.py next to the user
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise SurgeryError(f"cannot import {spec!r} ({e}); {FORMS}") from None
-    model = fn()
+    except Exception as e:  # the module's own code may raise anything
+        raise SurgeryError(f"cannot import {spec!r} ({one_line(e)}); {FORMS}") from None
+    try:
+        model = fn()
+    except Exception as e:
+        raise SurgeryError(f"the factory {spec} raised {one_line(e)}; fix it so that it returns the model") from None
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.checks import integer, selector
 from peftsurgery.rewrite import Series
 from peftsurgery.rewrite.series import ACTIVATIONS
 
@@ -15,10 +16,10 @@ class AdapterConfig:
     targets: str = "attn.o,mlp.down"
 
     def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise SurgeryError(f"adapter: bottleneck must be a positive integer, got {self.bottleneck!r}")
+        integer("adapter", "bottleneck", self.bottleneck)
         if self.activation not in ACTIVATIONS:
-            raise SurgeryError(f"adapter: activation must be one of {', '.join(ACTIVATIONS)}")
+            raise SurgeryError(f"adapter: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        selector("adapter", "targets", self.targets)
 
 
 @hookimpl

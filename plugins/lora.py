@@ -1,7 +1,8 @@
 """LoRA: a trainable low-rank update B·A beside frozen linears (Hu et al., 2021)."""
 from dataclasses import dataclass
 
-from peftsurgery import SurgeryError, hookimpl
+from peftsurgery import hookimpl
+from peftsurgery.checks import flag, fraction, integer, positive, selector
 from peftsurgery.rewrite import LowRank
 
 __version__ = "1.0"
@@ -16,12 +17,11 @@ class LoraConfig:
     rslora: bool = False          # scale alpha/sqrt(r) instead of alpha/r
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise SurgeryError(f"lora: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise SurgeryError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.targets, str) or not self.targets.strip():
-            raise SurgeryError("lora: targets must be a selector such as attn.q,attn.v")
+        integer("lora", "r", self.r)
+        positive("lora", "alpha", self.alpha)
+        fraction("lora", "dropout", self.dropout)
+        selector("lora", "targets", self.targets)
+        flag("lora", "rslora", self.rslora)
 
 
 @hookimpl

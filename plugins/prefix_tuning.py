@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.checks import integer, selector
 from peftsurgery.rewrite import Prefix, record_kv, text_ids
 
 __version__ = "1.0"
@@ -21,10 +22,10 @@ class PrefixTuningConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise SurgeryError(f"prefix-tuning: num_tokens must be a positive integer, got {self.num_tokens!r}")
-        if not isinstance(self.projection, int) or self.projection < 0:
-            raise SurgeryError(f"prefix-tuning: projection must be 0 or a positive integer, got {self.projection!r}")
+        integer("prefix-tuning", "num_tokens", self.num_tokens)
+        integer("prefix-tuning", "projection", self.projection, least=0)
+        integer("prefix-tuning", "seed", self.seed, least=None)
+        selector("prefix-tuning", "targets", self.targets)
         if self.init not in INITS:
             raise SurgeryError(f"prefix-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "text":

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.checks import integer
 from peftsurgery.rewrite import Prompt, text_ids
 
 __version__ = "1.0"
@@ -18,8 +19,8 @@ class PromptTuningConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise SurgeryError(f"prompt-tuning: num_tokens must be a positive integer, got {self.num_tokens!r}")
+        integer("prompt-tuning", "num_tokens", self.num_tokens)
+        integer("prompt-tuning", "seed", self.seed, least=None)
         if self.init not in INITS:
             raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "text":

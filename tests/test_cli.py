@@ -215,7 +215,7 @@ def test_merge_plain_module_from_factory(capsys, tmp_path, monkeypatch):
     (tmp_path / "cli_factory_mod.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     model, _ = load_model("cli_factory_mod:build")
-    _trained_adapter(model, tmp_path / "ad", targets="all")
+    _trained_adapter(model, tmp_path / "ad", targets="all", r=4)
     x = torch.randn(3, 8)
     with torch.no_grad():
         want = model(x)
@@ -245,6 +245,11 @@ def test_save_model_replaces_directory_atomically(tmp_path):
     (["apply", "tiny-llama", "--plugin", "lora", "--set", "rank=4", "-o", "{tmp}/x"], "no option 'rank'"),
     (["apply", "tiny-llama", "--plugin", "lora", "--set", "r", "-o", "{tmp}/x"], "KEY=VALUE"),
     (["apply", "tiny-llama", "--plugin", "lora", "--set", "r=0", "-o", "{tmp}/x"], "positive integer"),
+    (["apply", "tiny-llama", "--plugin", "lora", "--set", "r=true", "-o", "{tmp}/x"], "r='true'"),
+    (["apply", "tiny-llama", "--plugin", "lora", "--set", "alpha=nan", "-o", "{tmp}/x"], "alpha must be"),
+    (["apply", "tiny-llama", "--plugin", "lora", "--set", "alpha=inf", "-o", "{tmp}/x"], "got inf"),
+    (["apply", "tiny-llama", "--plugin", "lora", "--set", "alpha=0", "-o", "{tmp}/x"], "above 0"),
+    (["apply", "tiny-llama", "--plugin", "lora", "--set", "dropout=nan", "-o", "{tmp}/x"], "dropout must be"),
     (["apply", "tiny-llama", "--plugin", "lora", "--targets", "xattn.q", "-o", "{tmp}/x"], "matches no"),
     (["merge", "tiny-llama", "{tmp}/missing", "-o", "{tmp}/m"], "not a directory"),
     (["locate", "not-a-model"], "unknown model"),
@@ -287,6 +292,144 @@ def test_adapter_for_another_architecture(capsys, tmp_path, adapter_dir):
     code, _, err = run(capsys, "merge", "tiny-bert", adapter_dir, "-o", tmp_path / "m")
     assert_one_line_error(code, err)
     assert "different architecture" in err
+
+
+SPY = """
+import os
+from torch import nn
+
+
+def build():
+    open(os.environ["SPY_MARK"], "w").close()  # the model was loaded
+    return nn.Linear(4, 4)
+"""
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["apply", "spy_mod:build", "--plugin", "lora", "--set", "alpha=nan", "-o", "{tmp}/x"], "alpha"),
+    (["apply", "spy_mod:build", "--plugin", "lora", "--set", "rank=4", "-o", "{tmp}/x"], "no option 'rank'"),
+    (["inspect", "spy_mod:build", "--plugin", "lora", "--set", "lora.r=0"], "r must be"),
+    (["inspect", "spy_mod:build", "--plugin", "adapter", "--plugin", "lora", "--set", "bottleneck=x"], "bottleneck"),
+    (["train", "spy_mod:build", "--plugin", "prompt-tuning", "--set", "num_tokens=0", "--data", "{tmp}/d.jsonl",
+      "-o", "{tmp}/x"], "num_tokens"),
+    (["train", "spy_mod:build", "--plugin", "prompt-tuning", "--set", "init=txt", "--set-ids", "text=hi",
+      "--data", "{tmp}/d.jsonl", "-o", "{tmp}/x"], "init"),
+], ids=["apply-value", "apply-name", "inspect", "inspect-second", "train", "train-set-ids"])
+def test_bad_option_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, argv, words):
+    (tmp_path / "spy_mod.py").write_text(SPY)
+    (tmp_path / "d.jsonl").write_text('{"text": "good", "label": "1"}\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SPY_MARK", str(tmp_path / "loaded"))
+    code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert_one_line_error(code, err)
+    assert words in err
+    assert not (tmp_path / "loaded").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_set_ids_still_reach_the_config(capsys, tmp_path, monkeypatch):
+    """--set-ids keys are checked with a placeholder before loading; an unknown one is still refused."""
+    (tmp_path / "d.jsonl").write_text('{"text": "good", "label": "1"}\n')
+    code, _, err = run(capsys, "train", "tiny-llama", "--plugin", "prompt-tuning", "--set-ids", "txt=hi",
+                       "--data", tmp_path / "d.jsonl", "-o", tmp_path / "x")
+    assert_one_line_error(code, err)
+    assert "no option 'txt'" in err
+
+
+FACTORIES = """
+from torch import nn
+
+
+def raises():
+    raise RuntimeError("weights.bin is missing\\nsee the docs")
+
+
+def not_a_module():
+    return 42
+
+
+def takes_an_argument(size):
+    return nn.Linear(size, size)
+"""
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("cli_factories:raises", ["cli_factories:raises raised RuntimeError: weights.bin is missing see the docs"]),
+    ("cli_factories:not_a_module", ["cli_factories:not_a_module returned int, not a torch.nn.Module"]),
+    ("cli_factories:takes_an_argument", ["cli_factories:takes_an_argument raised TypeError", "size"]),
+    ("cli_import_fails:build", ["cannot import 'cli_import_fails:build'", "ZeroDivisionError"]),
+])
+def test_factory_errors_are_one_line(capsys, tmp_path, monkeypatch, spec, words):
+    (tmp_path / "cli_factories.py").write_text(FACTORIES)
+    (tmp_path / "cli_import_fails.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(capsys, "locate", spec)
+    assert_one_line_error(code, err)
+    assert all(w in err for w in words), err
+
+
+MISLEADING = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Misleading(nn.Module):
+    \"\"\"Branches on a tensor's value, which neither torch.export nor torch.fx captures; its attention output is
+    called `setup` (the name says mlp.up) and its head `classify` (the name says nothing).\"\"\"
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(32, d)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.setup, self.classify = nn.Linear(d, d), nn.Linear(d, 32)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        if float(h.sum()) > 1e9:
+            h = h * 2
+        q, k, v = (p(h)[:, None] for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.classify(h + self.setup(F.scaled_dot_product_attention(q, k, v)[:, 0]))
+
+
+def build():
+    torch.manual_seed(0)
+    return Misleading()
+"""
+
+
+@pytest.fixture
+def misleading(tmp_path, monkeypatch):
+    (tmp_path / "cli_misleading.py").write_text(MISLEADING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "cli_misleading:build"
+
+
+def test_roles_from_names_warn_in_one_line(capsys, misleading, tmp_path):
+    code, out, err = run(capsys, "locate", misleading)
+    assert code == 0
+    assert "setup     linear     mlp.up" in out and "hooks+name" in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftsurgery: warning: roles of Misleading's 6 sites were "
+                                                   "guessed from module names"), err
+    assert "torch.export" in err and "--strict" in err
+    code, out, err = run(capsys, "apply", misleading, "--plugin", "lora", "-o", tmp_path / "ad")
+    assert code == 0 and err.startswith("peftsurgery: warning: ") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv", [["locate"], ["inspect"], ["apply", "--plugin", "lora", "-o", "{tmp}/x"]],
+                         ids=["locate", "inspect", "apply"])
+def test_strict_refuses_roles_from_names(capsys, misleading, tmp_path, argv):
+    cmd, *rest = argv
+    code, out, err = run(capsys, cmd, misleading, "--strict", *[a.replace("{tmp}", str(tmp_path)) for a in rest])
+    assert_one_line_error(code, err)
+    assert "can only be guessed from module names" in err and out == ""
+    assert not (tmp_path / "x").exists()
+
+
+def test_strict_accepts_data_flow(capsys):
+    code, out, err = run(capsys, "locate", "tiny-gpt2", "--strict")
+    assert code == 0 and "export+dataflow" in out and err == ""
 
 
 def test_help_exits_zero(capsys):

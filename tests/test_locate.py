@@ -1,6 +1,8 @@
 """locate(): sites and roles found by data flow on HF models and on custom modules with arbitrary names."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 import peftsurgery as ps
 from peftsurgery import SurgeryError
+from peftsurgery.locate import RolesByNameWarning
 
 V, D = 128, 32
 
@@ -419,8 +422,61 @@ class _Untraceable(nn.Module):
 
 
 def test_hooks_fallback_finds_sites_by_name_and_says_so():
-    sm = ps.locate(_Untraceable().eval())
+    with pytest.warns(RolesByNameWarning) as caught:
+        sm = ps.locate(_Untraceable().eval())
     assert sm.method == "hooks"
     assert {s.path: s.role for s in sm} == {"emb": "embed", "q_proj": "attn.q", "k_proj": "attn.k",
                                             "v_proj": "attn.v", "out_proj": "attn.o", "head": "head"}
     assert all(s.found_by == "hooks+name" for s in sm)
+    assert sm.summary()["found_by"] == {"hooks+name": 6}
+    [w] = caught
+    msg = str(w.message)
+    assert "\n" not in msg and w.filename == __file__  # points at the caller of locate
+    assert "roles of _Untraceable's 6 sites were guessed from module names" in msg
+    assert "by_export: GuardOnDataDependentSymNode" in msg and "by_fx: TypeError" in msg
+    assert "example_inputs" in msg and "strict=True" in msg
+
+
+def test_hooks_fallback_is_quiet_apart_from_the_warning(capsys):
+    with pytest.warns(RolesByNameWarning):
+        ps.locate(_Untraceable().eval())
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # no partial graphs or log lines from the failed traces
+
+
+def test_strict_refuses_roles_from_names():
+    m = _Untraceable().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SurgeryError) as e:
+            ps.locate(m, strict=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "can only be guessed from module names" in msg and "GuardOnDataDependent" in msg
+
+
+class _RefusesTracing(nn.Module):
+    """Runs on real tensors only, and says so with braces in its message."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if type(x) is not torch.Tensor:
+            raise RuntimeError("no {tracing} of {x}")
+        return self.up(x)
+
+
+def test_capture_errors_with_braces_are_quoted_as_they_are():
+    with pytest.warns(RolesByNameWarning, match=r"RuntimeError: no \{tracing\} of \{x\}"):
+        ps.locate(_RefusesTracing(), {"x": torch.zeros(2, 4)})
+    with pytest.raises(SurgeryError, match=r"by_fx: RuntimeError: no \{tracing\}"):
+        ps.locate(_RefusesTracing(), {"x": torch.zeros(2, 4)}, strict=True)
+
+
+def test_data_flow_gives_no_warning_and_strict_passes(llama_map):
+    m, sm = llama_map
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RolesByNameWarning)
+        assert ps.locate(m, strict=True).fingerprint() == sm.fingerprint()
+    assert sm.summary()["found_by"] == {"export+dataflow": len(sm)}
