@@ -34,7 +34,7 @@ def _peft_lora(model, r=16, alpha=32, name="default"):
 
 def _branches(model, name="default") -> dict[str, LowRankBranch]:
     att = peftsurgery.adapters(model)[name]
-    return next(b for b in att.built if b and isinstance(next(iter(b.values())), LowRankBranch))
+    return next(r.built for r in att.records if r.built and isinstance(next(iter(r.built.values())), LowRankBranch))
 
 
 def copy_lora(peft_model, ours, name="default", random_b: float = 0.0, seed: int = 0):

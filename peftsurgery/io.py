@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 from safetensors import SafetensorError
@@ -17,29 +18,26 @@ from torch import nn
 from . import __version__
 from .errors import SurgeryError
 from .registry import Method
-from .surgery import _get, _key, adapters, attach, sitemap
+from .surgery import Attached, _check_name, _count, _get, attach, prepare, sitemap
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
-FORMAT = 1
+FORMAT = 2   # 2: per-rule settings under "rules"; 1 (no settings) still loads
 
 
 def save(model: nn.Module, directory: str, name: str = "default") -> str:
     """Write one attached adapter to `directory` (created or replaced atomically)."""
     att = _get(model, name)
-    tensors, overrides = {}, {}
-    for i, (r, b) in enumerate(zip(att.rules, att.built)):
-        state, over = r.export(b)
-        overrides.update(over)
-        for key, params in state.items():
-            for pname, t in params.items():
-                tensors[f"{i}.{_key(key)}.{pname}"] = t.detach().to("cpu").contiguous()
-    cfg = {**dataclasses.asdict(att.config), **overrides}
-    meta = {"format": FORMAT, "method": att.method.name, "method_version": att.method.version,
-            "peftsurgery_version": __version__, "config": cfg,
+    tensors, settings = {}, []
+    for i, rec in enumerate(att.records):
+        state, rule_settings = rec.state()
+        settings.append(rule_settings)
+        tensors.update({f"{i}.{k}": t.detach().to("cpu").contiguous() for k, t in state.items()})
+    meta = {"format": FORMAT, "method": att.method, "method_version": att.method_version,
+            "peftsurgery_version": __version__, "config": dataclasses.asdict(att.config), "rules": settings,
             "base": {"fingerprint": sitemap(model).fingerprint(), "class": type(model).__name__},
             "trainable_parameters": att.budget}
     with atomic_dir(directory) as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"method": att.method.name})
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"method": att.method})
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(meta, f, indent=2, default=str)
             f.flush()
@@ -55,6 +53,9 @@ def atomic_dir(directory: str):
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder it becomes follows the umask like any other
     try:
         yield tmp
         _swap_in(tmp, directory)
@@ -102,54 +103,60 @@ def read(directory: str) -> tuple[dict, dict]:
     return meta, tensors
 
 
-def load(model: nn.Module, directory: str, name: str | None = None, trainable: bool = False) -> nn.Module:
-    """Attach a saved adapter to `model` (under its saved name or `name`). Fails, leaving the model untouched,
-    when the adapter was made for another architecture or its files are damaged."""
+def load(model: nn.Module, directory: str, name: str | None = None, trainable: bool = False,
+         example_inputs=None) -> nn.Module:
+    """Attach a saved adapter to `model` (under `name`, default "default"). Everything is checked before the
+    model changes (format, method and its version, architecture, every tensor's name, shape and dtype): a
+    failure leaves the model as it was. example_inputs: as for apply, for models whose inputs cannot be guessed."""
     meta, tensors = read(directory)
     name = name or "default"
-    if name in adapters(model):
-        raise SurgeryError(f"an adapter named {name!r} is already attached; pass another name")
+    _check_name(model, name)
+    if not isinstance(meta.get("format"), int) or meta["format"] > FORMAT:
+        raise SurgeryError(f"{directory} has adapter format {meta.get('format')!r}, newer than this peftsurgery "
+                           f"reads ({FORMAT}); upgrade peftsurgery")
     method = Method(meta["method"])
-    sm = sitemap(model)
+    _check_version(directory, meta, method)
+    sm = sitemap(model, example_inputs)
     want, have = meta["base"]["fingerprint"], sm.fingerprint()
     if want != have:
         raise SurgeryError(f"{directory} was made for a different architecture ({meta['base'].get('class')}, "
                            f"fingerprint {want}; this model is {type(model).__name__}, {have}); "
                            "load it onto the model it was trained for")
-    cfg = method.config(_no_init(meta["config"], method))
-    attach(model, method, cfg, name)
-    att = adapters(model)[name]
-    try:
-        expected = {}  # the tensors save() writes, as views of the new adapter's parameters
-        for i, (r, b) in enumerate(zip(att.rules, att.built)):
-            for key, params in r.export(b)[0].items():
-                for pname, t in params.items():
-                    expected[f"{i}.{_key(key)}.{pname}"] = t
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise SurgeryError(f"{directory} does not match method {method.name} on this model "
-                               f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+    fields = {f.name for f in dataclasses.fields(method.config_class)}
+    cfg = method.config({k: v for k, v in meta["config"].items() if k in fields})
+    rules = method.rules(cfg, sm)
+    settings = meta.get("rules") or [{}] * len(rules)
+    if len(settings) != len(rules):
+        raise SurgeryError(f"{directory} holds {len(settings)} rules but method {method.name} now makes "
+                           f"{len(rules)}; save the adapter again with this version")
+    records = prepare(model, [r.loading(st) for r, st in zip(rules, settings)], sm)
+    expected = {f"{i}.{k}": t for i, rec in enumerate(records) for k, t in rec.state()[0].items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise SurgeryError(f"{directory} does not match method {method.name} on this model "
+                           f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
+    for k, t in expected.items():
+        if tuple(t.shape) != tuple(tensors[k].shape) or t.dtype.is_floating_point != tensors[k].dtype.is_floating_point:
+            raise SurgeryError(f"{directory}: {k} has shape {tuple(tensors[k].shape)} ({tensors[k].dtype}), "
+                               f"expected {tuple(t.shape)} ({t.dtype}); the file does not fit this config")
+    with torch.no_grad():
         for k, t in expected.items():
-            if tuple(t.shape) != tuple(tensors[k].shape):
-                raise SurgeryError(f"{directory}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
-        with torch.no_grad():
-            for k, t in expected.items():
-                t.copy_(tensors[k])
-    except Exception:
-        from .surgery import remove
-        remove(model, name)
-        raise
+            t.copy_(tensors[k])
+    att = Attached(name, method.name, method.version, cfg, records, budget=_count(records))
+    attach(model, att, sm)
     if not trainable:
-        for b in att.built:
-            for m in b.values():
+        for rec in records:
+            for m in rec.built.values():
                 m.requires_grad_(False)
     return model
 
 
-def _no_init(config: dict, method: Method) -> dict:
-    """Loading overwrites every value, so skip costly or data-dependent initialisation where the config has it."""
-    fields = {f.name for f in dataclasses.fields(method.config_class)}
-    out = {k: v for k, v in config.items() if k in fields}
-    if "init" in fields:
-        out["init"] = "random"
-    return out
+def _check_version(directory: str, meta: dict, method: Method) -> None:
+    """A different major version of the method refuses; a different minor one warns."""
+    saved, now = str(meta.get("method_version", "0")), method.version
+    if saved == now:
+        return
+    if saved.split(".")[0] != now.split(".")[0]:
+        raise SurgeryError(f"{directory} was saved by {method.name} {saved}, this is {now} (another major "
+                           f"version); load it with {method.name} {saved} or train it again")
+    warnings.warn(f"{directory} was saved by {method.name} {saved}; loading it with {now}", stacklevel=2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from .errors import SurgeryError
 from .locate import locate
 from .registry import Method
-from .rewrite import Rule, Switch, Undo
+from .rewrite import Change, Rule, Switch
 from .sites import CONTAINER, Site, SiteMap
 
 
@@ -23,25 +22,47 @@ class Container(nn.ModuleDict):
         return args[0] if len(args) == 1 else args
 
 
+class Record:
+    """One applied rule: the sites it acts on, the modules it built (keyed by site path), the changes it made on
+    the model (each undone by module path) and whether it is merged into the base weights."""
+
+    def __init__(self, rule: Rule, sites: list[Site], built: dict[str, nn.Module]):
+        self.rule, self.sites, self.built = rule, sites, built
+        self.changes: list[Change] = []
+        self.merged = False
+
+    def attach(self, model: nn.Module, switch: Switch, sm: SiteMap) -> None:
+        for change in self.rule.attach(model, self.sites, self.built, switch, sm):
+            self.changes.append(change)  # kept as soon as made, so a failure half-way is undone too
+
+    def detach(self, model: nn.Module) -> None:
+        while self.changes:
+            self.changes.pop().undo(model)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors keyed "site/path.param", rule-level settings): exactly what reloading needs."""
+        tensors, settings = self.rule.state(self.built)
+        return {f"{_key(k)}.{n}": t for k, params in tensors.items() for n, t in params.items()}, settings
+
+
 @dataclass
 class Attached:
-    """What one named adapter put on a model."""
+    """What one named adapter put on a model: one Record per rule. The method is kept by name (with the
+    version that built it), so everything attached pickles and deep-copies with the model."""
     name: str
-    method: Method
+    method: str
+    method_version: str
     config: object
-    rules: list[Rule]
-    sites: list[list[Site]]
-    built: list[dict[str, nn.Module]]
-    switch: Switch
-    undo: list[Undo] = field(default_factory=list)
+    records: list[Record]
+    switch: Switch = field(default_factory=Switch)
     budget: int = 0
 
 
-def sitemap(model: nn.Module, example_inputs=None) -> SiteMap:
-    """The model's SiteMap, located once and kept on the model."""
+def sitemap(model: nn.Module, example_inputs=None, strict: bool = False) -> SiteMap:
+    """The model's SiteMap, located once and kept on the model. strict=True refuses roles found by names."""
     sm = model.__dict__.get("_peftsurgery_sitemap")
-    if sm is None or example_inputs is not None:
-        sm = locate(model, example_inputs)
+    if sm is None or example_inputs is not None or strict:
+        sm = locate(model, example_inputs, strict=strict)
         object.__setattr__(model, "_peftsurgery_sitemap", sm)
     return sm
 
@@ -58,40 +79,60 @@ def _key(path: str) -> str:
     return path.replace(".", "/") or "/"
 
 
-def apply(model: nn.Module, plugin: str, name: str = "default", example_inputs=None, **config) -> nn.Module:
-    """Rewrite `model` in place with method `plugin` and return it. Only the new adapter's parameters (and those
-    of adapters attached before) stay trainable. Raises SurgeryError, leaving the model untouched, on any
-    invalid config, a selector matching nothing, or a budget mismatch."""
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"apply needs a torch.nn.Module, got {type(model).__name__}")
-    if not name or "." in name:
-        raise SurgeryError(f"adapter name {name!r} must be non-empty and have no '.'")
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise SurgeryError(f"adapter name {name!r} must be a non-empty string without '.'")
     if name in adapters(model):
         raise SurgeryError(f"an adapter named {name!r} is already attached; pick another name or remove it")
+
+
+def apply(model: nn.Module, plugin: str, name: str = "default", example_inputs=None, strict: bool = False,
+          **config) -> nn.Module:
+    """Rewrite `model` in place with method `plugin` and return it. Only the new adapter's parameters (and those
+    of adapters attached before) stay trainable. Raises SurgeryError, leaving the model untouched, on any
+    invalid config, a selector matching nothing, a site a rule cannot act on, or a budget mismatch.
+    strict=True refuses a model whose roles could only be guessed from module names."""
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"apply needs a torch.nn.Module, got {type(model).__name__}")
+    _check_name(model, name)
     method = Method(plugin)
     cfg = method.config(config)
-    return attach(model, method, cfg, name, example_inputs)
-
-
-def attach(model, method: Method, cfg, name: str, example_inputs=None, check_budget: bool = True):
-    sm = sitemap(model, example_inputs)
-    rules = sorted(method.rules(cfg, sm), key=lambda r: r.phase)
-    chosen = [r.select(sm) for r in rules]            # raises before anything is built
-    budget = method.budget(cfg, sm)
-    built = [r.build(model, s, sm) for r, s in zip(rules, chosen)]
-    box = nn.ModuleList([nn.ModuleDict({_key(k): m for k, m in b.items()}) for b in built])
-    made = sum(p.numel() for p in {id(p): p for p in box.parameters()}.values())
-    if check_budget and made != budget:
-        raise SurgeryError(f"method {method.name} declared {budget} trainable parameters but built {made}; "
+    sm = sitemap(model, example_inputs, strict)
+    rules = method.rules(cfg, sm)
+    records = prepare(model, rules, sm)
+    declared = method.budget(cfg, sm)
+    made = _count(records)
+    if made != declared:
+        raise SurgeryError(f"method {method.name} declared {declared} trainable parameters but built {made}; "
                            "its peftsurgery_budget hook is wrong")
-    switch = Switch()
-    att = Attached(name, method, cfg, rules, chosen, built, switch, budget=made)
+    if made == 0:
+        raise SurgeryError(f"method {method.name} builds no trainable parameters on this model with this config; "
+                           "choose other targets or options")
+    return attach(model, Attached(name, method.name, method.version, cfg, records, budget=made), sm)
+
+
+def prepare(model: nn.Module, rules: list[Rule], sm: SiteMap) -> list[Record]:
+    """Select every rule's sites, check every precondition, then build: nothing on the model changes."""
+    rules = sorted(rules, key=lambda r: r.phase)
+    chosen = [r.select(sm) for r in rules]
+    for r, sites in zip(rules, chosen):
+        r.check(model, sites)
+    return [Record(r, sites, r.build(model, sites, sm)) for r, sites in zip(rules, chosen)]
+
+
+def _count(records: list[Record]) -> int:
+    params = {id(p): p for r in records for m in r.built.values() for p in m.parameters()}
+    return sum(p.numel() for p in params.values())
+
+
+def attach(model: nn.Module, att: Attached, sm: SiteMap) -> nn.Module:
+    """Make every record's changes; if one fails, undo all of them and re-raise (the model is as before)."""
     try:
-        for r, s, b in zip(rules, chosen, built):
-            att.undo += r.attach(model, s, b, switch, sm)
-    except Exception:
-        for u in reversed(att.undo):
-            u.remove()
+        for rec in att.records:
+            rec.attach(model, att.switch, sm)
+    except BaseException:
+        for rec in reversed(att.records):
+            rec.detach(model)
         raise
     if not adapters(model):  # remember the base's trainability, given back when the last adapter goes
         object.__setattr__(model, "_peftsurgery_requires_grad",
@@ -101,22 +142,24 @@ def attach(model, method: Method, cfg, name: str, example_inputs=None, check_bud
             p.requires_grad_(False)
     if CONTAINER not in model._modules:
         model.add_module(CONTAINER, Container())
-    model._modules[CONTAINER][name] = box
+    box = nn.ModuleList([nn.ModuleDict({_key(k): m for k, m in r.built.items()}) for r in att.records])
+    model._modules[CONTAINER][att.name] = box
     box.requires_grad_(True)
     box.train(model.training)  # new modules start in training mode; follow the model (dropout off in eval)
-    adapters(model)[name] = att
+    adapters(model)[att.name] = att
     return model
 
 
 def remove(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Detach adapters (all, or one by name) and restore the base model as it was (unless merged)."""
+    """Detach adapters (all, or one by name) and restore the base model as it was (a merged adapter's update
+    stays in the weights)."""
     reg = adapters(model)
-    for n in ([name] if name else list(reg)):
-        att = _get(model, n)
-        for u in reversed(att.undo):
-            u.remove()
-        del model._modules[CONTAINER][n]
-        del reg[n]
+    atts = [_get(model, name)] if name else list(reg.values())
+    for att in reversed(atts):
+        for rec in reversed(att.records):
+            rec.detach(model)
+        del model._modules[CONTAINER][att.name]
+        del reg[att.name]
     if CONTAINER in model._modules and not len(model._modules[CONTAINER]):
         del model._modules[CONTAINER]
     if not reg:
@@ -135,8 +178,7 @@ def _get(model, name: str) -> Attached:
 
 
 def _merged(a: Attached) -> bool:
-    """Whether any of the adapter's modules is folded into the base weights."""
-    return any(r.mergeable and any(getattr(m, "merged", False) for m in b.values()) for r, b in zip(a.rules, a.built))
+    return any(r.merged for r in a.records)
 
 
 @contextlib.contextmanager
@@ -183,7 +225,7 @@ def route(model: nn.Module, names):
         if n is not None and n != BASE:
             _get(model, n)
     # every adapter that can be routed gets a slot (stable across batches, so stacked factors are reused)
-    routable = lambda a: all(type(r).route is not Rule.route for r in a.rules)
+    routable = lambda a: all(type(r.rule).route is not Rule.route for r in a.records)
     wanted = [a for a in reg.values() if a.name in names or routable(a)]
     slots = {a.name: i for i, a in enumerate(wanted)}
     for a in reg.values():
@@ -198,8 +240,8 @@ def route(model: nn.Module, names):
     cache["slots"] = len(slots)
     groups: dict[type, tuple[Rule, list]] = {}
     for a in wanted:
-        for r, s, b in zip(a.rules, a.sites, a.built):
-            groups.setdefault(type(r), (r, []))[1].append((slots[a.name], s, b))
+        for rec in a.records:
+            groups.setdefault(type(rec.rule), (rec.rule, []))[1].append((slots[a.name], rec.sites, rec.built))
     before = {a.name: a.switch.on for a in reg.values()}
     undo = []
     try:
@@ -210,33 +252,44 @@ def route(model: nn.Module, names):
         yield model
     finally:
         for u in reversed(undo):
-            u.remove()
+            u.undo(model)
         for a in reg.values():
             a.switch.on = before[a.name]
 
 
 def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn.Module:
     """Fold an adapter (by name, else every active one) into the base weights, so the model computes what it
-    computed before; with unload=True also detach them, leaving a plain model."""
+    computed before; with unload=True also detach them, leaving a plain model. Every site of every adapter is
+    checked first: a refusal leaves the model as it was."""
     targets = [_get(model, name)] if name else [a for a in adapters(model).values() if a.switch.on]
+    todo = []
     for a in targets:
-        bad = [type(r).__name__ for r in a.rules if not r.mergeable and r.phase != 0]
-        if bad:
-            raise SurgeryError(f"adapter {a.name!r} ({a.method.name}) uses {bad[0]}, which cannot be merged")
-    for a in targets:
-        for r, s, b in zip(a.rules, a.sites, a.built):
-            if r.mergeable:
-                r.merge(model, s, b, +1.0)
-        if unload:
+        for rec in a.records:
+            if rec.rule.phase == 0 or rec.merged:  # phase-0 rules (quantization) change the base itself
+                continue
+            try:
+                rec.rule.check_merge(model, rec.sites, rec.built)
+            except SurgeryError as e:
+                raise SurgeryError(f"adapter {a.name!r} ({a.method}) cannot be merged: {e}") from None
+            todo.append(rec)
+    for rec in todo:
+        rec.rule.merge(model, rec.sites, rec.built, +1.0)
+        rec.merged = True
+    if unload:
+        for a in targets:
             remove(model, a.name)
     return model
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
-    for a in ([_get(model, name)] if name else list(adapters(model).values())):
-        for r, s, b in zip(a.rules, a.sites, a.built):
-            if r.mergeable:
-                r.merge(model, s, b, -1.0)
+    """Take merged adapters (by name, else all) back out of the base weights; checked first, like merge."""
+    targets = [_get(model, name)] if name else list(adapters(model).values())
+    todo = [rec for a in targets for rec in a.records if rec.merged]
+    for rec in todo:
+        rec.rule.check_merge(model, rec.sites, rec.built)
+    for rec in todo:
+        rec.rule.merge(model, rec.sites, rec.built, -1.0)
+        rec.merged = False
     return model
 
 
@@ -251,15 +304,11 @@ def inspect(model: nn.Module) -> list[dict]:
     """One row per rewritten site: which adapter did what there."""
     rows = []
     for a in adapters(model).values():
-        for r, sites, b in zip(a.rules, a.sites, a.built):
-            for s in sites:
-                m = b.get(s.path)
+        for rec in a.records:
+            for s in rec.sites:
+                m = rec.built.get(s.path)
                 n = 0 if m is None else m.numel() if hasattr(m, "numel") else sum(p.numel() for p in m.parameters())
-                rows.append({"adapter": a.name, "method": a.method.name, "site": s.path, "role": s.role,
-                             "rule": type(r).__name__, "what": r.describe(s, m), "params": n,
+                rows.append({"adapter": a.name, "method": a.method, "site": s.path, "role": s.role,
+                             "rule": type(rec.rule).__name__, "what": rec.rule.describe(s, m), "params": n,
                              "producer": s.producer, "consumer": s.consumer})
     return rows
-
-
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -268,10 +268,12 @@ def test_prefix_projection_saves_folded(tmp_path):
         ref = m(ids, attention_mask=mask).logits
     ps.save(m, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
-    assert meta["config"]["projection"] == 0
+    assert meta["config"]["projection"] == 16   # the user's config is saved as given; the rule says it folded
+    assert meta["rules"] == [{"folded": True}]
     assert meta["trainable_parameters"] == ps.budget(m)["trainable"]
     back = ps.load(llama(), str(tmp_path / "ad"))
-    assert ps.adapters(back)["default"].config.projection == 0
+    assert ps.adapters(back)["default"].config.projection == 16
+    assert ps.adapters(back)["default"].records[0].rule.projection == 0
     n_folded = 3 * 2 * (2 * 2 * 8)  # tokens x layers x (key + value) x kv_heads x head_dim
     assert ps.budget(back)["trainable"] == n_folded
     with torch.no_grad():
@@ -290,7 +292,7 @@ def test_prefix_keys_values_are_one_tensor_saved_per_site(tmp_path):
     assert names == [f"0.model/layers/{i}/self_attn.{t}" for i in (0, 1) for t in ("key", "value")]
     assert [r["params"] for r in ps.inspect(m) if r["rule"] == "Prefix"] == [2 * 2 * 3 * 8] * 2
     back = ps.load(llama(), str(tmp_path / "ad"))
-    torch.testing.assert_close(ps.adapters(back)["default"].built[0]["_kv"].kv, trainable[0], rtol=0, atol=0)
+    torch.testing.assert_close(ps.adapters(back)["default"].records[0].built["_kv"].kv, trainable[0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- BERT with token_type_ids

@@ -14,7 +14,7 @@ def _with_adapters(model, names, ranks=None, targets="all-linear"):
         r = ranks[i] if ranks else 4
         peftsurgery.apply(model, "lora", name=n, r=r, alpha=2 * r + i, targets=targets)
         with torch.no_grad():  # B starts at zero: give every adapter a distinct, non-trivial update
-            for b in peftsurgery.adapters(model)[n].built[0].values():
+            for b in peftsurgery.adapters(model)[n].records[0].built.values():
                 b.B.weight.copy_(torch.randn(b.B.weight.shape, generator=g) * 0.1)
     model.eval()
     return model
@@ -57,7 +57,7 @@ def test_route_is_exact_after_training_steps_and_restores_switches():
     model.train()
     with peftsurgery.route(model, rows):  # gradients flow through the routed branches
         model(input_ids=ids, labels=ids).loss.backward()
-    assert all(p.grad is not None for p in peftsurgery.adapters(model)["a"].built[0]["model.layers.0.mlp.up_proj"].parameters())
+    assert all(p.grad is not None for p in peftsurgery.adapters(model)["a"].records[0].built["model.layers.0.mlp.up_proj"].parameters())
     opt.step()
     model.eval()
     with torch.no_grad():

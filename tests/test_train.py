@@ -172,7 +172,7 @@ def test_prefix_init_text_records_keys_of_the_text():
     from peftsurgery.rewrite import record_kv
     fresh = tiny_model()
     k, v = record_kv(fresh, [att], {"input_ids": torch.tensor([ids[:4]])})[0]
-    built = peftsurgery.adapters(model)["default"].built[0][att.path]
+    built = peftsurgery.adapters(model)["default"].records[0].built[att.path]
     torch.testing.assert_close(built.key, k[::k.shape[0] // att.kv_heads])
     with pytest.raises(SurgeryError, match="init=text needs text"):
         Method("prefix-tuning").config({"init": "text"})

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from .base import Undo
+from .base import Change, Hooked
 
 PREFIX = "peftsurgery+"
 
@@ -58,29 +58,16 @@ def _original_fn(module, original: str):
     return fn
 
 
-_users: dict[int, int] = {}   # id(config) -> intercepted modules using it
-
-
-def _use_registry(module: nn.Module) -> Undo:
+def _register(original: str) -> str:
+    """Register the wrapper of attention implementation `original` (and its mask function) under a new name."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
-    cfg = module.config
-    original = cfg._attn_implementation or "eager"
-    if not original.startswith(PREFIX):
-        name = PREFIX + original
-        AttentionInterface.register(name, _registry_wrapper(original))
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
-        if mask_fn is not None:
-            AttentionMaskInterface.register(name, mask_fn)
-        cfg._attn_implementation = name
-    original = cfg._attn_implementation[len(PREFIX):]
-    _users[id(cfg)] = _users.get(id(cfg), 0) + 1
-
-    def restore():
-        _users[id(cfg)] -= 1
-        if _users[id(cfg)] == 0:
-            cfg._attn_implementation = original
-    return Undo(restore)
+    name = PREFIX + original
+    AttentionInterface.register(name, _registry_wrapper(original))
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(name, mask_fn)
+    return name
 
 
 class _SDPAMode(TorchFunctionMode):
@@ -99,40 +86,58 @@ class _SDPAMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _use_mode(module: nn.Module) -> Undo:
-    modes = []
+class _ModeHooks:
+    """Enter a torch-function mode rewriting F.scaled_dot_product_attention while the module runs."""
 
-    def pre(mod, args):
-        m = _SDPAMode(mod)
+    def __init__(self):
+        self.modes = []
+
+    def pre(self, module, args):
+        m = _SDPAMode(module)
         m.__enter__()
-        modes.append(m)
+        self.modes.append(m)
 
-    def post(mod, args, out):
-        modes.pop().__exit__(None, None, None)
-
-    h1 = module.register_forward_pre_hook(pre)
-    h2 = module.register_forward_hook(post)
-    return Undo(lambda: (h1.remove(), h2.remove()))
+    def post(self, module, args, out):
+        if self.modes:
+            self.modes.pop().__exit__(None, None, None)
 
 
-def intercept(module: nn.Module, editor, site_path: str, impl: str) -> Undo:
-    """Make `editor` see every attention call of `module`. impl is what locate saw ("sdpa", "eager", ...)."""
-    eds = _editors(module)
-    cfg = getattr(module, "config", None)
-    if cfg is not None and hasattr(cfg, "_attn_implementation"):
-        way = _use_registry(module)
-    elif impl == "sdpa":
-        way = _use_mode(module)
-    else:
-        raise SurgeryError(f"cannot add keys/values at {site_path}: its attention ({impl}) is neither "
-                           "F.scaled_dot_product_attention nor transformers' attention interface")
-    eds.append(editor)
+class Intercepted(Change):
+    """`editor` sees every attention call of the module at `path` (impl: what locate saw, "sdpa", "eager", ...)."""
 
-    def undo():
-        if editor in eds:
-            eds.remove(editor)
-        way.remove()
-    return Undo(undo)
+    def __init__(self, model: nn.Module, path: str, editor, impl: str):
+        module = model.get_submodule(path)
+        cfg = getattr(module, "config", None)
+        self.path, self.editor, self.original, self.hooks = path, editor, None, []
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            current = cfg._attn_implementation or "eager"
+            self.original = current[len(PREFIX):] if current.startswith(PREFIX) else current
+            if not current.startswith(PREFIX):
+                cfg._attn_implementation = _register(self.original)
+        elif impl == "sdpa":
+            mode = _ModeHooks()
+            self.hooks = [Hooked(model, path, mode.pre, pre=True), Hooked(model, path, mode.post, always_call=True)]
+        else:
+            raise SurgeryError(f"cannot add keys/values at {path}: its attention ({impl}) is neither "
+                               "F.scaled_dot_product_attention nor transformers' attention interface")
+        _editors(module).append(editor)
+
+    def undo(self, model):
+        module = model.get_submodule(self.path)
+        eds = _editors(module)
+        eds[:] = [e for e in eds if e is not self.editor]
+        for h in self.hooks:
+            h.undo(model)
+        if self.original is not None:  # the config goes back once no module using it has editors left
+            cfg = module.config
+            if not any(getattr(m, "config", None) is cfg and m.__dict__.get("_peftsurgery_editors")
+                       for m in model.modules()):
+                cfg._attn_implementation = self.original
+
+    def __setstate__(self, state):  # a model unpickled in a new process needs the wrapper registered again
+        self.__dict__.update(state)
+        if self.original is not None:
+            _register(self.original)
 
 
 # the last call's (weak reference to the source mask or None, key, extended mask): every layer of a forward asks

@@ -1,6 +1,20 @@
-"""What every rewrite rule shares: site selection, building trainable modules, attaching them, undoing it."""
+"""What every rewrite rule shares: site selection, preconditions, building trainable modules, attaching them as
+changes that can be undone by module path, merging, and the state a saved adapter holds.
+
+A rule's life on a model (the core calls these in this order; see peftsurgery/surgery.py):
+  select(sitemap)                     the sites it acts on (SurgeryError when a selector matches nothing)
+  check(model, sites)                 every precondition; raises SurgeryError before anything is changed
+  build(model, sites, sitemap)        trainable modules keyed by site path; must not change the model
+  attach(model, sites, built, ...)    yields one Change per change made on the model, as soon as it is made
+  check_merge / merge(sign)           fold into / out of the base weights (mergeable rules)
+  state(built) / load_state(...)      the tensors and rule-level settings a saved adapter holds
+  loading(settings)                   the rule to build when loading a saved state (skips costly initialisation)
+Rules stay attached to the model (in its records), so they must be picklable: drop callables used only for
+initialisation once build() has used them.
+"""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import SurgeryError
@@ -14,16 +28,70 @@ class Switch:
         self.on = True
 
 
-class Undo:
-    """A removable change (a hook, a swapped module, a changed attribute)."""
+class Change:
+    """One change a rule made on the model. It is undone by module path, so a later swap of the module at that
+    path (quantization replaces linears) cannot strand it. Picklable and deep-copyable with the model."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def undo(self, model: nn.Module) -> None:
+        raise NotImplementedError
 
-    def remove(self):
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            fn()
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+class Hooked(Change):
+    """A forward (or forward-pre) hook on the module at `path`, removed by identity from whatever module is
+    there when undone."""
+
+    def __init__(self, model: nn.Module, path: str, hook, pre: bool = False, with_kwargs: bool = False,
+                 always_call: bool = False):
+        module = model.get_submodule(path)
+        if pre:
+            module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        else:
+            module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call)
+        self.path, self.hook = path, hook
+
+    def undo(self, model):
+        move_hooks(model.get_submodule(self.path), None, only=self.hook)
+
+
+def move_hooks(old: nn.Module, new: nn.Module | None, only=None) -> None:
+    """Move the forward hooks of `old` (all, or the one hook object `only`) to `new`, keeping their ids, order
+    and flags; with new=None they are dropped."""
+    for name in _HOOK_DICTS:
+        hooks = getattr(old, name)
+        for key in [k for k, h in hooks.items() if only is None or h is only]:
+            h = hooks.pop(key)
+            for flag in _HOOK_FLAGS:
+                flags = getattr(old, flag)
+                if key in flags:
+                    flags.pop(key)
+                    if new is not None:
+                        getattr(new, flag)[key] = True
+            if new is not None:
+                getattr(new, name)[key] = h
+    if new is not None:
+        for name in _HOOK_DICTS:
+            hooks = getattr(new, name)
+            for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
+                hooks.move_to_end(k)
+
+
+class Swapped(Change):
+    """The module at `path` was replaced; undo() puts `restore(module now there)` in its place, with its hooks."""
+
+    def __init__(self, path: str, restore):
+        self.path, self.restore = path, restore
+
+    def undo(self, model):
+        parent_path, _, name = self.path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        now = getattr(parent, name)
+        back = self.restore(now)
+        move_hooks(now, back)
+        setattr(parent, name, back)
 
 
 class Rule:
@@ -39,34 +107,45 @@ class Rule:
     def select(self, sitemap: SiteMap) -> list[Site]:
         return sitemap.select(self.targets, self.kinds)
 
+    def check(self, model: nn.Module, sites: list[Site]) -> None:
+        """Raise SurgeryError when the rule cannot act on these sites of this model (called before any change)."""
+
     def build(self, model: nn.Module, sites: list[Site], sitemap: SiteMap) -> dict[str, nn.Module]:
         """Trainable modules, keyed by site path (or any key); their parameters are the adapter's."""
         return {}
 
     def attach(self, model: nn.Module, sites: list[Site], built: dict[str, nn.Module], switch: Switch,
-               sitemap: SiteMap) -> list[Undo]:
+               sitemap: SiteMap):
+        """Make the changes on the model, yielding one Change for each as soon as it is made (so that a failure
+        half-way can be undone)."""
         raise NotImplementedError
+
+    def check_merge(self, model: nn.Module, sites: list[Site], built: dict[str, nn.Module]) -> None:
+        """Raise SurgeryError when merge() could not fold every site (called before any site is merged)."""
+        if not self.mergeable:
+            raise SurgeryError(f"{type(self).__name__} cannot be merged into the base weights; keep it attached")
 
     def merge(self, model: nn.Module, sites: list[Site], built: dict[str, nn.Module], sign: float) -> None:
         raise SurgeryError(f"{type(self).__name__} cannot be merged into the base weights; keep it attached")
 
-    def route(self, model: nn.Module, entries: list, rows, cache: dict) -> list[Undo]:
+    def route(self, model: nn.Module, entries: list, rows, cache: dict) -> list[Change]:
         """Give each batch row its own adapter (see surgery.route). entries: (slot, sites, built) for every
         routed adapter using this rule class; rows: (batch,) slot per row, len(slots) meaning the base. Returns
-        the hooks to remove afterwards. A rule that changes the base for every row (quantization) returns []."""
+        the changes to undo afterwards. A rule that changes the base for every row (quantization) returns []."""
         raise SurgeryError(f"{type(self).__name__} cannot give each batch row its own adapter; "
                            "route() works with low-rank adapters only")
 
-    def export(self, built: dict[str, nn.Module]) -> tuple[dict, dict]:
-        """(tensors to save keyed like built's state, config overrides for loading them back)."""
-        return {k: {n: t for n, t in m.state_dict().items()} for k, m in built.items()}, {}
+    def state(self, built: dict[str, nn.Module]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """(tensors to save, {key: {name: tensor}}, and rule-level settings needed to load them back). The
+        tensors are views of the built parameters, so load_state() can write through them."""
+        return {k: dict(m.state_dict(keep_vars=True)) for k, m in built.items()}, {}
+
+    def loading(self, settings: dict) -> "Rule":
+        """The rule to build when loading a state saved with these settings (default: this rule)."""
+        return self
 
     def describe(self, site: Site, built: nn.Module | None) -> str:
         return type(self).__name__
-
-
-def hook_output(module: nn.Module, fn) -> Undo:
-    return Undo(module.register_forward_hook(fn).remove)
 
 
 def park(module: nn.Module, owner: nn.Module) -> None:
@@ -81,12 +160,5 @@ def park(module: nn.Module, owner: nn.Module) -> None:
     else:
         hooks.update(owner.parked)
         owner.parked = {}
-        for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
+        for k in sorted(hooks):
             hooks.move_to_end(k)
-
-
-def reference(site: Site, model: nn.Module) -> nn.Module:
-    try:
-        return model.get_submodule(site.path)
-    except AttributeError:
-        raise SurgeryError(f"site {site.path} is not in this model; locate it again") from None

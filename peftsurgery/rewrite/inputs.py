@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import nn
 
-from .base import Switch, Undo
+from .base import Hooked, Switch
 
 
 def cache_length(past) -> int:
@@ -35,18 +35,18 @@ class Entry:
 
     def __init__(self, model: nn.Module, entry: str, embed: str | None, num: int, prompt=None,
                  switch: Switch | None = None):
+        self.entry, self.embed_path = entry, embed
         self.module = model.get_submodule(entry)
         self.embed = model.get_submodule(embed) if embed else None
         self.num, self.prompt, self.switch = num, prompt, switch
         self.params = list(inspect.signature(self.module.forward).parameters)
         self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
 
-    def attach(self) -> list[Undo]:
-        undo = [Undo(self.module.register_forward_pre_hook(self.pre, with_kwargs=True).remove),
-                Undo(self.module.register_forward_hook(self.post, with_kwargs=True).remove)]
+    def attach(self, model: nn.Module):
+        yield Hooked(model, self.entry, self.pre, pre=True, with_kwargs=True)
+        yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True)
         if self.prompt is not None and "inputs_embeds" not in self.params:
-            undo.append(Undo(self.embed.register_forward_hook(self.on_embed).remove))
-        return undo
+            yield Hooked(model, self.embed_path, self.on_embed)
 
     def pre(self, module, args, kwargs):
         if not self.switch.on:
@@ -111,17 +111,26 @@ class Entry:
         return _drop(out, *done) if done else out
 
 
-def _drop(out, P: int, total: int):
-    """Remove the first P of `total` positions along the sequence axis from every tensor of an output."""
+def _drop(out, P: int, total: int, key: str = ""):
+    """Remove the first P of `total` positions from every tensor of an output where the entry put them: the
+    sequence axis (1) of hidden states and logits; the query and key axes of attention maps (the last two axes
+    of an entry named *attentions, or of a 4-D tensor whose last axis is the sequence; cross-attention maps only
+    on their key axis)."""
     if isinstance(out, torch.Tensor):
+        if "attention" in key or (out.dim() == 4 and out.shape[-1] == total):
+            if out.shape[-1] == total:
+                out = out[..., P:]
+            if out.dim() >= 3 and out.shape[-2] == total and not key.startswith("cross"):
+                out = out[..., P:, :]
+            return out
         return out[:, P:] if out.dim() >= 2 and out.shape[1] == total else out
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return tuple(_drop(o, P, total) for o in out)
+        return tuple(_drop(o, P, total, key) for o in out)
     if isinstance(out, list):
-        return [_drop(o, P, total) for o in out]
+        return [_drop(o, P, total, key) for o in out]
     if isinstance(out, dict):  # ModelOutput is a dict subclass with attributes
         for k in list(out.keys()):
             if k != "past_key_values":
-                out[k] = _drop(out[k], P, total)
+                out[k] = _drop(out[k], P, total, k)
         return out
     return out

@@ -6,11 +6,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Rule, Switch, Undo, hook_output, park
+from .base import Hooked, Rule, Switch, park
 
 
 class Factor(nn.Module):
@@ -136,19 +135,30 @@ class _Routed:
         return out + torch.bmm(h, B[rows]).view(out.shape).to(out.dtype)
 
 
-class _Delta(nn.Module):
-    """Parametrization for a linear op on a bare weight (no linear module to hook): W + delta."""
+class _WeightDelta:
+    """For a linear op on a bare weight (no linear module to hook, e.g. nn.MultiheadAttention's in_proj_weight):
+    while the module that uses it runs, the weight reads W + delta (pre-hook), and the parameter is put back
+    afterwards (post-hook, also on error). The parameter keeps its name and object; several adapters add up.
+    `rel` is the path of the weight's owner below the hooked module."""
 
-    def __init__(self, branch: LowRankBranch, switch: Switch, transposed: bool):
-        super().__init__()
-        object.__setattr__(self, "branch", branch)  # not a submodule: the adapter owns it
-        self.switch, self.transposed = switch, transposed
+    def __init__(self, rel: str, name: str, branch: LowRankBranch, switch: Switch, transposed: bool):
+        self.rel, self.name, self.owner, self.switch, self.transposed = rel, name, branch, switch, transposed
 
-    def forward(self, w):
-        if not self.switch.on or self.branch.merged:
-            return w
-        d = self.branch.delta().to(w.dtype)
-        return w + (d.T if self.transposed else d)
+    def pre(self, module, args):
+        if not self.switch.on or self.owner.merged:
+            return
+        holder = module.get_submodule(self.rel)
+        w = holder._parameters[self.name]
+        if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
+            holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
+        d = self.owner.delta().to(w.dtype)
+        holder._parameters[self.name] = w + (d.T if self.transposed else d)
+
+    def post(self, module, args, out):
+        holder = module.get_submodule(self.rel)
+        original = holder.__dict__.get("_peftsurgery_weights", {}).pop(self.name, None)
+        if original is not None:
+            holder._parameters[self.name] = original
 
 
 class LowRank(Rule):
@@ -169,21 +179,31 @@ class LowRank(Rule):
                                         device=w.device, dtype=dtype)
         return out
 
+    def check(self, model, sites):
+        for s in sites:
+            if self.r > min(s.in_features, s.out_features):
+                raise SurgeryError(f"r={self.r} is larger than the smaller side of {s.path} ({s.in_features}->"
+                                   f"{s.out_features}); use r <= {min(s.in_features, s.out_features)} or other targets")
+            _weight(model, s)
+
     def attach(self, model, sites, built, switch, sitemap):
-        undo = []
         for s in sites:
             if s.kind == "linear":
-                undo.append(hook_output(model.get_submodule(s.path), _Branch(built[s.path], switch)))
+                yield Hooked(model, s.path, _Branch(built[s.path], switch))
             else:
-                owner_path, name = s.path.rsplit(".", 1) if "." in s.path else ("", s.path)
-                owner = model.get_submodule(owner_path)
-                w = getattr(owner, name)
-                transposed = tuple(w.shape) != (s.out_features, s.in_features)
-                parametrize.register_parametrization(owner, name, _Delta(built[s.path], switch, transposed),
-                                                     unsafe=True)
-                undo.append(Undo(lambda o=owner, n=name: parametrize.remove_parametrizations(
-                    o, n, leave_parametrized=False)))
-        return undo
+                owner_path, name = _split(s.path)
+                w = getattr(model.get_submodule(owner_path), name)
+                runner = _common(owner_path, owner_path if s.runner is None else s.runner)
+                d = _WeightDelta(owner_path[len(runner):].lstrip("."), name, built[s.path], switch,
+                                 tuple(w.shape) != (s.out_features, s.in_features))
+                yield Hooked(model, runner, d.pre, pre=True)
+                yield Hooked(model, runner, d.post, always_call=True)
+
+    def check_merge(self, model, sites, built):
+        for s in sites:
+            w = _weight(model, s)
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy of the model")
 
     def merge(self, model, sites, built, sign):
         for s in sites:
@@ -191,8 +211,6 @@ class LowRank(Rule):
             if (sign > 0) == b.merged:
                 continue
             w = _weight(model, s)
-            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy of the model")
             d = b.delta().to(w.dtype)
             mod = model.get_submodule(s.path) if s.kind == "linear" else None
             if bool(Conv1D) and isinstance(mod, Conv1D):
@@ -216,21 +234,34 @@ class LowRank(Rule):
                     raise SurgeryError(f"route cannot give each row its own adapter at {s.path}: a {s.kind} site "
                                        "(a weight used inside another module) has no per-row input to hook")
                 by_site.setdefault(s.path, {})[slot] = built[s.path]
-        return [hook_output(model.get_submodule(path), _Routed(path, branches, rows, cache))
-                for path, branches in by_site.items()]
+        return [Hooked(model, path, _Routed(path, branches, rows, cache)) for path, branches in by_site.items()]
 
     def describe(self, site, built):
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
 
 
+def _common(a: str, b: str) -> str:
+    """The deepest module path that is `a` or an ancestor of it, and `b` or an ancestor of it."""
+    parts = []
+    for x, y in zip(a.split(".") if a else [], b.split(".") if b else []):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts)
+
+
+def _split(path: str) -> tuple[str, str]:
+    return tuple(path.rsplit(".", 1)) if "." in path else ("", path)
+
+
 def _weight(model: nn.Module, site) -> torch.Tensor:
-    if site.kind == "linear":
-        m = model.get_submodule(site.path)
-        if not is_linear_module(m):
-            raise SurgeryError(f"{site.path} is a {type(m).__name__}, not a linear layer")
-        return m.weight
-    owner_path, name = site.path.rsplit(".", 1) if "." in site.path else ("", site.path)
-    owner = model.get_submodule(owner_path)
-    if parametrize.is_parametrized(owner, name):
-        return owner.parametrizations[name].original
-    return getattr(owner, name)
+    try:
+        if site.kind == "linear":
+            m = model.get_submodule(site.path)
+            if not is_linear_module(m):
+                raise SurgeryError(f"{site.path} is a {type(m).__name__}, not a linear layer")
+            return m.weight
+        owner_path, name = _split(site.path)
+        return getattr(model.get_submodule(owner_path), name)
+    except AttributeError:
+        raise SurgeryError(f"{site.path} is not in this model; locate it again") from None

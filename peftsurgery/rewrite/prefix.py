@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..sites import Site
-from .attention import extend_mask, intercept
+from .attention import Intercepted, extend_mask
 from .base import Rule, Switch
 from .inputs import Entry
 
@@ -120,6 +120,7 @@ class Prefix(Rule):
         self.num_tokens, self.projection, self.init = num_tokens, projection, init
 
     def build(self, model, sites, sitemap):
+        init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
         p = next(model.parameters())
         dev = p.device
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
@@ -131,7 +132,7 @@ class Prefix(Rule):
             out = {"_mlp": shared}
             out.update({s.path: _Site(shared, i, 2 * P * s.kv_heads * s.head_dim) for i, s in enumerate(sites)})
             return out
-        start = self.init(model, sites) if self.init else None
+        start = init(model, sites) if init else None
         groups: dict[tuple, list] = {}  # sites by key shape: one PrefixKV each
         for i, s in enumerate(sites):
             if start is not None:
@@ -150,23 +151,25 @@ class Prefix(Rule):
         return out
 
     def attach(self, model, sites, built, switch, sitemap):
-        undo = []
         for s in sites:
-            ed = _Editor(built[s.path], switch, bool(s.causal))
-            undo.append(intercept(model.get_submodule(s.path), ed, s.path, s.impl or ""))
+            yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "")
         embed = next((x.path for x in sitemap if x.role == "embed"), None)
         if embed is not None:
-            undo += Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach()
-        return undo
+            yield from Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach(model)
 
-    def export(self, built):
-        """Saved per site, its keys and values, however they are held (an MLP is folded away, computed once).
-        Shared tensors give views, so loading writes through them."""
+    def state(self, built):
+        """Saved per site, its keys and values, however they are held: an MLP is folded away (computed once;
+        the setting `folded` says so). Shared tensors give views, so loading writes through them."""
         with torch.no_grad():
             kvs = built["_mlp"]() if "_mlp" in built else None
             state = {p: dict(zip(("key", "value"), m() if kvs is None else kvs[m.index]))
                      for p, m in built.items() if isinstance(m, _Site)}
-        return state, ({"projection": 0} if kvs is not None else {})
+        return state, {"folded": kvs is not None}
+
+    def loading(self, settings):
+        """Loading overwrites every key and value: no initialisation from the model, and no MLP for a folded
+        prefix."""
+        return Prefix(self.targets, self.num_tokens, 0 if settings.get("folded") else self.projection)
 
     def describe(self, site: Site, built):
         return f"{self.num_tokens} prefix keys/values ({site.kv_heads}x{site.head_dim}) prepended in attention"
@@ -185,10 +188,10 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
         return ed
     try:
         for s in sites:
-            undo.append(intercept(model.get_submodule(s.path), recorder(s.path), s.path, s.impl or ""))
+            undo.append(Intercepted(model, s.path, recorder(s.path), s.impl or ""))
         with torch.no_grad():
             model(**inputs)
     finally:
-        for u in undo:
-            u.remove()
+        for u in reversed(undo):
+            u.undo(model)
     return [got[s.path] for s in sites]

@@ -37,7 +37,7 @@ class PromptEmbedding(nn.Module):
 
 
 class Prompt(Rule):
-    """init(embedding_module, num_tokens) -> (num_tokens, dim) tensor gives the starting vectors."""
+    """init(embedding_module, num_tokens) -> (num_tokens, dim) tensor gives the starting vectors (None: zeros)."""
     kinds = ("embedding",)
     phase = 2
 
@@ -52,14 +52,21 @@ class Prompt(Rule):
         return sites[:1]
 
     def build(self, model, sites, sitemap):
+        init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
         emb = model.get_submodule(sites[0].path)
         with torch.no_grad():
-            w = self.init(emb, self.num_tokens).to(device=emb.weight.device, dtype=emb.weight.dtype)
+            w = torch.zeros(self.num_tokens, emb.weight.shape[1]) if init is None else init(emb, self.num_tokens)
+            w = w.to(device=emb.weight.device, dtype=emb.weight.dtype)
         enc = self.encoder(w.shape[-1]) if self.encoder else None
         return {sites[0].path: PromptEmbedding(w.clone(), enc)}
 
     def attach(self, model, sites, built, switch, sitemap):
-        return Entry(model, sitemap.entry, sites[0].path, self.num_tokens, built[sites[0].path], switch).attach()
+        path = sites[0].path
+        yield from Entry(model, sitemap.entry, path, self.num_tokens, built[path], switch).attach(model)
+
+    def loading(self, settings):
+        """Loading overwrites the vectors: no initialisation from the embedding."""
+        return Prompt(self.num_tokens, None, self.encoder, self.targets)
 
     def describe(self, site, built):
         return f"{self.num_tokens} virtual tokens prepended to the embeddings"

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Rule, Switch, hook_output, park
+from .base import Hooked, Rule, Switch, park
 
 
 class ScaleVector(nn.Module):
@@ -46,8 +46,22 @@ class Scale(Rule):
             out[s.path] = ScaleVector(s.out_features, device=w.device, dtype=dtype)
         return out
 
+    def check(self, model, sites):
+        for s in sites:
+            _linear(model, s.path)
+
     def attach(self, model, sites, built, switch, sitemap):
-        return [hook_output(_linear(model, s.path), _Scaled(built[s.path], switch)) for s in sites]
+        for s in sites:
+            yield Hooked(model, s.path, _Scaled(built[s.path], switch))
+
+    def check_merge(self, model, sites, built):
+        for s in sites:
+            w = _linear(model, s.path).weight
+            if not w.dtype.is_floating_point:
+                raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy")
+            if not built[s.path].merged and bool((built[s.path].weight == 0).any()):
+                raise SurgeryError(f"the scale vector at {s.path} has a zero entry, so unmerging could not "
+                                   "divide it back out; keep the adapter unmerged")
 
     def merge(self, model, sites, built, sign):
         """Fold the vector into the weight rows (and bias); sign -1 divides it back out."""
@@ -56,8 +70,6 @@ class Scale(Rule):
             if (sign > 0) == v.merged:
                 continue
             m = _linear(model, s.path)
-            if not m.weight.dtype.is_floating_point:
-                raise SurgeryError(f"{s.path} has a quantized base ({m.weight.dtype}); merge onto a float copy")
             f = v.weight.detach().to(m.weight.dtype)
             f = f if sign > 0 else 1.0 / f
             with torch.no_grad():
@@ -72,7 +84,10 @@ class Scale(Rule):
 
 
 def _linear(model: nn.Module, path: str) -> nn.Module:
-    m = model.get_submodule(path)
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        raise SurgeryError(f"{path} is not in this model; locate it again") from None
     if not is_linear_module(m):
         raise SurgeryError(f"{path} is a {type(m).__name__}, not a linear layer; Scale needs one")
     return m

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .base import Rule, Switch, hook_output
+from .base import Hooked, Rule, Switch
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -51,7 +51,8 @@ class Series(Rule):
         return out
 
     def attach(self, model, sites, built, switch, sitemap):
-        return [hook_output(model.get_submodule(s.path), _After(built[s.path], switch)) for s in sites]
+        for s in sites:
+            yield Hooked(model, s.path, _After(built[s.path], switch))
 
     def describe(self, site, built):
         return f"bottleneck adapter {site.out_features}->{self.bottleneck}->{site.out_features} in series"
