@@ -23,10 +23,24 @@ def test_quick_cases_write_json_and_chart(tmp_path):
         for row in c["rows"]:
             assert {"metric", "unit", "ours", "peft", "ratio"} <= set(row)
             assert row["ours"] > 0 and row["peft"] > 0
+            assert row["ratio"] == row["ours"] / row["peft"]
         for t in c["targets"]:
-            assert {"name", "value", "limit", "better", "met"} <= set(t) and t["met"] in (True, False)
+            assert {"name", "value", "limit", "better", "met"} <= set(t)
+            assert t["better"] in ("<=", ">=")
+            assert t["met"] is (t["value"] <= t["limit"] if t["better"] == "<=" else t["value"] >= t["limit"])
     cases = {c["case"]: c for c in data["cases"]}
     # both libraries computed the same thing before being timed
     assert cases["2"]["extra"]["parity_max_abs_diff_unmerged"] < 1e-4
     assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
-    assert cases["5"]["extra"]["sites"] > 0
+    # the sites of the case-5 model, counted here from its modules: every linear (head included), the embedding,
+    # one attention per layer
+    import torch
+    from benchmarks.common import llama
+    setup = cases["5"]["setup"]
+    model = llama(setup["hidden"], setup["layers"], setup["heads"], setup["kv_heads"], setup["inter"], setup["vocab"],
+                  meta=True)
+    mods = list(model.modules())
+    expected = (sum(isinstance(m, torch.nn.Linear) for m in mods) + sum(isinstance(m, torch.nn.Embedding) for m in mods)
+                + sum(type(m).__name__.endswith("Attention") for m in mods))
+    assert expected == 7 * setup["layers"] + 1 + 1 + setup["layers"]
+    assert cases["5"]["extra"]["sites"] == expected

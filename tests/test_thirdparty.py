@@ -27,8 +27,7 @@ def installed(tmp_path_factory):
     src = tmp_path_factory.mktemp("plugin") / "thirdparty-plugin"
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     r = _pip("install", "--no-deps", "--no-build-isolation", "-q", str(src))
-    if r.returncode != 0:
-        pytest.skip(f"pip could not install the example plugin: {r.stderr.strip().splitlines()[-1:]}")
+    assert r.returncode == 0, f"pip could not install the example plugin: {r.stderr.strip()[-2000:]}"
     importlib.invalidate_caches()
     registry.reload()
     yield
@@ -119,3 +118,25 @@ def test_invalid_config_and_cli_apply(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "scale-demo" in out and "128" in out                 # 2 blocks x 64
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter.json", "adapter.safetensors"]
+
+
+def test_no_learning_rate_hook_means_1e_3_in_python_and_in_train(tmp_path, capsys, monkeypatch):
+    """scale-demo declares no peftsurgery_learning_rate: the fallback is exactly 1e-3, and `peftsurgery train`
+    without --lr steps its optimizer at that rate."""
+    from peftsurgery.train import write_jsonl
+    from test_train import TEMPLATE, examples, tiny_model, tokenizer
+    m = registry.Method("scale-demo")
+    assert not hasattr(m.plugin, "peftsurgery_learning_rate")
+    assert m.learning_rate(m.config({})) == 1e-3
+    tiny_model().save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    write_jsonl(examples(16), str(tmp_path / "train.jsonl"))
+    seen, real = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda opt, *a, **k: (seen.append([g["lr"] for g in opt.param_groups]), real(opt, *a, **k))[1])
+    code = main(["train", str(tmp_path / "model"), "--plugin", "scale-demo", "--data", str(tmp_path / "train.jsonl"),
+                 "--template", TEMPLATE.replace("\n", "\\n"), "--label", "pos=positive", "--label",
+                 "neg=negative", "--epochs", "1", "--batch-size", "8", "--quiet", "-o", str(tmp_path / "out")])
+    monkeypatch.undo()
+    assert code == 0, capsys.readouterr().err
+    assert seen == [[1e-3], [1e-3]]

@@ -140,6 +140,19 @@ def test_scores_are_last_real_token_logits_with_left_padding(factory, method, op
             torch.testing.assert_close(batch[i], logits[word], atol=1e-5, rtol=1e-5)
 
 
+def correct_by_hand(model, exs):
+    """The reference accuracy: each example alone (no padding, no batching), the model's logits for the two label
+    words at its last token, counted here rather than by Cloze.scores / evaluate."""
+    tok = tokenizer()
+    pos, neg = (tok.encode(WORDMAP[lab], add_special_tokens=False)[0] for lab in ("pos", "neg"))
+    right = 0
+    with torch.no_grad():
+        for e in exs:
+            logits = model(input_ids=torch.tensor([tok.encode(TEMPLATE.replace("{text}", e.text))])).logits[0, -1]
+            right += ("pos" if logits[pos] > logits[neg] else "neg") == e.label
+    return right
+
+
 def test_fit_lowers_the_loss_and_evaluate_counts_correct_argmax():
     model = tiny_model()
     cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
@@ -155,27 +168,84 @@ def test_fit_lowers_the_loss_and_evaluate_counts_correct_argmax():
     assert after < before - 0.05, (before, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())  # base frozen
     acc = evaluate(model, cloze, train, batch_size=7)
-    with torch.no_grad():
-        ids, mask, y = cloze.encode(train)
-        manual = float((cloze.scores(model, ids, mask).argmax(-1) == y).float().mean())
-    assert acc == pytest.approx(manual)
+    assert acc == correct_by_hand(model, train) / len(train)
     with pytest.raises(SurgeryError, match="has no label word"):
         evaluate(model, cloze, [Example("good", "maybe")])
 
 
-def test_prefix_init_text_records_keys_of_the_text():
+class Rigged(torch.nn.Module):
+    """A stand-in language model whose label-word logits are set by rule: `answer(row ids)` -> "pos" / "neg"."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer, self.dummy = answer, torch.nn.Parameter(torch.zeros(()))
+        tok = tokenizer()
+        self.pos, self.neg = (tok.encode(WORDMAP[lab], add_special_tokens=False)[0] for lab in ("pos", "neg"))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, len(WORDS))
+        for b, row in enumerate(input_ids.tolist()):
+            logits[b, :, self.pos if self.answer(row) == "pos" else self.neg] = 1.0
+        return tf.modeling_outputs.CausalLMOutput(logits=logits + 0 * self.dummy)
+
+
+@pytest.mark.parametrize("answer,expected", [
+    (lambda row: "pos" if {WORDS.index(w) for w in GOOD} & set(row) else "neg", 1.0),   # reads the review
+    (lambda row: "neg" if {WORDS.index(w) for w in GOOD} & set(row) else "pos", 0.0),   # always wrong
+    (lambda row: "pos", 0.5),                                                          # one class, balanced data
+], ids=["right", "wrong", "constant"])
+def test_evaluate_gives_the_known_accuracy_of_a_rigged_model(answer, expected):
+    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    exs = examples(30)
+    assert sum(e.label == "pos" for e in exs) == 15
+    assert evaluate(Rigged(answer), cloze, exs, batch_size=4) == expected
+
+
+def _cached_kv(ids):
+    """The reference: transformers' own cache for these tokens (keys after rotary), one (keys, values) per layer,
+    each (kv_heads, tokens, head_dim)."""
+    with torch.no_grad():
+        cache = tiny_model()(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
+def _prefix_kv(model):
+    built = peftsurgery.adapters(model)["default"].records[0].built
+    return [(built[f"model.layers.{i}.self_attn"].key.detach(), built[f"model.layers.{i}.self_attn"].value.detach())
+            for i in range(model.config.num_hidden_layers)]
+
+
+def test_prefix_init_text_is_the_cached_keys_values_of_the_text():
     model = tiny_model()
     ids = tokenizer().encode("Review: good film", add_special_tokens=False)
-    peftsurgery.apply(model, "prefix-tuning", num_tokens=4, init="text", text=",".join(map(str, ids)))
-    sm = peftsurgery.sitemap(model)
-    att = next(s for s in sm if s.kind == "attention")
-    from peftsurgery.rewrite import record_kv
-    fresh = tiny_model()
-    k, v = record_kv(fresh, [att], {"input_ids": torch.tensor([ids[:4]])})[0]
-    built = peftsurgery.adapters(model)["default"].records[0].built[att.path]
-    torch.testing.assert_close(built.key, k[::k.shape[0] // att.kv_heads])
+    assert len(ids) == 4
+    peftsurgery.apply(model, "prefix-tuning", num_tokens=6, init="text", text=",".join(map(str, ids)))
+    got, want = _prefix_kv(model), _cached_kv(ids + ids[:2])  # the text's ids repeated to fill 6 tokens
+    assert len(got) == len(want) == 2
+    for (k, v), (wk, wv) in zip(got, want):
+        assert k.shape == wk.shape == (2, 6, 8)
+        torch.testing.assert_close(k, wk)
+        torch.testing.assert_close(v, wv)
     with pytest.raises(SurgeryError, match="init=text needs text"):
         Method("prefix-tuning").config({"init": "text"})
+
+
+def test_prefix_init_vocab_is_the_cached_keys_values_of_real_tokens():
+    """The sampled tokens are not known to the test: each position's token is recovered from the first layer's
+    keys (which depend only on that token and its position), then every layer must match the cache of them."""
+    model = tiny_model()
+    peftsurgery.apply(model, "prefix-tuning", num_tokens=5, init="vocab", seed=3)
+    got = _prefix_kv(model)
+    with torch.no_grad():  # every token at every position: row t is token t repeated
+        every = tiny_model()(input_ids=torch.arange(len(WORDS))[:, None].expand(-1, 5), use_cache=True)
+    k0 = every.past_key_values.layers[0].keys  # (tokens, kv_heads, positions, head_dim)
+    dist = (k0 - got[0][0][None]).abs().amax(dim=(1, 3))  # (tokens, positions)
+    ids = dist.argmin(0).tolist()
+    assert float(dist.min(0).values.max()) < 1e-5, dist.min(0).values   # a real token at every position
+    want = _cached_kv(ids)
+    for (k, v), (wk, wv) in zip(got, want):
+        torch.testing.assert_close(k, wk)
+        torch.testing.assert_close(v, wv)
 
 
 def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
@@ -195,40 +265,75 @@ def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(trained["constant"], trained["linear"]))
 
 
-def test_methods_declare_learning_rates():
-    lrs = {m: Method(m).learning_rate(Method(m).config({})) for m in
-           ("lora", "qlora", "adapter", "prompt-tuning", "prefix-tuning")}
-    assert all(isinstance(v, float) and 0 < v < 1 for v in lrs.values())
-    assert lrs["prompt-tuning"] > lrs["lora"]
+# the defaults documented in the README ("Methods and defaults"), each declared by its plugin
+DOCUMENTED_LR = {"lora": 5e-4, "adapter": 2e-4, "qlora": 1e-4, "prompt-tuning": 1e-3, "prefix-tuning": 3e-3}
+
+
+def test_methods_declare_their_documented_learning_rates():
+    for name, lr in DOCUMENTED_LR.items():
+        m = Method(name)
+        assert m.learning_rate(m.config({})) == lr, name
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
-def test_cli_train_then_eval(model_dir, data, tmp_path, capsys):
+def _record_lr(monkeypatch):
+    """The learning rate of every AdamW step actually taken, as the optimizer holds it."""
+    seen, real = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda opt, *a, **k: (seen.append([g["lr"] for g in opt.param_groups]), real(opt, *a, **k))[1])
+    return seen
+
+
+def test_cli_train_then_eval(model_dir, data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "adapter"
+    seen = _record_lr(monkeypatch)
     code = main(["train", str(model_dir), "--plugin", "prompt-tuning", "--set", "num_tokens=4", "--set", "init=text",
                  "--set-ids", "text=Review Sentiment", "--data", str(data / "train.jsonl"),
                  "--eval-data", str(data / "test.jsonl"), "--template", "Review: {text}\\nSentiment:",
                  "--label", "pos=positive", "--label", "neg=negative", "--epochs", "1", "--batch-size", "16",
                  "--quiet", "--json", "-o", str(out)])
+    monkeypatch.undo()
     stdout, err = capsys.readouterr()
     assert code == 0, err
     row = json.loads(stdout.strip().splitlines()[-2])
     assert row["method"] == "prompt-tuning" and row["steps"] == 4 and row["trainable_params"] == 4 * 32
-    assert row["lr"] == Method("prompt-tuning").learning_rate(None)          # the method's own default
+    assert seen == [[1e-3]] * 4 and row["lr"] == 1e-3          # prompt-tuning's own default, no --lr given
     saved = json.load(open(out / "train.json"))
     assert saved["template"] == TEMPLATE and saved["words"] == WORDMAP and saved["config"]["text"] == "2,3"
+    assert saved["results"]["lr"] == 1e-3
     assert os.path.isfile(out / "adapter.safetensors")
+    test = read_examples(str(data / "test.jsonl"))
+    trained = peftsurgery.load(tiny_model(), str(out))
+    assert row["accuracy"] == correct_by_hand(trained, test) / len(test)
     # eval reads template and label words from the adapter and reproduces the accuracy train reported
     code = main(["eval", str(model_dir), "--adapter", str(out), "--data", str(data / "test.jsonl"), "--quiet",
                  "--json"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
-    assert json.loads(stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(row["accuracy"])
+    assert json.loads(stdout.strip().splitlines()[-1])["accuracy"] == row["accuracy"]
     code = main(["eval", str(model_dir), "--data", str(data / "test.jsonl"), "--template", TEMPLATE.replace(
         "\n", "\\n"), "--label", "pos=positive", "--label", "neg=negative", "--quiet", "--json"])
     zero = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])["accuracy"]
-    assert code == 0 and 0 <= zero <= 1
+    assert code == 0 and zero == correct_by_hand(tiny_model(), test) / len(test)   # zero-shot: the base model
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix-tuning", "qlora"])
+def test_cli_train_uses_the_methods_learning_rate_unless_lr_is_given(method, model_dir, data, tmp_path, capsys,
+                                                                     monkeypatch):
+    argv = ["train", str(model_dir), "--plugin", method, "--data", str(data / "train.jsonl"), "--template",
+            "Review: {text}\\nSentiment:", "--label", "pos=positive", "--label", "neg=negative", "--epochs", "1",
+            "--batch-size", "32", "--quiet", "--json"]
+    for extra, lr in [([], DOCUMENTED_LR[method]), (["--lr", "0.0123"], 0.0123)]:
+        out = tmp_path / str(lr)
+        seen = _record_lr(monkeypatch)
+        code = main(argv + extra + ["-o", str(out)])
+        monkeypatch.undo()
+        stdout, err = capsys.readouterr()
+        assert code == 0, err
+        assert seen == [[lr], [lr]]                       # both steps (64 examples, batch 32) at that rate
+        assert json.loads(stdout.strip().splitlines()[-2])["lr"] == lr
+        assert json.load(open(out / "train.json"))["results"]["lr"] == lr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -284,7 +389,30 @@ def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_pa
     options = {"r": 8, "alpha": 16, "targets": "attn.q,attn.v"} if method == "lora" else {"num_tokens": 20}
     m = Method(method)
     assert row["trainable_params"] == m.budget(m.config(options), peftsurgery.sitemap(tiny_model()))
-    assert 0 <= row["accuracy"] <= 1 and row["lr"] == 1e-2
+    assert row["lr"] == 1e-2
+    # the accuracy it printed is that of the PEFT model it trained: train the same one here (same seed, threads,
+    # data, loop) and count its right answers by hand over one left-padded batch of the test set, as it scored it
+    sys.path.insert(0, os.path.dirname(script))
+    threads = torch.get_num_threads()
+    try:
+        from sentiment_peft import peft_model
+        torch.set_num_threads(2)
+        peer, tok = peft_model(method, str(model_dir), "cpu", 0)
+        fit(peer, Cloze(tok, TEMPLATE, ["-1", "1"], {"1": " positive", "-1": " negative"}),
+            read_examples(str(tmp_path / "train.jsonl")), 3, 16, 1e-2, 0)
+    finally:
+        sys.path.remove(os.path.dirname(script))
+        torch.set_num_threads(threads)
+    test = read_examples(str(tmp_path / "test.jsonl"))
+    seqs = [tok.encode(TEMPLATE.replace("{text}", e.text)) for e in test]
+    n = max(map(len, seqs))
+    ids = torch.tensor([[1] * (n - len(q)) + q for q in seqs])
+    mask = torch.tensor([[0] * (n - len(q)) + [1] * len(q) for q in seqs])
+    pos, neg = WORDS.index("positive"), WORDS.index("negative")
+    with torch.no_grad():
+        last = peer(input_ids=ids, attention_mask=mask).logits[:, -1]
+    right = sum(("1" if a[pos] > a[neg] else "-1") == e.label for a, e in zip(last, test))
+    assert row["accuracy"] == right / len(test), (row["accuracy"], right)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------
@@ -345,7 +473,8 @@ def test_gguf_file_or_folder_converts_once_into_the_cache(tmp_path, monkeypatch)
     folder.mkdir()
     _write_gguf(folder / "tiny.gguf", model, WORDS)
     loaded, tok = load_model(str(folder / "tiny.gguf"))
-    assert tok is not None and type(loaded).__name__ == "LlamaForCausalLM"
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert tok.convert_ids_to_tokens(list(range(len(WORDS)))) == WORDS and tok.pad_token_id == 1  # the file's
     ids = torch.tensor([[2, 4, 7, 13, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
