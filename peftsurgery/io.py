@@ -142,6 +142,11 @@ def load(model: nn.Module, directory: str, name: str | None = None, trainable: b
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(tensors[k])
+    written = {f"{i}.{k}": t for i, rec in enumerate(records) for k, t in rec.state()[0].items()}
+    unwritten = [k for k, t in written.items() if not torch.equal(t.detach().cpu(), tensors[k].to(t.dtype))]
+    if unwritten:
+        raise SurgeryError(f"{method.name} cannot be loaded: its rule's state() gives a copy, not a view, of "
+                           f"{unwritten[0]}, so the saved value cannot be written back; fix the rule")
     att = Attached(name, method.name, method.version, cfg, records, budget=_count(records))
     attach(model, att, sm)
     if not trainable:

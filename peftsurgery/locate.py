@@ -173,7 +173,7 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
     return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd),
                    encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
                        s.role.startswith("xattn") for s in sites),
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, inputs=kwargs)
 
 
 def _named(model: nn.Module, sites: list[Site], errors: list[str], strict: bool) -> None:

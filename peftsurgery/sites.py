@@ -65,6 +65,7 @@ class SiteMap:
     entry_params: tuple = ()         # names that forward accepts
     encoder_decoder: bool = False
     seconds: float = 0.0
+    inputs: dict = field(default_factory=dict, repr=False, compare=False)   # the example inputs it was found with
 
     def __iter__(self):
         return iter(self.sites)

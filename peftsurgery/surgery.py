@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .checks import one_line
 from .errors import SurgeryError
 from .locate import locate
 from .registry import Method
@@ -126,10 +128,12 @@ def _count(records: list[Record]) -> int:
 
 
 def attach(model: nn.Module, att: Attached, sm: SiteMap) -> nn.Module:
-    """Make every record's changes; if one fails, undo all of them and re-raise (the model is as before)."""
+    """Make every record's changes and prove them with one forward; if anything fails, undo all of them and
+    re-raise (the model is as before)."""
     try:
         for rec in att.records:
             rec.attach(model, att.switch, sm)
+        prove(model, att, sm)
     except BaseException:
         for rec in reversed(att.records):
             rec.detach(model)
@@ -148,6 +152,35 @@ def attach(model: nn.Module, att: Attached, sm: SiteMap) -> nn.Module:
     box.train(model.training)  # new modules start in training mode; follow the model (dropout off in eval)
     adapters(model)[att.name] = att
     return model
+
+
+def prove(model: nn.Module, att: Attached, sm: SiteMap) -> None:
+    """One forward on the example inputs the sites were found with: every change of every record must act (a
+    hook that never ran, or ran and declined, is a rule that would silently do nothing)."""
+    if not sm.inputs:
+        return
+    dev = next((p.device for p in model.parameters()), None)
+    if dev is not None and dev.type == "meta":
+        warnings.warn(f"{att.method}: the model is on the meta device, where it cannot run; the forward that "
+                      "proves every rule acts was skipped", stacklevel=3)
+        return
+    watches = [(rec, c, w) for rec in att.records for c in rec.changes if (w := c.watch(model)) is not None]
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) and dev is not None else v for k, v in sm.inputs.items()}
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as e:
+        raise SurgeryError(f"{att.method} broke the model's forward ({one_line(e)}); report it to the method's "
+                           "author") from e
+    finally:
+        model.train(was)
+        verdicts = [(rec, c, stop()) for rec, c, stop in watches]
+    for rec, c, why in verdicts:
+        if why:
+            raise SurgeryError(f"{att.method}: rule {type(rec.rule).__name__} did not act at {c.path or '(root)'}: "
+                               f"{why}; the method cannot work there, choose other targets or another method")
 
 
 def remove(model: nn.Module, name: str | None = None) -> nn.Module:

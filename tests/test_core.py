@@ -367,3 +367,72 @@ def test_saved_folder_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+
+
+# ---------------------------------------------------------------- every rule proves it ran
+
+class TokensLM(nn.Module):
+    """Its forward takes `tokens`, not `input_ids`; `spare` is never called."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mix, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, 16), nn.Linear(16, VOCAB)
+        self.spare = nn.Linear(16, 16)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.mix(self.emb(tokens))))
+
+
+class Unreachable(Rule):
+    """Claims the `mix` site but hooks the module that never runs."""
+
+    def build(self, model, sites, sitemap):
+        return {"v": nn.Linear(1, 1)}
+
+    def attach(self, model, sites, built, switch, sitemap):
+        yield Hooked(model, "spare", lambda m, a, o: o + 1)
+
+
+@dataclasses.dataclass
+class UnreachableConfig:
+    targets: str = "path:mix"
+
+
+class UnreachablePlugin:
+    @hookimpl
+    def peftsurgery_config(self):
+        return UnreachableConfig
+
+    @hookimpl
+    def peftsurgery_rules(self, config, sites):
+        return [Unreachable(config.targets)]
+
+    @hookimpl
+    def peftsurgery_budget(self, config, sites):
+        return 2
+
+
+def _refused(model, match, *args, **kw):
+    snap = snapshot(model)
+    with pytest.raises(SurgeryError, match=match) as e:
+        ps.apply(model, *args, **kw)
+    assert "\n" not in str(e.value)
+    assert_same(model, snap)
+    assert ps.adapters(model) == {} and CONTAINER not in model._modules
+
+
+def test_a_rule_whose_site_never_runs_is_refused(plugin):
+    _refused(TokensLM().eval(), r"Unreachable did not act at spare: its hook never ran",
+             plugin(UnreachablePlugin(), "test-unreachable"))
+
+
+def test_prompt_whose_token_input_is_not_found_is_refused_not_a_silent_no_op():
+    """The entry hook looks for input_ids; a model taking `tokens` used to compute the base output unchanged."""
+    _refused(TokensLM().eval(), r"Prompt did not act at \(root\): its hook ran but declined", "prompt-tuning")
+
+
+def test_prefix_on_multihead_attention_is_refused_not_a_silent_no_op():
+    """nn.MultiheadAttention computes attention inside multi_head_attention_forward, out of the interceptor's
+    reach: the prefix used to apply and do nothing."""
+    _refused(MHANet().eval(), r"Prefix did not act at attn: no attention call", "prefix-tuning", init="random")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from .base import Change, Hooked
+from .base import Change, Hooked, Watcher
 
 PREFIX = "peftsurgery+"
 
@@ -133,6 +133,16 @@ class Intercepted(Change):
             if not any(getattr(m, "config", None) is cfg and m.__dict__.get("_peftsurgery_editors")
                        for m in model.modules()):
                 cfg._attn_implementation = self.original
+
+    def watch(self, model):
+        eds = _editors(model.get_submodule(self.path))
+        i = next((i for i, e in enumerate(eds) if e is self.editor), None)
+        if i is None:
+            return None
+        eds[i] = w = Watcher(self.editor)
+        return lambda: (eds.__setitem__(eds.index(w), self.editor), w.verdict(
+            "no attention call of the module reached it: it computes attention in a way that cannot be intercepted "
+            "(neither transformers' attention interface nor F.scaled_dot_product_attention)", "it declined"))[1]
 
     def __setstate__(self, state):  # a model unpickled in a new process needs the wrapper registered again
         self.__dict__.update(state)

@@ -31,9 +31,31 @@ class Switch:
 class Change:
     """One change a rule made on the model. It is undone by module path, so a later swap of the module at that
     path (quantization replaces linears) cannot strand it. Picklable and deep-copyable with the model."""
+    path = ""
 
     def undo(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+    def watch(self, model: nn.Module):
+        """For the probe forward after apply and load: start recording whether this change acts, and return a
+        function that stops recording and returns None if it acted, else why not (None: nothing to prove)."""
+        return None
+
+
+class Watcher:
+    """Wraps a hook or editor during the probe forward: did it run, and did it act (return something)?"""
+
+    def __init__(self, fn):
+        self.fn, self.ran, self.acted = fn, False, False
+
+    def __call__(self, *args, **kwargs):
+        self.ran = True
+        out = self.fn(*args, **kwargs)
+        self.acted |= out is not None
+        return out
+
+    def verdict(self, never: str, declined: str) -> str | None:
+        return None if self.acted else declined if self.ran else never
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
@@ -45,16 +67,29 @@ class Hooked(Change):
     there when undone."""
 
     def __init__(self, model: nn.Module, path: str, hook, pre: bool = False, with_kwargs: bool = False,
-                 always_call: bool = False):
+                 always_call: bool = False, acts: bool = True):
         module = model.get_submodule(path)
         if pre:
             module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
         else:
             module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call)
-        self.path, self.hook = path, hook
+        self.path, self.hook, self.acts = path, hook, acts  # acts=False: a clean-up hook, nothing to prove
 
     def undo(self, model):
         move_hooks(model.get_submodule(self.path), None, only=self.hook)
+
+    def watch(self, model):
+        """A hook acts when it returns something (hooks that decline return None)."""
+        module = model.get_submodule(self.path)
+        for hooks in (getattr(module, d) for d in _HOOK_DICTS):
+            for key, h in hooks.items():
+                if h is self.hook and self.acts:
+                    hooks[key] = w = Watcher(h)
+                    return lambda: (hooks.__setitem__(key, h), w.verdict(
+                        "its hook never ran: the module is not called when the model runs on its example inputs",
+                        "its hook ran but declined: what it needs (e.g. token ids under the name it expects) did "
+                        "not reach it"))[1]
+        return None
 
 
 def move_hooks(old: nn.Module, new: nn.Module | None, only=None) -> None:
@@ -84,6 +119,11 @@ class Swapped(Change):
 
     def __init__(self, path: str, restore):
         self.path, self.restore = path, restore
+
+    def watch(self, model):
+        ran = []
+        handle = model.get_submodule(self.path).register_forward_hook(lambda *a: ran.append(True))
+        return lambda: (handle.remove(), None if ran else "the module put there never ran")[1]
 
     def undo(self, model):
         parent_path, _, name = self.path.rpartition(".")

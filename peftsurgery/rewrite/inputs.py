@@ -44,19 +44,25 @@ class Entry:
 
     def attach(self, model: nn.Module):
         yield Hooked(model, self.entry, self.pre, pre=True, with_kwargs=True)
-        yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True)
-        if self.prompt is not None and "inputs_embeds" not in self.params:
-            yield Hooked(model, self.embed_path, self.on_embed)
+        if self.prompt is not None:  # only tokens placed in the sequence are taken out of the outputs
+            yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True)
+            if "inputs_embeds" not in self.params:
+                yield Hooked(model, self.embed_path, self.on_embed)
+
+    def _push(self, done) -> None:
+        """What this call prepended, for post() to take out (prompts only: prefixes put nothing in the sequence)."""
+        if self.prompt is not None:
+            self.pending.append(done)
 
     def pre(self, module, args, kwargs):
         if not self.switch.on:
-            self.pending.append(0)
+            self._push(0)
             return None
         kwargs = {**dict(zip(self.params, args)), **kwargs}
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:
-            self.pending.append(0)
+            self._push(0)
             return None
         B, S = x.shape[0], x.shape[1]
         P, dev = self.num, x.device
@@ -84,7 +90,7 @@ class Entry:
         if "position_ids" in self.params:
             kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, prepend,
                                                      dev)
-        self.pending.append((P, S + P) if prepend else 0)
+        self._push((P, S + P) if prepend else 0)
         return (), kwargs
 
     def _positions(self, given, mask, B, S, P, past, prepend, dev):
@@ -104,11 +110,11 @@ class Entry:
     def on_embed(self, module, args, out):
         if self.pending and self.pending[-1] and out.dim() == 3 and out.shape[1] + self.num == self.pending[-1][1]:
             return torch.cat([self.prompt(out.shape[0]).to(out.dtype), out], 1)
-        return out
+        return None
 
     def post(self, module, args, kwargs, out):
         done = self.pending.pop() if self.pending else 0
-        return _drop(out, *done) if done else out
+        return _drop(out, *done) if done else None
 
 
 def _drop(out, P: int, total: int, key: str = ""):

@@ -66,7 +66,7 @@ class _Branch:
 
     def __call__(self, module, args, out):
         if not self.switch.on or self.owner.merged:
-            return out
+            return None
         return self.owner.add_to(out, args[0])
 
 
@@ -153,6 +153,7 @@ class _WeightDelta:
             holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
         d = self.owner.delta().to(w.dtype)
         holder._parameters[self.name] = w + (d.T if self.transposed else d)
+        return args  # acted (see Change.watch)
 
     def post(self, module, args, out):
         holder = module.get_submodule(self.rel)
@@ -197,7 +198,7 @@ class LowRank(Rule):
                 d = _WeightDelta(owner_path[len(runner):].lstrip("."), name, built[s.path], switch,
                                  tuple(w.shape) != (s.out_features, s.in_features))
                 yield Hooked(model, runner, d.pre, pre=True)
-                yield Hooked(model, runner, d.post, always_call=True)
+                yield Hooked(model, runner, d.post, always_call=True, acts=False)
 
     def check_merge(self, model, sites, built):
         for s in sites:

@@ -158,18 +158,18 @@ class Prefix(Rule):
             yield from Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach(model)
 
     def state(self, built):
-        """Saved per site, its keys and values, however they are held: an MLP is folded away (computed once;
-        the setting `folded` says so). Shared tensors give views, so loading writes through them."""
+        """Saved per site, its keys and values, however they are held: an MLP is folded away (computed once).
+        Without an MLP they are views of the shared tensors, so loading writes through them."""
         with torch.no_grad():
             kvs = built["_mlp"]() if "_mlp" in built else None
             state = {p: dict(zip(("key", "value"), m() if kvs is None else kvs[m.index]))
                      for p, m in built.items() if isinstance(m, _Site)}
-        return state, {"folded": kvs is not None}
+        return state, {}
 
     def loading(self, settings):
-        """Loading overwrites every key and value: no initialisation from the model, and no MLP for a folded
-        prefix."""
-        return Prefix(self.targets, self.num_tokens, 0 if settings.get("folded") else self.projection)
+        """What is saved is always the keys and values themselves: load them without an MLP and without any
+        initialisation from the model."""
+        return Prefix(self.targets, self.num_tokens, 0)
 
     def describe(self, site: Site, built):
         return f"{self.num_tokens} prefix keys/values ({site.kv_heads}x{site.head_dim}) prepended in attention"

@@ -29,7 +29,7 @@ class _After:
 
     def __call__(self, module, args, out):
         if not self.switch.on:
-            return out
+            return None
         if not isinstance(out, torch.Tensor):
             raise SurgeryError(f"{type(module).__name__} returns {type(out).__name__}; an adapter needs a tensor output")
         return self.adapter(out)
