@@ -553,3 +553,133 @@ def test_remove_restores_exact_base(method, cfg, factory):
         assert all(torch.equal(before[n], after[n]) for n in before)
         assert torch.equal(evaluate(model, kw), base_out)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+# --- stacks of methods under every order of operations
+
+STACKABLE = {
+    "lora": st.fixed_dictionaries({"r": st.integers(1, 3), "targets": st.sampled_from(["attn.q,attn.v", "mlp.*",
+                                                                                     "all-linear"])}),
+    "adapter": st.fixed_dictionaries({"bottleneck": st.integers(1, 4), "targets": st.sampled_from(["attn.o", "mlp.down"])}),
+    "prompt-tuning": st.fixed_dictionaries({"num_tokens": st.integers(1, 3)}),
+    "prefix-tuning": st.fixed_dictionaries({"num_tokens": st.integers(1, 3), "projection": st.sampled_from([0, 4])}),
+    "qlora": st.fixed_dictionaries({"r": st.integers(1, 2), "targets": st.sampled_from(["attn.v", "mlp.*"]),
+                                    "quantize": st.sampled_from(["attn.*", "all-linear"])}),
+}
+OPS = ("merge", "unmerge", "remove", "reload", "disabled", "apply")
+
+
+@st.composite
+def stacks(draw):
+    spec = draw(model_specs(("llama", "qwen2", "gpt2", "custom")))
+    names = [m for m in STACKABLE if m != "qlora" or spec["arch"] in ("llama", "qwen2")]
+    methods = draw(st.lists(st.sampled_from(names), min_size=2, max_size=3))
+    return spec, [(m, draw(STACKABLE[m])) for m in methods], draw(
+        st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 2)), min_size=3, max_size=7))
+
+
+def _state(model):
+    return ({n: t.detach().clone() for n, t in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()},
+            {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: (a.switch.on, [r.merged for r in a.records]) for n, a in peftsurgery.adapters(model).items()})
+
+
+def _unchanged(model, before):
+    now = _state(model)
+    assert now[1:] == before[1:]
+    assert now[0].keys() == before[0].keys() and all(torch.equal(now[0][n], before[0][n]) for n in before[0])
+
+
+@example((_spec("llama"), [("lora", {"r": 2, "targets": "attn.q,attn.v"}),
+                           ("qlora", {"r": 1, "targets": "attn.v", "quantize": "attn.*"}),
+                           ("prefix-tuning", {"num_tokens": 2, "projection": 4})],
+          [("merge", 0), ("merge", 1), ("unmerge", 0), ("reload", 2), ("remove", 1), ("reload", 0), ("remove", 0)]))
+@example((_spec("gpt2", heads=2, width=8), [("prefix-tuning", {"num_tokens": 2, "projection": 4}),
+                                          ("prefix-tuning", {"num_tokens": 2, "projection": 0}),
+                                          ("adapter", {"bottleneck": 4, "targets": "mlp.down"})],
+          [("unmerge", 2), ("reload", 0), ("reload", 1), ("reload", 0)]))   # a reloaded MLP prefix reloaded again
+@given(stacks())
+def test_stacks_work_or_refuse_leaving_the_model_bit_identical(tmp_path_factory, stack):
+    """Random stacks of two or three methods (a quantized base among them) under random orders of apply, merge,
+    unmerge, remove, save + load and disabled: each operation works (outputs as the operation promises) or is
+    refused with a SurgeryError, the model bit-identical to before it."""
+    spec, methods, ops = stack
+    model, kw = build(spec), inputs(spec)
+    base_out, pristine = evaluate(model, kw), base_state(model)
+    quantized = merged_away = merged_ever = False
+    pending = list(enumerate(methods))
+
+    def attach_next():
+        nonlocal quantized
+        i, (method, cfg) = pending.pop(0)
+        before = _state(model)
+        try:
+            apply(model, method, cfg, name=f"a{i}")
+        except SurgeryError:
+            _unchanged(model, before)
+            return
+        quantized |= method == "qlora"
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():   # nonzero adapter values, as training would leave them
+            for p in model._modules[CONTAINER][f"a{i}"].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+    while len(pending) > 1:
+        attach_next()
+    for op, k in ops:
+        names = list(peftsurgery.adapters(model))
+        name = names[k % len(names)] if names else "nothing"
+        if op == "apply" and not pending:
+            continue
+        before, out = _state(model), evaluate(model, kw)
+        scale = max(out.abs().max().item(), 1.0)
+        try:
+            if op == "apply":
+                attach_next()
+            elif op == "merge":
+                peftsurgery.merge(model, name)
+                merged_ever = True
+                torch.testing.assert_close(evaluate(model, kw), out, atol=1e-4 * scale, rtol=0)
+            elif op == "unmerge":
+                peftsurgery.unmerge(model, name)
+                torch.testing.assert_close(evaluate(model, kw), out, atol=1e-4 * scale, rtol=0)
+            elif op == "remove":
+                was_merged = any(r.merged for a in peftsurgery.adapters(model).values() if a.name == name
+                                 for r in a.records)
+                peftsurgery.remove(model, name)   # refused when there is no such adapter
+                merged_away |= was_merged
+            elif op == "reload":
+                path = tmp_path_factory.mktemp("stack") / name
+                peftsurgery.save(model, str(path), name=name)   # refused when there is no such adapter
+                att = peftsurgery.adapters(model)[name]
+                if any(r.merged for r in att.records):
+                    continue   # its update is in the weights: loading it again would add it twice
+                active = [n for n, a in peftsurgery.adapters(model).items() if a.switch.on]
+                peftsurgery.set_active(model, [name])   # alone: reloading puts it last, and order matters
+                alone = evaluate(model, kw)
+                peftsurgery.remove(model, name)
+                peftsurgery.load(model, str(path), name=name)
+                peftsurgery.set_active(model, [name])
+                lossy = att.method == "qlora"  # its base is quantized again from the dequantized weights
+                torch.testing.assert_close(evaluate(model, kw), alone, atol=(1e-2 if lossy else 1e-5) * scale,
+                                           rtol=0)
+                peftsurgery.set_active(model, active)
+            elif op == "disabled":
+                with peftsurgery.disabled(model):
+                    off = evaluate(model, kw)
+                assert torch.equal(evaluate(model, kw), out)
+                if not quantized and not merged_away:
+                    torch.testing.assert_close(off, base_out, atol=1e-5 if merged_ever else 0, rtol=0)
+        except SurgeryError:
+            _unchanged(model, before)
+    peftsurgery.unmerge(model)
+    peftsurgery.remove(model)
+    assert peftsurgery.adapters(model) == {} and CONTAINER not in model._modules
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    if not quantized and not merged_away:   # a merge and unmerge round trip is exact up to float rounding
+        after = base_state(model)
+        for n, t in pristine.items():
+            torch.testing.assert_close(after[n], t, atol=1e-6 if merged_ever else 0, rtol=0)
+        torch.testing.assert_close(evaluate(model, kw), base_out, atol=1e-5 if merged_ever else 0, rtol=0)
