@@ -8,7 +8,7 @@ reach it without passing through another linear layer. From that:
 - a linear outside the repeated blocks whose output reaches a model output is the head;
 - a linear fed only by other linears (not by the residual stream) is mlp.down, and those are mlp.up, or mlp.gate
   when their path passes an activation;
-- an embedding indexed by the first integer model input is embed.
+- an embedding indexed directly by a model input (the earliest one) is embed; that input carries the tokens.
 """
 from __future__ import annotations
 
@@ -180,17 +180,19 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         if op.kind == "linear" and name not in role:
             add_linear(name, "linear")
 
-    # the input embedding: an embedding indexed by the first model input
+    # the input embedding: an embedding indexed directly by a model input (the earliest such input), whatever
+    # that input is called
     entry = {}
-    first = g.user_inputs[0] if g.user_inputs else None
-    for op in ops.values():
-        if op.kind == "embedding" and op.site_kind == "embedding" and first and \
-                _strip(g, op.extra.get("index") or "") == first:
+    indexed = {_strip(g, op.extra.get("index") or ""): op for op in ops.values()
+               if op.kind == "embedding" and op.site_kind == "embedding"}
+    for name in g.user_inputs:
+        op = indexed.get(name)
+        if op is not None:
             st, bl = block_of(op.site)
             mod = model.get_submodule(op.site)
             sites.setdefault(op.site, Site(op.site, "embedding", "embed", found, bl, st,
                                            mod.num_embeddings, mod.embedding_dim))
-            entry = {"stack": op.stack}
+            entry = {"stack": op.stack, "input": name}
             break
     _consumers(g, sites)
     return list(sites.values()), entry

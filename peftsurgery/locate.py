@@ -170,7 +170,7 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
     ent = _entry(model, entry.get("stack", ()))
     fwd = inspect.signature(model.get_submodule(ent).forward).parameters if ent is not None else {}
     cfg = getattr(model, "config", None)
-    return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd),
+    return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd), token_input=entry.get("input", ""),
                    encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
                        s.role.startswith("xattn") for s in sites),
                    seconds=time.perf_counter() - t0, inputs=kwargs)

@@ -63,6 +63,7 @@ class SiteMap:
     method: str                      # capture used: export, fx or hooks
     entry: str = ""                  # module whose forward receives the token ids (prompt methods hook it)
     entry_params: tuple = ()         # names that forward accepts
+    token_input: str = ""            # the model's forward argument that carries the token ids (by data flow)
     encoder_decoder: bool = False
     seconds: float = 0.0
     inputs: dict = field(default_factory=dict, repr=False, compare=False)   # the example inputs it was found with

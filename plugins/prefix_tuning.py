@@ -49,7 +49,7 @@ def initial(config, sitemap):
             g = torch.Generator().manual_seed(config.seed)
             ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
         ids = ids.to(next(model.parameters()).device)
-        inputs = {"input_ids": ids}
+        inputs = {sitemap.token_input or "input_ids": ids}
         if sitemap.encoder_decoder:
             inputs["decoder_input_ids"] = ids
         was = model.training

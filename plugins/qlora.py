@@ -1,10 +1,15 @@
 """QLoRA: LoRA over a base quantized to 4-bit NormalFloat with double quantization (Dettmers et al., 2023)."""
 from dataclasses import dataclass
 
+import torch
+
 from peftsurgery import SurgeryError, hookimpl
+from peftsurgery.checks import flag, fraction, integer, positive, selector
 from peftsurgery.rewrite import LowRank, Quantize
 
 __version__ = "1.0"
+
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -15,12 +20,18 @@ class QLoraConfig:
     targets: str = "all-linear"
     quantize: str = "all-linear"     # which linears get a 4-bit base
     double_quant: bool = True
+    compute_dtype: str = "auto"      # what the 4-bit layers compute in; auto: each linear's original weight dtype
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise SurgeryError(f"qlora: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise SurgeryError(f"qlora: dropout must be in [0, 1), got {self.dropout!r}")
+        integer("qlora", "r", self.r)
+        positive("qlora", "alpha", self.alpha)
+        fraction("qlora", "dropout", self.dropout)
+        selector("qlora", "targets", self.targets)
+        selector("qlora", "quantize", self.quantize)
+        flag("qlora", "double_quant", self.double_quant)
+        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in COMPUTE_DTYPES:
+            raise SurgeryError(f"qlora: compute_dtype must be one of {'|'.join(COMPUTE_DTYPES)}, "
+                               f"got {self.compute_dtype!r}")
 
 
 @hookimpl
@@ -35,7 +46,7 @@ def peftsurgery_describe():
 
 @hookimpl
 def peftsurgery_rules(config, sites):
-    return [Quantize(config.quantize, config.double_quant),
+    return [Quantize(config.quantize, config.double_quant, COMPUTE_DTYPES[config.compute_dtype]),
             LowRank(config.targets, config.r, config.alpha, config.dropout)]
 
 

@@ -33,6 +33,12 @@ def tiny_llama(**overrides):
                   max_position_embeddings=128, attn_implementation="sdpa")
 
 
+def tiny_llama_4bit(**overrides):
+    """A tiny Llama whose linears bitsandbytes' 4-bit layers take on every CPU (in_features 64 or 128: on CPUs
+    with AVX-512, widths that are multiples of 16 but not of 64 are refused, see README qlora)."""
+    return tiny_llama(**{"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, **overrides})
+
+
 def tiny_qwen2(**overrides):
     return _build(tf.Qwen2Config, tf.Qwen2ForCausalLM, overrides, vocab_size=VOCAB, hidden_size=32,
                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -20,9 +20,9 @@ from peftsurgery.rewrite import Hooked, Prefix, Rule, record_kv
 from peftsurgery.surgery import CONTAINER
 
 try:
-    from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+    from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
 except ImportError:  # tests/ collected as a package
-    from tests.conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_t5
+    from tests.conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
 
 IDS = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
 
@@ -61,12 +61,12 @@ def randomize(model, name, seed=5):
 def test_removing_lora_under_a_later_quantized_base_takes_its_hook_along():
     """LoRA on attn.q, then qlora quantizing attn.q, then removing the LoRA: its hook must leave the 4-bit module
     that replaced the one it was put on (it used to keep running there)."""
-    model = tiny_llama()
+    model = tiny_llama_4bit()
     ps.apply(model, "lora", name="lo", r=2, targets="attn.q")
     randomize(model, "lo")
     ps.apply(model, "qlora", name="q", r=2, targets="attn.v", quantize="attn.q,attn.v")
     ps.remove(model, "lo")
-    reference = tiny_llama()
+    reference = tiny_llama_4bit()
     ps.apply(reference, "qlora", name="q", r=2, targets="attn.v", quantize="attn.q,attn.v")
     with ps.disabled(model), ps.disabled(reference):
         assert torch.equal(out(model), out(reference))
@@ -96,13 +96,13 @@ def test_prompt_trims_attention_maps_and_never_heads():
 # ---------------------------------------------------------------- all or nothing
 
 def test_failed_qlora_load_leaves_the_float_model_bit_identical(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama_4bit()
     ps.apply(model, "qlora", r=2)
     ps.save(model, tmp_path / "q")
     meta = json.loads((tmp_path / "q" / "adapter.json").read_text())
     meta["config"]["r"] = 4   # the tensors no longer fit
     (tmp_path / "q" / "adapter.json").write_text(json.dumps(meta))
-    fresh = tiny_llama()
+    fresh = tiny_llama_4bit()
     snap = snapshot(fresh)
     with pytest.raises(SurgeryError, match="shape"):
         ps.load(fresh, str(tmp_path / "q"))
@@ -113,7 +113,7 @@ def test_failed_qlora_load_leaves_the_float_model_bit_identical(tmp_path):
 def test_refused_merge_merges_no_site():
     """attn.q is float, attn.v is 4-bit (from a qlora underneath): merging a LoRA on both is refused before the
     first site is folded."""
-    model = tiny_llama()
+    model = tiny_llama_4bit()
     ps.apply(model, "qlora", name="q", r=2, targets="attn.v", quantize="attn.v")
     ps.apply(model, "lora", name="lo", r=2, targets="attn.q,attn.v")
     randomize(model, "lo")
@@ -229,7 +229,7 @@ METHODS = [("lora", {"r": 2, "targets": "all-linear"}), ("adapter", {"bottleneck
 def test_deepcopy_and_torch_save_with_each_method_attached(method, cfg, factory):
     if method == "qlora" and factory is tiny_gpt2:
         pytest.skip("qlora on GPT-2 is covered in test_quantize")
-    model = factory()
+    model = tiny_llama_4bit() if method == "qlora" else factory()
     base = out(model)
     ps.apply(model, method, **cfg)
     randomize(model, "default")
@@ -372,7 +372,7 @@ def test_saved_folder_follows_the_umask(tmp_path):
 # ---------------------------------------------------------------- every rule proves it ran
 
 class TokensLM(nn.Module):
-    """Its forward takes `tokens`, not `input_ids`; `spare` is never called."""
+    """Its forward takes `tokens`, not `input_ids`, and mixes positions with one attention; `spare` never runs."""
 
     def __init__(self):
         super().__init__()
@@ -381,7 +381,10 @@ class TokensLM(nn.Module):
         self.spare = nn.Linear(16, 16)
 
     def forward(self, tokens):
-        return self.head(torch.relu(self.mix(self.emb(tokens))))
+        h = self.mix(self.emb(tokens))
+        h = h + torch.nn.functional.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None],
+                                                                 is_causal=True)[:, 0]
+        return self.head(torch.relu(h))
 
 
 class Unreachable(Rule):
@@ -427,9 +430,21 @@ def test_a_rule_whose_site_never_runs_is_refused(plugin):
              plugin(UnreachablePlugin(), "test-unreachable"))
 
 
-def test_prompt_whose_token_input_is_not_found_is_refused_not_a_silent_no_op():
-    """The entry hook looks for input_ids; a model taking `tokens` used to compute the base output unchanged."""
-    _refused(TokensLM().eval(), r"Prompt did not act at \(root\): its hook ran but declined", "prompt-tuning")
+def test_prompt_finds_the_token_argument_by_data_flow():
+    """The model's forward takes `tokens`, not `input_ids`: the prompt used to apply, compute the base output and
+    leave nothing to train."""
+    model = TokensLM().eval()
+    ids = IDS
+    with torch.no_grad():
+        base = model(ids)
+    ps.apply(model, "prompt-tuning", num_tokens=3)
+    assert ps.sitemap(model).token_input == "tokens"
+    got = model(ids)
+    assert got.shape == base.shape and not torch.equal(got, base)
+    got.sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters() if p.requires_grad)
+    with ps.disabled(model), torch.no_grad():
+        assert torch.equal(model(ids), base)
 
 
 def test_prefix_on_multihead_attention_is_refused_not_a_silent_no_op():

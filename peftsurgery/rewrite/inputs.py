@@ -33,13 +33,15 @@ def cache_length(past) -> int:
 class Entry:
     """Hooks on the entry module, shared by every virtual-token rule of one adapter."""
 
-    def __init__(self, model: nn.Module, entry: str, embed: str | None, num: int, prompt=None,
+    def __init__(self, model: nn.Module, sitemap, embed: str | None, num: int, prompt=None,
                  switch: Switch | None = None):
-        self.entry, self.embed_path = entry, embed
-        self.module = model.get_submodule(entry)
+        self.entry, self.embed_path = sitemap.entry, embed
+        self.module = model.get_submodule(self.entry)
         self.embed = model.get_submodule(embed) if embed else None
         self.num, self.prompt, self.switch = num, prompt, switch
         self.params = list(inspect.signature(self.module.forward).parameters)
+        # the token argument at the entry: the model input found to feed the embedding, else input_ids
+        self.ids = sitemap.token_input if sitemap.token_input in self.params else "input_ids"
         self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
 
     def attach(self, model: nn.Module):
@@ -59,7 +61,7 @@ class Entry:
             self._push(0)
             return None
         kwargs = {**dict(zip(self.params, args)), **kwargs}
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ids, embeds = kwargs.get(self.ids), kwargs.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:
             self._push(0)
@@ -79,14 +81,14 @@ class Entry:
                 kwargs["attention_mask"] = mask
         if prepend:
             for k, v in list(kwargs.items()):
-                if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels") and \
+                if k not in (self.ids, "inputs_embeds", "attention_mask", "position_ids", "labels") and \
                         isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (B, S):
                     kwargs[k] = torch.cat([torch.zeros(B, P, dtype=v.dtype, device=dev), v], 1)
             if "inputs_embeds" in self.params:
                 if embeds is None:
                     embeds = self.embed(ids)
                 kwargs["inputs_embeds"] = torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1)
-                kwargs["input_ids"] = None
+                kwargs[self.ids] = None
         if "position_ids" in self.params:
             kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, prepend,
                                                      dev)

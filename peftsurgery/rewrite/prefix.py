@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SurgeryError
 from ..sites import Site
 from .attention import Intercepted, extend_mask
 from .base import Rule, Switch
@@ -155,7 +156,7 @@ class Prefix(Rule):
             yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "")
         embed = next((x.path for x in sitemap if x.role == "embed"), None)
         if embed is not None:
-            yield from Entry(model, sitemap.entry, embed, self.num_tokens, None, switch).attach(model)
+            yield from Entry(model, sitemap, embed, self.num_tokens, None, switch).attach(model)
 
     def state(self, built):
         """Saved per site, its keys and values, however they are held: an MLP is folded away (computed once).
@@ -176,10 +177,11 @@ class Prefix(Rule):
 
 
 def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run the model once and return, for each attention site, the keys and values it computed (batch 0)."""
+    """Run the model once on `inputs` (the token ids first) and return, for each attention site, the keys and
+    values it computed (batch 0)."""
     got: dict[str, tuple] = {}
     undo = []
-    n = inputs["input_ids"].shape[-1]  # other adapters may have put virtual tokens before these
+    n = next(iter(inputs.values())).shape[-1]  # other adapters may have put virtual tokens before these
 
     def recorder(path):
         def ed(module, q, k, v, mask, kwargs):
@@ -194,4 +196,8 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
     finally:
         for u in reversed(undo):
             u.undo(model)
+    missing = [s.path for s in sites if s.path not in got]
+    if missing:
+        raise SurgeryError(f"no attention call at {missing[0]} could be intercepted (it computes attention in its "
+                           "own way); prefixes cannot be added there")
     return [got[s.path] for s in sites]

@@ -62,7 +62,7 @@ class Prompt(Rule):
 
     def attach(self, model, sites, built, switch, sitemap):
         path = sites[0].path
-        yield from Entry(model, sitemap.entry, path, self.num_tokens, built[path], switch).attach(model)
+        yield from Entry(model, sitemap, path, self.num_tokens, built[path], switch).attach(model)
 
     def loading(self, settings):
         """Loading overwrites the vectors: no initialisation from the embedding."""

@@ -1,56 +1,89 @@
-"""Rule: quantize the base weights of linears to 4-bit NormalFloat (NF4) through bitsandbytes.
+"""Rule: quantize the base weights of linears (nn.Linear, and transformers' Conv1D as GPT-2 uses it) to 4-bit
+NormalFloat (NF4) through bitsandbytes.
 
-The float weights are dropped (that is the memory saving); removing the rule puts back float linears holding
-the dequantized weights."""
+The float weights are dropped (that is the memory saving); removing the rule puts back float modules of the
+original class and dtype holding the dequantized weights, not the original ones."""
 from __future__ import annotations
+
+import logging
+import sys
 
 import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .base import Rule, Undo
+from .base import Rule, Swapped
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what bitsandbytes' 4-bit layer computes in
+_HOOKS = tuple(k for k in vars(nn.Module()) if "hook" in k)        # every hook dict (and flag) of a module
+
+# On a CPU with AVX512-BF16, importing bitsandbytes without the optional `kernels` package logs "Failed to load CPU
+# gemm_4bit_forward from kernels-community ..." (bitsandbytes then uses its own kernel; the layers built here do
+# not take that path at all). Exactly that message is dropped; everything else the logger says still shows. This
+# only helps when peftsurgery is imported before bitsandbytes (importing transformers' Trainer imports it too).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 class Quantize(Rule):
+    """compute_dtype: the dtype the 4-bit layers compute in; None means each linear's original weight dtype."""
     kinds = ("linear",)
     phase = 0
 
-    def __init__(self, targets: str, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, targets: str, double_quant: bool = True, compute_dtype: torch.dtype | None = None):
         super().__init__(targets)
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise SurgeryError(f"compute_dtype must be None or one of {', '.join(map(str, COMPUTE_DTYPES))}, "
+                               f"got {compute_dtype!r}")
         self.double_quant, self.compute_dtype = double_quant, compute_dtype
 
-    def select(self, sitemap):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise SurgeryError("quantization needs bitsandbytes: pip install bitsandbytes") from None
-        return [s for s in super().select(sitemap)]
+    def check(self, model, sites):
+        bnb = _bnb()
+        for s in sites:
+            m = model.get_submodule(s.path)
+            if _is_quantized(bnb, m):
+                continue
+            if type(m) not in _float_classes():
+                why = f"it is a {type(m).__name__}; only nn.Linear and transformers' Conv1D can be quantized"
+            elif (w := _out_in(m)).device.type == "meta":
+                why = "it is on the meta device; load real weights before quantizing"
+            elif w.dtype not in COMPUTE_DTYPES:
+                why = f"its weights are {w.dtype}; bitsandbytes quantizes float32, bfloat16 and float16 only"
+            elif w.numel() == 2:  # one packed byte, which bitsandbytes then takes for a transposed weight
+                why = "its weight is 1 x 2 (or 2 x 1), which bitsandbytes' 4-bit layer cannot multiply"
+            elif not _round_trips(bnb, w.shape[1], w.dtype, w.device):
+                why = (f"bitsandbytes on this machine dequantizes 4-bit weights {w.shape[1]} wide wrongly (seen on "
+                       "CPUs with AVX-512 for widths that are multiples of 16 but not of 64); leave it out of quantize")
+            else:
+                continue
+            raise SurgeryError(f"cannot quantize {s.path}: {why}")
 
     def attach(self, model, sites, built, switch, sitemap):
-        import bitsandbytes as bnb
-        undo = []
+        bnb = _bnb()
         for s in sites:
             parent_path, _, name = s.path.rpartition(".")
             parent = model.get_submodule(parent_path)
             old = getattr(parent, name)
-            if type(old) is not nn.Linear:
-                if isinstance(old, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                    continue  # already quantized
-                raise SurgeryError(f"{s.path} is a {type(old).__name__}; only nn.Linear can be quantized")
-            if old.weight.device.type == "meta":
-                raise SurgeryError(f"{s.path} is on the meta device; load real weights before quantizing")
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                    compute_dtype=self.compute_dtype, compress_statistics=self.double_quant,
-                                    quant_type="nf4", device=old.weight.device)
-            new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4",
+            if _is_quantized(bnb, old):
+                continue
+            w = _out_in(old)
+            compute = self.compute_dtype or w.dtype
+            new = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=old.bias is not None, compute_dtype=compute,
+                                    compress_statistics=self.double_quant, quant_type="nf4", device=w.device)
+            new.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, quant_type="nf4",
                                            compress_statistics=self.double_quant)
-            if old.bias is not None:
-                new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
-            new = new.to(old.weight.device)  # quantizes
-            new._forward_hooks.update(old._forward_hooks)
+            if old.bias is not None:  # kept in the compute dtype: bitsandbytes would otherwise cast it in place
+                new.bias = nn.Parameter(old.bias.detach().to(compute, copy=True), requires_grad=False)
+            # bitsandbytes' CPU inference packing (taken on CPUs with AVX512-BF16 at an eval forward without grad)
+            # refuses out_features % 32 or in_features % 64, computes in bfloat16 whatever compute_dtype says, and
+            # leaves weights that later forwards with grad and dequantize_4bit misread (bitsandbytes 0.50.2):
+            # keep every layer on the dequantize-and-matmul path, which takes any shape
+            new.support_avx512bf16_for_cpu = False
+            new.peftsurgery_float_class = type(old)
+            new = new.to(w.device)  # quantizes
+            _carry_hooks(old, new)
             setattr(parent, name, new)  # the float weights are not kept: saving their memory is the point
-            undo.append(Undo(lambda p=parent, n=name: setattr(p, n, _dequantized(getattr(p, n)))))
-        return undo
+            yield Swapped(s.path, _dequantized)
 
     def route(self, model, entries, rows, cache):
         return []  # the quantized base is shared by every row
@@ -59,16 +92,66 @@ class Quantize(Rule):
         return f"base weights quantized to nf4{' (double quant)' if self.double_quant else ''}"
 
 
-def _dequantized(q: nn.Module) -> nn.Linear:
-    """A float nn.Linear computing what the 4-bit layer computes (quantization is lossy: the original
-    weights are gone)."""
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SurgeryError("quantization needs bitsandbytes: pip install 'peftsurgery[quant]'") from None
+    return bitsandbytes
+
+
+_ROUND_TRIP: dict = {}
+
+
+def _round_trips(bnb, width: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether bitsandbytes' dequantization here gives back what NF4 encodes for weights `width` wide (checked once
+    per width, dtype and device kind, on fixed random weights, without touching torch's global generator)."""
+    key = (width, dtype, device.type)
+    if key not in _ROUND_TRIP:
+        F = bnb.functional
+        w = torch.randn(64, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        codes = q.view(torch.uint8).reshape(-1, 1).long()
+        expected = state.code[torch.cat([codes >> 4, codes & 15], 1).reshape(-1)[:w.numel()]] * \
+            state.absmax.repeat_interleave(64)[:w.numel()]
+        got = F.dequantize_4bit(q, state).reshape(-1).float()
+        _ROUND_TRIP[key] = bool(((got - expected).abs() <= 1e-2 * expected.abs() + 1e-6).all())
+    return _ROUND_TRIP[key]
+
+
+def _is_quantized(bnb, m: nn.Module) -> bool:
+    return isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def _out_in(m: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features): Conv1D stores it transposed."""
+    return m.weight.detach() if type(m) is nn.Linear else m.weight.detach().t()
+
+
+def _float_classes() -> tuple[type, ...]:
+    """nn.Linear, and transformers' Conv1D (weight stored as (in, out)) when transformers is loaded."""
+    conv = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) + ((conv,) if conv else ())
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """`new` takes over `old`'s hook dicts themselves, so hooks keep their order and flags and the handles that
+    registered them still remove them."""
+    new.__dict__.update({k: old.__dict__[k] for k in _HOOKS})
+
+
+def _dequantized(q: nn.Module) -> nn.Module:
+    """A float module of the class the 4-bit layer replaced (nn.Linear or Conv1D), in the original weight dtype,
+    computing what the 4-bit layer computes (quantization is lossy: the original weights are gone), with its
+    hooks."""
     import bitsandbytes as bnb
-    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(q.compute_dtype or torch.float32)
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        if q.bias is not None:
-            lin.bias.copy_(q.bias)
-    lin.requires_grad_(False)
-    lin._forward_hooks.update(q._forward_hooks)
-    return lin
+    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)  # in the original dtype
+    cls = getattr(q, "peftsurgery_float_class", nn.Linear)
+    with torch.device("meta"):
+        m = nn.Linear(q.in_features, q.out_features, q.bias is not None) if cls is nn.Linear else \
+            cls(q.out_features, q.in_features)
+    m.weight = nn.Parameter(w if cls is nn.Linear else w.t().contiguous(), requires_grad=False)
+    if q.bias is not None:
+        m.bias = nn.Parameter(q.bias.detach().to(w.dtype, copy=True), requires_grad=False)
+    _carry_hooks(q, m)
+    return m
