@@ -60,6 +60,7 @@ class Watcher:
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_ALL_HOOKS = tuple(k for k in vars(nn.Module()) if "hook" in k)   # every hook dict (and flag) of a module
 
 
 class Hooked(Change):
@@ -76,7 +77,7 @@ class Hooked(Change):
         self.path, self.hook, self.acts = path, hook, acts  # acts=False: a clean-up hook, nothing to prove
 
     def undo(self, model):
-        move_hooks(model.get_submodule(self.path), None, only=self.hook)
+        drop_hook(model.get_submodule(self.path), self.hook)
 
     def watch(self, model):
         """A hook acts when it returns something (hooks that decline return None)."""
@@ -92,26 +93,20 @@ class Hooked(Change):
         return None
 
 
-def move_hooks(old: nn.Module, new: nn.Module | None, only=None) -> None:
-    """Move the forward hooks of `old` (all, or the one hook object `only`) to `new`, keeping their ids, order
-    and flags; with new=None they are dropped."""
+def drop_hook(module: nn.Module, hook) -> None:
+    """Take the hook object `hook` off `module` (forward and pre-hooks, with their flags)."""
     for name in _HOOK_DICTS:
-        hooks = getattr(old, name)
-        for key in [k for k, h in hooks.items() if only is None or h is only]:
-            h = hooks.pop(key)
+        hooks = getattr(module, name)
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
             for flag in _HOOK_FLAGS:
-                flags = getattr(old, flag)
-                if key in flags:
-                    flags.pop(key)
-                    if new is not None:
-                        getattr(new, flag)[key] = True
-            if new is not None:
-                getattr(new, name)[key] = h
-    if new is not None:
-        for name in _HOOK_DICTS:
-            hooks = getattr(new, name)
-            for k in sorted(hooks):  # hook ids grow with registration: their order is the original one
-                hooks.move_to_end(k)
+                getattr(module, flag).pop(key, None)
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """`new` takes over `old`'s hook dicts themselves (for a module swapped in its place): the hooks keep their
+    order and flags, and the handles that registered them still remove them."""
+    new.__dict__.update({k: v for k, v in old.__dict__.items() if k in _ALL_HOOKS})
 
 
 class Swapped(Change):
@@ -130,7 +125,7 @@ class Swapped(Change):
         parent = model.get_submodule(parent_path)
         now = getattr(parent, name)
         back = self.restore(now)
-        move_hooks(now, back)
+        carry_hooks(now, back)
         setattr(parent, name, back)
 
 

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .base import Rule, Swapped
+from .base import Rule, Swapped, carry_hooks
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what bitsandbytes' 4-bit layer computes in
-_HOOKS = tuple(k for k in vars(nn.Module()) if "hook" in k)        # every hook dict (and flag) of a module
 
 # On a CPU with AVX512-BF16, importing bitsandbytes without the optional `kernels` package logs "Failed to load CPU
 # gemm_4bit_forward from kernels-community ..." (bitsandbytes then uses its own kernel; the layers built here do
@@ -81,7 +80,7 @@ class Quantize(Rule):
             new.support_avx512bf16_for_cpu = False
             new.peftsurgery_float_class = type(old)
             new = new.to(w.device)  # quantizes
-            _carry_hooks(old, new)
+            carry_hooks(old, new)
             setattr(parent, name, new)  # the float weights are not kept: saving their memory is the point
             yield Swapped(s.path, _dequantized)
 
@@ -134,16 +133,10 @@ def _float_classes() -> tuple[type, ...]:
     return (nn.Linear,) + ((conv,) if conv else ())
 
 
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    """`new` takes over `old`'s hook dicts themselves, so hooks keep their order and flags and the handles that
-    registered them still remove them."""
-    new.__dict__.update({k: old.__dict__[k] for k in _HOOKS})
-
-
 def _dequantized(q: nn.Module) -> nn.Module:
     """A float module of the class the 4-bit layer replaced (nn.Linear or Conv1D), in the original weight dtype,
-    computing what the 4-bit layer computes (quantization is lossy: the original weights are gone), with its
-    hooks."""
+    computing what the 4-bit layer computes (quantization is lossy: the original weights are gone); Swapped
+    carries the hooks over."""
     import bitsandbytes as bnb
     w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)  # in the original dtype
     cls = getattr(q, "peftsurgery_float_class", nn.Linear)
@@ -153,5 +146,4 @@ def _dequantized(q: nn.Module) -> nn.Module:
     m.weight = nn.Parameter(w if cls is nn.Linear else w.t().contiguous(), requires_grad=False)
     if q.bias is not None:
         m.bias = nn.Parameter(q.bias.detach().to(w.dtype, copy=True), requires_grad=False)
-    _carry_hooks(q, m)
     return m
