@@ -451,3 +451,24 @@ def test_prefix_on_multihead_attention_is_refused_not_a_silent_no_op():
     """nn.MultiheadAttention computes attention inside multi_head_attention_forward, out of the interceptor's
     reach: the prefix used to apply and do nothing."""
     _refused(MHANet().eval(), r"Prefix did not act at attn: no attention call", "prefix-tuning", init="random")
+
+
+# ---------------------------------------------------------------- virtual tokens right before the first real token
+
+def test_prompt_sits_after_left_padding_even_without_attention():
+    """Mamba has no attention to mask the pads: a prompt placed before them made a left-padded row compute
+    something else than the row alone (0.14 off). Virtual tokens go right before the row's first real token."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                               expand=2, conv_kernel=4)).eval()
+    ps.apply(model, "prompt-tuning", num_tokens=3)
+    randomize(model, "default", seed=1)
+    row = torch.tensor([[5, 6, 7, 8]])
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        alone = model(input_ids=row).logits
+        both = model(input_ids=ids, attention_mask=mask).logits
+    assert both.shape == (2, 6, VOCAB)
+    torch.testing.assert_close(both[0, 2:], alone[0], atol=1e-5, rtol=0)

@@ -72,35 +72,38 @@ class Entry:
         past = cache_length(kwargs.get("past_key_values")) if mask is None else 0
         decoding = (mask is not None and mask.shape[-1] > S) or past > 0
         prepend = self.prompt is not None and not decoding
+        layout = Layout(mask, B, S, P, dev) if prepend else None
         if self.prompt is not None:
             if mask is not None or prepend and "attention_mask" in self.params:
                 if mask is None:
                     mask = torch.ones(B, S, dtype=torch.long, device=dev)
-                if mask.dim() == 2:
-                    mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], 1)
+                if mask.dim() == 2:  # while decoding the prompt is in the cache, after the same left padding
+                    grown = layout if prepend else Layout(mask, B, mask.shape[1], P, dev)
+                    mask = grown.place(torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], 1))
                 kwargs["attention_mask"] = mask
         if prepend:
             for k, v in list(kwargs.items()):
                 if k not in (self.ids, "inputs_embeds", "attention_mask", "position_ids", "labels") and \
                         isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (B, S):
-                    kwargs[k] = torch.cat([torch.zeros(B, P, dtype=v.dtype, device=dev), v], 1)
+                    kwargs[k] = layout.place(torch.cat([torch.zeros(B, P, dtype=v.dtype, device=dev), v], 1))
             if "inputs_embeds" in self.params:
                 if embeds is None:
                     embeds = self.embed(ids)
-                kwargs["inputs_embeds"] = torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1)
+                kwargs["inputs_embeds"] = layout.place(torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1))
                 kwargs[self.ids] = None
         if "position_ids" in self.params:
-            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, prepend,
+            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, layout,
                                                      dev)
-        self._push((P, S + P) if prepend else 0)
+        self._push(layout or 0)
         return (), kwargs
 
-    def _positions(self, given, mask, B, S, P, past, prepend, dev):
+    def _positions(self, given, mask, B, S, P, past, layout, dev):
         in_sequence = self.prompt is not None   # prompts are in the mask; prefixes are not
+        prepend = layout is not None
         if given is not None:
             pos = given + P
             if prepend:
-                pos = torch.cat([torch.arange(P, device=dev).expand(B, P).to(pos.dtype), pos], 1)
+                pos = layout.place(torch.cat([torch.arange(P, device=dev).expand(B, P).to(pos.dtype), pos], 1))
             return pos
         n = S + P if prepend else S
         if mask is not None and mask.dim() == 2:
@@ -110,35 +113,69 @@ class Entry:
         return torch.arange(start, start + n, device=dev).expand(B, n)
 
     def on_embed(self, module, args, out):
-        if self.pending and self.pending[-1] and out.dim() == 3 and out.shape[1] + self.num == self.pending[-1][1]:
-            return torch.cat([self.prompt(out.shape[0]).to(out.dtype), out], 1)
+        layout = self.pending[-1] if self.pending else 0
+        if layout and out.dim() == 3 and out.shape[1] + self.num == layout.total:
+            return layout.place(torch.cat([self.prompt(out.shape[0]).to(out.dtype), out], 1))
         return None
 
     def post(self, module, args, kwargs, out):
-        done = self.pending.pop() if self.pending else 0
-        return _drop(out, *done) if done else None
+        layout = self.pending.pop() if self.pending else 0
+        return _drop(out, layout) if layout else None
 
 
-def _drop(out, P: int, total: int, key: str = ""):
-    """Remove the first P of `total` positions from every tensor of an output where the entry put them: the
-    sequence axis (1) of hidden states and logits; the query and key axes of attention maps (the last two axes
-    of an entry named *attentions, or of a 4-D tensor whose last axis is the sequence; cross-attention maps only
-    on their key axis)."""
+class Layout:
+    """Where a prompt of P virtual tokens goes in each row of a batch of S tokens: right before the row's first
+    real token, after any left padding (so a padded row computes what it computes alone, also in models without
+    attention masks). place() rearranges a (B, P + S, ...) tensor built prompt-first; keep() picks the user's S
+    positions back out of any axis."""
+
+    def __init__(self, mask, B: int, S: int, P: int, dev):
+        lead = (mask.cumsum(-1) == 0).sum(-1, keepdim=True) if mask is not None and mask.dim() == 2 else \
+            torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.P, self.total, self.plain = P, S + P, not bool(lead.any())
+        j, i = torch.arange(S + P, device=dev), torch.arange(S, device=dev)
+        self.src = torch.where(j < lead, j + P, torch.where(j < lead + P, j - lead, j))   # (B, S + P)
+        self.kept = torch.where(i < lead, i, i + P)                                         # (B, S)
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.plain else _gather(t, 1, self.src)
+
+    def keep(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.plain:
+            return t.narrow(dim, self.P, self.total - self.P)
+        return _gather(t, dim, self.kept)
+
+
+def _gather(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """t gathered along `dim` with a (batch, n) index, batch on axis 0."""
+    shape = [index.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = index.shape[1]
+    size = list(t.shape)
+    size[dim] = index.shape[1]
+    return t.gather(dim, index.view(shape).expand(size))
+
+
+def _drop(out, layout: Layout, key: str = ""):
+    """Take the prompt's positions back out of every tensor of an output where the entry put them: the sequence
+    axis (1) of hidden states and logits; the query and key axes of attention maps (the last two axes of an entry
+    named *attentions, or of a 4-D tensor whose last axis is the sequence; cross-attention maps only on their key
+    axis)."""
+    total = layout.total
     if isinstance(out, torch.Tensor):
         if "attention" in key or (out.dim() == 4 and out.shape[-1] == total):
             if out.shape[-1] == total:
-                out = out[..., P:]
+                out = layout.keep(out, out.dim() - 1)
             if out.dim() >= 3 and out.shape[-2] == total and not key.startswith("cross"):
-                out = out[..., P:, :]
+                out = layout.keep(out, out.dim() - 2)
             return out
-        return out[:, P:] if out.dim() >= 2 and out.shape[1] == total else out
+        return layout.keep(out, 1) if out.dim() >= 2 and out.shape[1] == total else out
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return tuple(_drop(o, P, total, key) for o in out)
+        return tuple(_drop(o, layout, key) for o in out)
     if isinstance(out, list):
-        return [_drop(o, P, total, key) for o in out]
+        return [_drop(o, layout, key) for o in out]
     if isinstance(out, dict):  # ModelOutput is a dict subclass with attributes
         for k in list(out.keys()):
             if k != "past_key_values":
-                out[k] = _drop(out[k], P, total, k)
+                out[k] = _drop(out[k], layout, k)
         return out
     return out
