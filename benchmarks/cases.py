@@ -291,6 +291,7 @@ def _quantize_like_ours(model):
                                         device=child.weight.device)
                 new.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                                compress_statistics=True)
+                new.support_avx512bf16_for_cpu = False   # the same dequantize-and-matmul path as ours
                 setattr(mod, cname, new.to(child.weight.device))
     return model
 
