@@ -3,9 +3,13 @@ profiles: `ci` (the default: derandomized, the same examples on every run) and `
 examples; select it with PEFTSURGERY_HYPOTHESIS=deep, see README "Tests")."""
 import os
 
+import pytest
 import torch
 import transformers as tf
 from hypothesis import HealthCheck, Phase, settings
+
+from peftsurgery import SurgeryError
+from peftsurgery.registry import manager
 
 # No shrinking by default: each example costs a model export (~0.5 s) and shrinking a failure can take many
 # minutes; the falsifying example is still printed. PEFTSURGERY_PROPERTY_SHRINK=1 turns it on.
@@ -61,3 +65,28 @@ def tiny_t5(**overrides):
     return _build(tf.T5Config, tf.T5ForConditionalGeneration, overrides, vocab_size=VOCAB, d_model=32, d_kv=8,
                   d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
                   attn_implementation="sdpa")
+
+
+def raises_one_line(fn, *needles) -> str:
+    """fn() raises a one-line SurgeryError containing every needle; returns the message."""
+    with pytest.raises(SurgeryError) as e:
+        fn()
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+@pytest.fixture
+def registered():
+    """register(plugin, name) as tests and users do, unregistered afterwards; returns the name."""
+    names = []
+
+    def register(plugin, name):
+        manager().register(plugin, name=name)
+        names.append(name)
+        return name
+    yield register
+    for n in names:
+        manager().unregister(name=n)

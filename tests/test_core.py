@@ -15,14 +15,13 @@ from torch import nn
 
 import peftsurgery as ps
 from peftsurgery import SurgeryError, hookimpl
-from peftsurgery.registry import manager
 from peftsurgery.rewrite import Hooked, Prefix, Rule, record_kv
 from peftsurgery.surgery import CONTAINER
 
 try:
-    from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
+    from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit
 except ImportError:  # tests/ collected as a package
-    from tests.conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
+    from tests.conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_llama_4bit
 
 IDS = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
 
@@ -155,25 +154,11 @@ class ExplodingPlugin:
         return 6
 
 
-@pytest.fixture()
-def plugin():
-    """Register a plugin object for one test: plugin(obj) -> its name."""
-    registered = []
-
-    def register(obj, name):
-        manager().register(obj, name=name)
-        registered.append(obj)
-        return name
-    yield register
-    for obj in registered:
-        manager().unregister(obj)
-
-
-def test_apply_failing_half_way_undoes_what_it_made(plugin):
+def test_apply_failing_half_way_undoes_what_it_made(registered):
     model = tiny_llama()
     snap = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
-        ps.apply(model, plugin(ExplodingPlugin(), "test-exploding"))
+        ps.apply(model, registered(ExplodingPlugin(), "test-exploding"))
     assert_same(model, snap)
     assert ps.adapters(model) == {} and CONTAINER not in model._modules
 
@@ -202,11 +187,11 @@ class Quiet(Rule):
         return iter(())
 
 
-def test_a_method_building_no_parameters_is_refused(plugin):
+def test_a_method_building_no_parameters_is_refused(registered):
     model = tiny_llama()
     snap = snapshot(model)
     with pytest.raises(SurgeryError, match="no trainable parameters"):
-        ps.apply(model, plugin(NothingPlugin(), "test-nothing"))
+        ps.apply(model, registered(NothingPlugin(), "test-nothing"))
     assert_same(model, snap)
 
 
@@ -315,8 +300,8 @@ class OddPrefix:
         return config.length * dim + dim * h + h + h * per_token + per_token if h else config.length * per_token
 
 
-def test_third_party_prefix_with_other_option_names_reloads_exactly(plugin, tmp_path):
-    name = plugin(OddPrefix(), "test-odd-prefix")
+def test_third_party_prefix_with_other_option_names_reloads_exactly(registered, tmp_path):
+    name = registered(OddPrefix(), "test-odd-prefix")
     model = tiny_llama()
     ps.apply(model, name)
     randomize(model, "default")
@@ -425,9 +410,9 @@ def _refused(model, match, *args, **kw):
     assert ps.adapters(model) == {} and CONTAINER not in model._modules
 
 
-def test_a_rule_whose_site_never_runs_is_refused(plugin):
+def test_a_rule_whose_site_never_runs_is_refused(registered):
     _refused(TokensLM().eval(), r"Unreachable did not act at spare: its hook never ran",
-             plugin(UnreachablePlugin(), "test-unreachable"))
+             registered(UnreachablePlugin(), "test-unreachable"))
 
 
 def test_prompt_finds_the_token_argument_by_data_flow():

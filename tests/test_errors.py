@@ -11,7 +11,11 @@ import transformers as tf
 
 import peftsurgery as ps
 import peftsurgery.io
-from peftsurgery import SurgeryError
+
+try:
+    from conftest import raises_one_line
+except ImportError:  # tests/ collected as a package
+    from tests.conftest import raises_one_line
 
 V = 128
 IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
@@ -58,16 +62,6 @@ def assert_same(model, before):
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), k
     assert torch.equal(after["out"], before["out"])
-
-
-def raises_one_line(fn, *needles):
-    with pytest.raises(SurgeryError) as e:
-        fn()
-    msg = str(e.value)
-    assert msg and "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, (n, msg)
-    return msg
 
 
 @pytest.fixture(scope="module")

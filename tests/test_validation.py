@@ -8,22 +8,12 @@ import math
 import pytest
 
 import peftsurgery as ps
-from peftsurgery import SurgeryError, hookimpl, registry
+from peftsurgery import hookimpl, registry
 from peftsurgery.cli import main
-from peftsurgery.registry import Method, manager
+from peftsurgery.registry import Method
 from peftsurgery.rewrite import LowRank
 
-from conftest import tiny_llama
-
-
-def one_line(fn, *needles) -> str:
-    with pytest.raises(SurgeryError) as e:
-        fn()
-    msg = str(e.value)
-    assert msg and "\n" not in msg, msg
-    for n in needles:
-        assert n in msg, (n, msg)
-    return msg
+from conftest import raises_one_line as one_line, tiny_llama
 
 
 # ---------------------------------------------------------------- method configs
@@ -103,20 +93,6 @@ class NoBudget:
 def returning(hook, value):
     """A Good plugin whose `hook` returns `value`."""
     return type("Returns", (Good,), {hook: hookimpl(lambda self, **kw: value)})()
-
-
-@pytest.fixture
-def registered():
-    """register(plugin, name) as tests and users do, unregistered afterwards."""
-    names = []
-
-    def register(plugin, name):
-        manager().register(plugin, name=name)
-        names.append(name)
-        return name
-    yield register
-    for n in names:
-        manager().unregister(name=n)
 
 
 @pytest.fixture(scope="module")
