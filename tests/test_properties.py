@@ -605,6 +605,9 @@ def _unchanged(model, before):
                            ("qlora", {"r": 1, "targets": "attn.v", "quantize": "attn.*"}),
                            ("prefix-tuning", {"num_tokens": 2, "projection": 4})],
           [("merge", 0), ("merge", 1), ("unmerge", 0), ("reload", 2), ("remove", 1), ("reload", 0), ("remove", 0)]))
+@example((_spec("qwen2", heads=2, head_dim=4), [("adapter", {"targets": "mlp.down", "bottleneck": 2}),
+                                               ("lora", {"targets": "all-linear", "r": 1})],
+          [("merge", 1)]))   # a LoRA behind a series adapter on the same linear: merging it would change outputs
 @example((_spec("gpt2", heads=2, width=8), [("prefix-tuning", {"num_tokens": 2, "projection": 4}),
                                           ("prefix-tuning", {"num_tokens": 2, "projection": 0}),
                                           ("adapter", {"bottleneck": 4, "targets": "mlp.down"})],

@@ -183,6 +183,17 @@ class Rule:
         return type(self).__name__
 
 
+def hooks_before(module: nn.Module, owner: nn.Module) -> list:
+    """The forward hooks that run on `module`'s output before the one running `owner` (a built module): merging
+    `owner` into the weights moves its effect in front of them, which is exact only if they commute with it."""
+    out = []
+    for h in module._forward_hooks.values():
+        if getattr(h, "owner", None) is owner:
+            return out
+        out.append(h)
+    return []
+
+
 def park(module: nn.Module, owner: nn.Module) -> None:
     """For a mergeable rule: once `owner` (a built module with .merged and .parked) is merged into `module`'s
     weights, the output hooks that run it (those whose .owner it is) come off `module`, so a merged model takes

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Hooked, Rule, Switch, park
+from .base import Hooked, Rule, Switch, hooks_before, park
 
 
 class Factor(nn.Module):
@@ -60,6 +60,7 @@ class LowRankBranch(nn.Module):
 
 class _Branch:
     """Forward hook adding the branch to a linear's output (a class, so deepcopy carries it along)."""
+    additive = True   # it adds to the output: merging another branch in front of it is exact
 
     def __init__(self, branch: LowRankBranch, switch: Switch):
         self.owner, self.switch = branch, switch
@@ -205,6 +206,13 @@ class LowRank(Rule):
             w = _weight(model, s)
             if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy of the model")
+            if s.kind == "linear":
+                ahead = [h for h in hooks_before(model.get_submodule(s.path), built[s.path])
+                         if not getattr(h, "additive", False)]
+                if ahead:
+                    raise SurgeryError(f"at {s.path} a {type(ahead[0]).__name__} hook of an adapter attached earlier "
+                                       "transforms the output first, so merging would change what the model "
+                                       "computes; merge or remove that adapter first")
 
     def merge(self, model, sites, built, sign):
         for s in sites:

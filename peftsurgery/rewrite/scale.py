@@ -6,7 +6,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Hooked, Rule, Switch, park
+from .base import Hooked, Rule, Switch, hooks_before, park
 
 
 class ScaleVector(nn.Module):
@@ -59,6 +59,11 @@ class Scale(Rule):
             w = _linear(model, s.path).weight
             if not w.dtype.is_floating_point:
                 raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy")
+            ahead = hooks_before(_linear(model, s.path), built[s.path])
+            if ahead:
+                raise SurgeryError(f"at {s.path} a {type(ahead[0]).__name__} hook of an adapter attached earlier acts "
+                                   "on the output first, so merging the scale would change what the model computes; "
+                                   "merge or remove that adapter first")
             if not built[s.path].merged and bool((built[s.path].weight == 0).any()):
                 raise SurgeryError(f"the scale vector at {s.path} has a zero entry, so unmerging could not "
                                    "divide it back out; keep the adapter unmerged")
