@@ -1,22 +1,29 @@
 """Find sites and their roles from a captured op graph, by data flow.
 
 Each tensor gets an *origin*: the set of producers (linear layers, attention ops, embeddings, model inputs) that
-reach it without passing through another linear layer. From that:
+reach it without passing through another linear layer (an in-place write reaches later readers of the tensor it
+writes), and a *source*: the model inputs that reach it through anything. From that:
 - the linear(s) at the origin of an attention op's query / key / value are attn.q / attn.k / attn.v; one linear
-  feeding all three is attn.qkv; key/value fed from a different tensor than the query makes it cross-attention;
+  feeding all three is attn.qkv, keys and values only attn.kv; a linear feeding only those projections, which
+  read nothing else, is a low-rank down-projection attn.q_a / attn.kv_a; key/value computed from other model
+  inputs than the query makes it cross-attention (xattn.*);
+- heads and head dim come from the query as the attention op sees it (batch, heads, seq, head_dim); key/value
+  heads from the key, divided by any repeat on its way from the projections (grouped-query attention);
 - a linear whose input comes from an attention op is attn.o;
 - a linear outside the repeated blocks whose output reaches a model output is the head;
-- a linear fed only by other linears (not by the residual stream) is mlp.down, and those are mlp.up, or mlp.gate
-  when their path passes an activation;
+- a linear fed only by linears (not by the residual stream) that feed nothing else is mlp.down, and those are
+  mlp.up, or mlp.gate when their path passes an activation;
+- any other linear is `linear`, and a linear module that ran is never left out;
 - an embedding indexed directly by a model input (the earliest one) is embed; that input carries the tokens.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
 
-from .capture import Graph, Op
+from .capture import Graph, Op, linear_shape
 from .sites import Site, block_of
 
 PRODUCERS = ("linear", "attention", "embedding", "input")
@@ -75,12 +82,16 @@ def _descends(g: Graph, name: str, ancestor: str, depth: int = 6) -> bool:
     return any(_descends(g, i, ancestor, depth - 1) for i in g.ops[name].inputs)
 
 
-def origins(g: Graph) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
-    """origin[node]: producers reaching it; act[node]: linears reaching it through an activation."""
+def origins(g: Graph) -> tuple[dict[str, frozenset], dict[str, frozenset], dict[str, frozenset]]:
+    """origin[node]: producers reaching it; act[node]: linears reaching it through an activation; src[node]: the
+    model inputs reaching it through anything. An in-place write reaches later readers of the tensor written."""
     origin: dict[str, frozenset] = {}
     act: dict[str, frozenset] = {}
+    src: dict[str, frozenset] = {}
     empty = frozenset()
     for op in g.ops.values():  # nodes are in topological order
+        src[op.name] = frozenset([op.name]) if op.kind == "input" else empty.union(*(src.get(i, empty)
+                                                                                   for i in op.inputs))
         if op.kind in PRODUCERS:
             origin[op.name] = frozenset([op.name])
             act[op.name] = empty
@@ -90,7 +101,10 @@ def origins(g: Graph) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
         if op.kind == "activation":
             a = a | frozenset(x for x in o if g.ops[x].kind == "linear")
         origin[op.name], act[op.name] = o, a
-    return origin, act
+        w = op.extra.get("writes")
+        if w in origin and w != op.name:
+            origin[w], act[w], src[w] = origin[w] | o, act[w] | a, src[w] | src[op.name]
+    return origin, act, src
 
 
 def _strip(g: Graph, name: str) -> str:
@@ -105,11 +119,16 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
     if g.method == "hooks":
         return _by_names(g, model), {}
     _eager_attention(g)
-    origin, act = origins(g)
+    origin, act, src = origins(g)
     ops = g.ops
     lin = lambda names: sorted({n for n in names if ops[n].kind == "linear"})
     role: dict[str, str] = {}          # linear op name -> role
     sites: dict[str, Site] = {}
+    feeds: dict[str, set] = {}         # linear -> the linears it feeds (without passing another linear)
+    for name, op in ops.items():
+        for s in (lin(origin.get(op.inputs[0], ())) if op.kind == "linear" and op.inputs else ()):
+            feeds.setdefault(s, set()).add(name)
+    fed_by_linears = lambda name: _fed_by_linears(g, origin, name)
 
     def add_linear(name: str, r: str) -> None:
         op = ops[name]
@@ -122,38 +141,50 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                               runner=op.module if op.site_kind == "param-linear" else None)
         role[name] = r
 
-    attn_ops = [o for o in ops.values() if o.kind == "attention"]
-    for a in attn_ops:
-        q, k, v = (lin(origin.get(a.extra[x], ())) for x in ("q", "k", "v"))
-        if not (q and k and v):
+    for a in [o for o in ops.values() if o.kind == "attention"]:
+        full = {x: set(lin(origin.get(a.extra[x], ()))) for x in "qkv"}
+        if not all(full.values()):
             continue
-        qin = {_strip(g, ops[n].inputs[0]) for n in q if ops[n].inputs}
-        kin = {_strip(g, ops[n].inputs[0]) for n in k if ops[n].inputs}
-        pre = "xattn" if qin and kin and qin.isdisjoint(kin) else "attn"
-        if q == k == v:
-            for n in q:
-                add_linear(n, f"{pre}.qkv")
-        else:
-            for names, r in ((q, "q"), (k, "k"), (v, "v")):
-                for n in names:
-                    add_linear(n, f"{pre}.{r}")
+        proj = set().union(*full.values())
+        # low-rank down-projections (DeepSeek's q_a_proj, kv_a_proj_with_mqa): linears that feed only these
+        # projections, which read nothing else (the residual stream never reaches them directly)
+        down: dict[str, set] = {}
+        for m in proj:
+            if fed_by_linears(m):
+                for d in lin(origin[ops[m].inputs[0]]):
+                    if feeds.get(d, set()) <= proj:
+                        down.setdefault(d, set()).add(m)
+        part = {x: (full[x] - down.keys()) or full[x] for x in "qkv"}
+        # key/value from another sequence than the query (decided by the model inputs each comes from)
+        pre = "xattn" if src.get(a.extra["q"]) != src.get(a.extra["k"]) else "attn"
+        for n in sorted(set().union(*part.values())):
+            add_linear(n, f"{pre}.{''.join(x for x in 'qkv' if n in part[x])}")
+        for d in sorted(down.keys() - set().union(*part.values())):
+            add_linear(d, f"{pre}.{''.join(x for x in 'qkv' if d in full[x] or down[d] & part[x])}_a")
         o_names = [n for n, op in ops.items() if op.kind == "linear" and op.inputs
                    and a.name in origin.get(op.inputs[0], ())]
         for n in o_names:
             add_linear(n, f"{pre}.o")
+        q, k, v = (sorted(part[x]) for x in "qkv")
         path = a.module or ops[q[0]].extra.get("owner", "")
         if path in sites:
             continue
-        qs = ops[a.extra["q"]].shape
+        qs, ks, vs = (ops[a.extra[x]].shape for x in "qkv")
         head_dim = qs[-1] if qs else None
-        qfeat, kfeat = ops[q[0]].extra["features"][1], ops[k[0]].extra["features"][1]
-        if q == k:  # fused: the projection holds q, k and v
-            qfeat = kfeat = qfeat // 3
-        heads = qfeat // head_dim if head_dim else None
-        kv_heads = kfeat // head_dim if head_dim else None
+        if len(qs) == 4 and len(ks) == 4:
+            # (batch, heads, seq, head_dim): keys may be repeated for grouped-query attention before the op
+            heads, kv_heads = qs[-3], ks[-3] // _repeats(g, a.extra["k"], origin, proj)
+            if not kv_heads or heads % kv_heads:
+                kv_heads = ks[-3]
+        else:  # (batch * heads, seq, head_dim): from the projections' widths
+            qfeat, kfeat = ops[q[0]].extra["features"][1], ops[k[0]].extra["features"][1]
+            if q == k:  # fused: the projection holds q, k and v
+                qfeat = kfeat = qfeat // 3
+            heads = qfeat // head_dim if head_dim else None
+            kv_heads = kfeat // head_dim if head_dim else None
         st, bl = block_of(path)
         sites[path] = Site(path, "attention", pre, found, bl, st, heads=heads, kv_heads=kv_heads,
-                           head_dim=head_dim, causal=_causal(g, a),
+                           head_dim=head_dim, v_head_dim=vs[-1] if vs else head_dim, causal=_causal(g, a),
                            inputs={"q": ops[q[0]].site, "k": ops[k[0]].site, "v": ops[v[0]].site,
                                    "o": ops[o_names[0]].site if o_names else None},
                            impl=a.extra.get("impl"))
@@ -164,21 +195,28 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
             if block_of(ops[n].site)[1] is None:
                 add_linear(n, "head")
 
-    # feed-forward: a linear fed only by linears (not by the residual stream)
+    # feed-forward: a linear fed only by linears (not by the residual stream) that feed nothing else
     for name, op in ops.items():
-        if op.kind != "linear" or name in role or not op.inputs:
+        if op.kind != "linear" or name in role or not fed_by_linears(name):
             continue
-        src = origin.get(op.inputs[0], frozenset())
-        if src and all(ops[s].kind == "linear" and role.get(s) in (None, "mlp.up", "mlp.gate") for s in src):
+        ups = origin[op.inputs[0]]
+        if all(role.get(s) in (None, "mlp.up", "mlp.gate") and feeds[s] == {name} and not fed_by_linears(s)
+               for s in ups):
             gated = act.get(op.inputs[0], frozenset())
-            for s in sorted(src):
+            for s in sorted(ups):
                 if s not in role:
-                    add_linear(s, "mlp.gate" if (s in gated and len(src) > 1 and len(src - gated) > 0) else "mlp.up")
+                    add_linear(s, "mlp.gate" if (s in gated and len(ups) > 1 and len(ups - gated) > 0) else "mlp.up")
             add_linear(name, "mlp.down")
 
     for name, op in ops.items():
         if op.kind == "linear" and name not in role:
             add_linear(name, "linear")
+    # a linear module that ran with no op recognised as its weight's use is still a site
+    for path in g.ran:
+        if path not in sites and path + ".weight" not in sites:
+            st, bl = block_of(path)
+            i, o = linear_shape(model.get_submodule(path))
+            sites[path] = Site(path, "linear", "linear", g.method + "+module", bl, st, i, o)
 
     # the input embedding: an embedding indexed directly by a model input (the earliest such input), whatever
     # that input is called
@@ -196,6 +234,31 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
             break
     _consumers(g, sites)
     return list(sites.values()), entry
+
+
+def _fed_by_linears(g: Graph, origin: dict, name: str) -> bool:
+    """A linear whose input comes only from other linears (not from the residual stream)."""
+    op = g.ops[name]
+    src = origin.get(op.inputs[0], ()) if op.inputs else ()
+    return bool(src) and all(g.ops[s].kind == "linear" for s in src)
+
+
+def _repeats(g: Graph, name: str, origin: dict, proj: set) -> int:
+    """How many times a tensor repeats what the projections proj computed: walking back along its widest input
+    that comes from them, the product of the growth at each repeat (expand, repeat, repeat_interleave)."""
+    numel = lambda shape: math.prod(shape) if shape else 0
+    factor = 1
+    for _ in range(64):
+        op = g.ops.get(name)
+        if op is None or op.kind in PRODUCERS:
+            break
+        ins = [i for i in op.inputs if origin.get(i, frozenset()) & proj]
+        if not ins:
+            break
+        name = max(ins, key=lambda i: numel(g.ops[i].shape))
+        if op.extra.get("repeat") and numel(op.shape) > numel(g.ops[name].shape) > 0:
+            factor *= numel(op.shape) // numel(g.ops[name].shape)
+    return factor
 
 
 def _producer(g: Graph, op: Op) -> str | None:

@@ -21,9 +21,14 @@ ACTIVATIONS = {"silu", "gelu", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "
                "gelu_", "relu_", "silu_"}
 MATMULS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
 # ops that only move or relabel data: looking through them keeps a tensor's identity
-VIEWS = {"view", "reshape", "transpose", "permute", "t", "contiguous", "unsqueeze", "squeeze", "expand", "clone",
+VIEWS = {"view", "reshape", "transpose", "permute", "t", "numpy_T", "mT", "mH", "adjoint", "contiguous", "unsqueeze",
+         "squeeze", "expand", "expand_as", "broadcast_to", "clone",
          "_to_copy", "to", "detach", "alias", "flatten", "unflatten", "dropout", "type_as", "float", "_unsafe_view",
          "select", "getitem", "split", "chunk", "unbind", "slice", "narrow"}
+FLIPS = {"t", "numpy_T", "mT", "mH", "adjoint", "transpose", "permute"}   # on a 2-D weight: swap its two sides
+# ops that copy a tensor several times over (grouped-query attention repeats keys/values with one of these)
+REPEATS = {"expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave", "tile"}
+COPIES = {"clone", "_to_copy", "to", "contiguous", "float", "type_as", "dropout"}   # views that may not alias
 
 
 def is_linear_module(m: nn.Module) -> bool:
@@ -55,6 +60,7 @@ class Graph:
     outputs: list[str]
     user_inputs: list[str]
     method: str
+    ran: list[str] = field(default_factory=list)   # linear modules whose forward ran (each must become a site)
 
 
 def _base_name(target) -> str:
@@ -92,6 +98,16 @@ def _shape(node) -> tuple:
         return ()
 
 
+def _aliased(n: torch.fx.Node) -> str:
+    """The tensor a view shares its storage with (an in-place write to the view changes it)."""
+    while n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], torch.fx.Node):
+        name = _base_name(n.target)
+        if name not in VIEWS or name in COPIES:
+            break
+        n = n.args[0]
+    return n.name
+
+
 def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: dict[str, str],
             user_inputs: list[str]) -> Graph:
     """Turn an fx graph (from export or symbolic_trace) into the IR. param_of maps a node name to a parameter FQN."""
@@ -101,19 +117,22 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
     outputs: list[str] = []
 
     def param_through(n):
-        """The parameter FQN a node is, looking through views (weights are often transposed first)."""
-        seen = 0
+        """The parameter FQN a node is, looking through views (weights are often transposed first), and how many
+        times it was transposed on the way."""
+        seen = flips = 0
         while isinstance(n, torch.fx.Node) and seen < 8:
             if n.name in param_of:
-                return param_of[n.name]
+                return param_of[n.name], flips
             if n.op == "get_attr":
-                return str(n.target)
-            if n.op in ("call_function", "call_method") and _base_name(n.target) in VIEWS and n.args:
+                return str(n.target), flips
+            name = _base_name(n.target) if n.op in ("call_function", "call_method") else ""
+            if name in VIEWS and n.args:
+                flips += name in FLIPS
                 n = n.args[0]
                 seen += 1
                 continue
-            return None
-        return None
+            return None, 0
+        return None, 0
 
     for n in gm.graph.nodes:
         ins = [a.name for a in _flat_nodes((n.args, n.kwargs))]
@@ -147,25 +166,34 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 name = "scaled_dot_product_attention"
             args = list(n.args)
             if name in ("linear", "addmm", "mm", "matmul") and len(args) >= 2:
+                # the weight of a linear map: F.linear(x, W), addmm(b, x, W.t()), x @ W.T (FalconLinear) or, as
+                # the left operand, W @ x (Mamba's dt_proj); seen through views such as a transpose or a slice
                 w_arg, x_arg = (args[2], args[1]) if name == "addmm" else (args[1], args[0])
-                fqn = param_through(w_arg)
-                if fqn is not None and fqn in params:
+                fqn, flips = param_through(w_arg)
+                left = name in ("mm", "matmul") and fqn is None
+                if left:
+                    w_arg, x_arg = args[0], args[1]
+                    fqn, flips = param_through(w_arg)
+                w = params.get(fqn) if fqn is not None else None
+                if w is not None and w.dim() == 2:
                     owner = fqn.rsplit(".", 1)[0] if "." in fqn else ""
                     # a module site only when that linear module's own forward ran this op
                     mod = modules.get(module)
-                    if mod is not None and is_linear_module(mod) and mod.weight is params[fqn]:
+                    if mod is not None and is_linear_module(mod) and mod.weight is w:
                         op.kind, op.site, op.site_kind = "linear", module, "linear"
                         op.extra["features"] = linear_shape(mod)
                     else:
-                        w = params[fqn]
+                        # W as stored maps (in, out) = W.shape reversed when used as F.linear does (W @ x counts
+                        # the same); each transpose on the way swaps that
+                        as_linear = (name == "linear" or left) == (flips % 2 == 0)
                         op.kind, op.site, op.site_kind = "linear", fqn, "param-linear"
-                        op.extra["features"] = (w.shape[0], w.shape[1]) if name == "addmm" else (w.shape[1], w.shape[0])
+                        op.extra["features"] = (w.shape[1], w.shape[0]) if as_linear else (w.shape[0], w.shape[1])
                         op.extra["owner"] = owner
                     op.inputs = [x_arg.name] if isinstance(x_arg, torch.fx.Node) else []
                 elif name != "linear":
                     op.kind = "matmul"
             elif name == "embedding" and args:
-                fqn = param_through(args[0])
+                fqn = param_through(args[0])[0]
                 mod = modules.get(module)
                 if isinstance(mod, nn.Embedding):
                     op.kind, op.site, op.site_kind = "embedding", module, "embedding"
@@ -194,8 +222,14 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
             elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
                 op.kind = "compare"
                 op.extra["triangle"] = name in ("tril", "triu")
+            if name in REPEATS:
+                op.extra["repeat"] = True
+            if args and isinstance(args[0], torch.fx.Node) and (
+                    n.target is operator.setitem or name.endswith("_") and not name.endswith("__")):
+                op.extra["writes"] = _aliased(args[0])  # in place: what it writes reaches later readers of that tensor
         ops[n.name] = op
-    return Graph(ops, outputs, user_inputs, method)
+    ran = {p for op in ops.values() for p in op.stack if p in modules and is_linear_module(modules[p])}
+    return Graph(ops, outputs, user_inputs, method, sorted(ran))
 
 
 def by_export(model: nn.Module, kwargs: dict) -> Graph:

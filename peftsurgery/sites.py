@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field
 from .errors import SurgeryError
 
 CONTAINER = "_peftsurgery"   # the submodule holding attached adapters: never a site itself
-LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
-                "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o",
+# attn.kv: one projection giving keys and values (the query has its own); attn.q_a / attn.kv_a: low-rank
+# down-projections feeding the query / key-value projections (DeepSeek's multi-head latent attention)
+LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.kv", "attn.o", "attn.q_a", "attn.kv_a",
+                "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.kv", "xattn.o", "xattn.q_a", "xattn.kv_a",
                 "mlp.up", "mlp.gate", "mlp.down", "linear", "head")
 
 
@@ -22,7 +24,8 @@ class Site:
     kind: "linear" (a module whose forward is a linear map), "param-linear" (a linear op on a weight parameter
     of a module that is not itself a linear layer, such as nn.MultiheadAttention's in_proj_weight),
     "embedding" or "attention" (the module that calls an attention op).
-    found_by: how it was found, e.g. "export+dataflow", "fx+dataflow", "hooks+name".
+    found_by: how it was found, e.g. "export+dataflow", "fx+dataflow", "hooks+name", or "export+module" (a linear
+    module that ran but whose weight's use was not recognised in the graph: role `linear`).
     """
     path: str
     kind: str
@@ -35,7 +38,8 @@ class Site:
     # attention sites
     heads: int | None = None
     kv_heads: int | None = None
-    head_dim: int | None = None
+    head_dim: int | None = None                     # of queries and keys
+    v_head_dim: int | None = None                   # of values (differs from head_dim in DeepSeek's MLA)
     causal: bool | None = None
     impl: str | None = None                         # attention: how it is computed (sdpa, eager)
     inputs: dict = field(default_factory=dict)      # attention: {"q": path, "k": path, "v": path, "o": path}
@@ -104,8 +108,9 @@ class SiteMap:
 
         A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
         `all-linear` (every linear except the output head) or `all`; `path:GLOB` matches module paths; these
-        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv` when the model has no separate
-        one). `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated blocks.
+        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv`, and `attn.k`, `attn.v` to a
+        fused `attn.kv`, when the model has no separate one). `blocks:A-B` (or `blocks:N`) keeps only sites in
+        those repeated blocks.
         """
         pool = [s for s in self.sites if s.kind in kinds]
         terms = [t.strip() for t in selector.split(",") if t.strip()]
@@ -118,8 +123,9 @@ class SiteMap:
                 blocks = (blocks or set()) | _parse_blocks(t[7:])
                 continue
             hits = [s for s in pool if _term_matches(t, s)]
-            if not hits and re.fullmatch(r"x?attn\.[qkv]", t):  # a fused projection holds q, k and v
-                hits = [s for s in pool if s.role == t[:-1] + "qkv"]
+            if not hits and re.fullmatch(r"x?attn\.[qkv]", t):  # a fused projection holds q, k and v (or k and v)
+                fused = (t[:-1] + "qkv",) + ((t[:-1] + "kv",) if t[-1] != "q" else ())
+                hits = [s for s in pool if s.role in fused]
             picked.update((s.path, s) for s in hits)
         if not picked and blocks is not None and all(t.startswith("blocks:") for t in terms):
             picked = {s.path: s for s in pool}
