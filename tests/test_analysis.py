@@ -274,3 +274,12 @@ def test_a_linear_module_that_ran_is_never_dropped():
     assert [s.path for s in sm] == ["0", "2"]
     s = sm.by_path("2")
     assert (s.kind, s.role, s.found_by, s.in_features, s.out_features) == ("linear", "linear", "export+module", 16, 8)
+
+
+def test_prefix_on_keys_and_values_of_two_head_sizes_is_refused_in_one_line():
+    m = deepseek_v3(nope=8, v=8)   # keys 12 features per head (8 + rope 4), values 8
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    with pytest.raises(ps.SurgeryError, match="two head sizes are not supported yet") as e:
+        ps.apply(m, "prefix-tuning", num_tokens=2)
+    assert "\n" not in str(e.value) and ps.adapters(m) == {}
+    assert all(torch.equal(t, before[n]) for n, t in m.state_dict().items())

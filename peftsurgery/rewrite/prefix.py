@@ -120,6 +120,12 @@ class Prefix(Rule):
         super().__init__(targets)
         self.num_tokens, self.projection, self.init = num_tokens, projection, init
 
+    def check(self, model, sites):
+        for s in sites:
+            if s.v_head_dim not in (None, s.head_dim):
+                raise SurgeryError(f"{s.path} has keys of {s.head_dim} and values of {s.v_head_dim} features per head "
+                                   "(latent attention); prefixes of two head sizes are not supported yet")
+
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
         p = next(model.parameters())
