@@ -25,16 +25,49 @@ class RolesByNameWarning(UserWarning):
     """Some roles were guessed from module names: neither torch.export nor torch.fx captured the model."""
 
 
+def _setting(cfg, name: str):
+    """A config value, from the config itself or else from one of its sub-configs (CLIP's vision_config)."""
+    value = getattr(cfg, name, None)
+    if value is None and cfg is not None:
+        value = next((getattr(sub, name) for sub in vars(cfg).values()
+                      if hasattr(sub, "to_dict") and getattr(sub, name, None) is not None), None)
+    return value
+
+
+def _samples(cfg) -> int:
+    """Raw audio samples that a convolutional feature encoder (conv_kernel / conv_stride) turns into SEQ frames."""
+    n = SEQ
+    for k, s in reversed(list(zip(_setting(cfg, "conv_kernel") or (), _setting(cfg, "conv_stride") or ()))):
+        n = (n - 1) * s + k
+    return n if n > SEQ else 400 * SEQ
+
+
 def example_inputs(model: nn.Module) -> dict:
-    """Small inputs built from the forward signature, on the model's device (meta models get meta tensors)."""
+    """Small inputs built from the forward signature and the config, on the model's device (meta models get meta
+    tensors): token ids, pixel values (config image_size / num_channels), log-mel features (num_mel_bins x
+    2 * max_source_positions), raw audio, decoder ids for encoder-decoders, and use_cache=False."""
     params = inspect.signature(model.forward).parameters
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
+    cfg = getattr(model, "config", None)
     kw: dict = {}
     if "input_ids" in params:
         kw["input_ids"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
-        cfg = getattr(model, "config", None)
-        if cfg is not None and getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+    size = _setting(cfg, "image_size")
+    # a model that takes images as placeholder tokens in input_ids (Llava-like) runs on the ids alone
+    in_text = any(_setting(cfg, k) is not None for k in ("image_token_id", "image_token_index"))
+    if "pixel_values" in params and size and not in_text:
+        hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        kw["pixel_values"] = torch.zeros(1, _setting(cfg, "num_channels") or 3, *hw, dtype=dtype, device=device)
+    bins = _setting(cfg, "num_mel_bins")
+    if "input_features" in params and bins:
+        frames = 2 * (_setting(cfg, "max_source_positions") or SEQ)
+        kw["input_features"] = torch.zeros(1, bins, frames, dtype=dtype, device=device)
+    if "input_values" in params and not kw:
+        kw["input_values"] = torch.zeros(1, _samples(cfg), dtype=dtype, device=device)
+    if kw:
+        if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = torch.ones(1, SEQ // 2, dtype=torch.long, device=device)
         if "use_cache" in params:
             kw["use_cache"] = False

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from peftsurgery import SurgeryError, hookimpl
-from peftsurgery.checks import integer, selector
+from peftsurgery.checks import integer, one_line, selector
 from peftsurgery.rewrite import Prefix, record_kv, text_ids
 
 __version__ = "1.0"
@@ -35,6 +35,33 @@ class PrefixTuningConfig:
                 raise SurgeryError(f"prefix-tuning: {e}") from None
 
 
+def model_inputs(sitemap, ids: torch.Tensor) -> dict:
+    """The inputs to run the model on `ids`: the example inputs the sites were found with (pixels, audio, ...),
+    the token input replaced by the ids (first: record_kv counts them from it), the decoder of an
+    encoder-decoder fed the same ids, and other per-token inputs of the old length (masks, token types) left out."""
+    tok = sitemap.token_input or "input_ids"
+    old = sitemap.inputs.get(tok)
+    if isinstance(old, torch.Tensor) and old.dim() == 2:
+        ids = ids.expand(old.shape[0], -1)
+    inputs = {tok: ids}
+    for k, v in sitemap.inputs.items():
+        if k != tok and not (isinstance(v, torch.Tensor) and isinstance(old, torch.Tensor) and v.shape == old.shape):
+            inputs[k] = v.to(ids.device) if isinstance(v, torch.Tensor) else v
+    if sitemap.encoder_decoder and tok != "decoder_input_ids":
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
+def filled(kv: tuple[torch.Tensor, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values of an attention that saw fewer than n positions (a vision or audio tower run on the example
+    inputs, not on the ids), repeated to fill n, as text ids are."""
+    k, v = kv
+    if k.shape[1] == n:
+        return k, v
+    idx = torch.arange(n, device=k.device) % k.shape[1]
+    return k[:, idx], v[:, idx]
+
+
 def initial(config, sitemap):
     if config.init == "random":
         return None
@@ -49,15 +76,19 @@ def initial(config, sitemap):
             g = torch.Generator().manual_seed(config.seed)
             ids = torch.randint(0, embed.in_features, (1, config.num_tokens), generator=g)
         ids = ids.to(next(model.parameters()).device)
-        inputs = {sitemap.token_input or "input_ids": ids}
-        if sitemap.encoder_decoder:
-            inputs["decoder_input_ids"] = ids
         was = model.training
         model.eval()
         try:
-            return record_kv(model, sites, inputs)
+            kvs = record_kv(model, sites, model_inputs(sitemap, ids))
+        except SurgeryError:
+            raise
+        except Exception as e:  # the model needs inputs the example inputs do not give
+            raise SurgeryError(f"prefix-tuning: init={config.init} could not run {type(model).__name__} on token "
+                               f"ids ({one_line(e, 120)}); use init=random, or pass example_inputs that run it"
+                               ) from None
         finally:
             model.train(was)
+        return [filled(kv, config.num_tokens) for kv in kvs]
     return init
 
 
