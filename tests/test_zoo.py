@@ -89,19 +89,9 @@ NOT_RUN = {
     ("mha_net", "qlora"): "widths of 16: bitsandbytes on AVX-512 CPUs refuses them (see README qlora)",
 }
 
-T5_WO = ("qlora quantizes T5's `wo`, whose forward casts its input to `wo.weight.dtype` (uint8 under bitsandbytes' "
-         "Params4bit; transformers' own 4-bit loading keeps it float, `_keep_in_fp32_modules = ['wo']`): disabled() "
-         "gives garbage (cosine to the float base ~0), backward raises RuntimeError (Float can't be cast to Byte), "
-         "and remove() (dequantized float `wo`, no cast) differs from disabled()")
 # (architecture, method) -> (checks that fail, or "*" for all; the bug)
-XFAIL = {
-    ("falcon", "prefix-tuning"): ("*", (
-        "refused though Falcon calls F.scaled_dot_product_attention: Intercepted renames config._attn_implementation "
-        "to 'peftsurgery+sdpa', FalconAttention tests `== 'sdpa'` (it does not use the registry) and falls back to "
-        "its own matmul attention, so no call is intercepted")),
-    ("t5", "qlora"): (("identity", "train", "remove"), T5_WO),
-    ("mt5", "qlora"): (("identity", "train", "remove"), T5_WO),
-}
+XFAIL: dict = {}
+
 
 CHECKS = ("apply", "identity", "train", "disabled", "save_load", "merge", "generate", "padding", "remove")
 

@@ -1,7 +1,7 @@
 """Intercepting an attention call at a site, to change its keys, values and mask.
 
 Two ways, chosen per site:
-- a module that dispatches through transformers' attention-function registry (it has config._attn_implementation):
+- a module whose modelling code dispatches through transformers' attention-function registry:
   a wrapper implementation is registered under a new name and the module's config is pointed to it; the wrapper
   calls the original implementation. A mask function is registered under the same name (without one the
   padding mask would silently arrive as None).
@@ -102,6 +102,12 @@ class _ModeHooks:
             self.modes.pop().__exit__(None, None, None)
 
 
+def _dispatches(module: nn.Module) -> bool:
+    """Whether the module's modelling code calls attention through transformers' registry (a config naming an
+    implementation is not enough: Falcon's checks the name itself and falls back to its own attention)."""
+    return "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules.get(type(module).__module__, object()))
+
+
 class Intercepted(Change):
     """`editor` sees every attention call of the module at `path` (impl: what locate saw, "sdpa", "eager", ...)."""
 
@@ -109,7 +115,7 @@ class Intercepted(Change):
         module = model.get_submodule(path)
         cfg = getattr(module, "config", None)
         self.path, self.editor, self.original, self.hooks = path, editor, None, []
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and _dispatches(module):
             current = cfg._attn_implementation or "eager"
             self.original = current[len(PREFIX):] if current.startswith(PREFIX) else current
             if not current.startswith(PREFIX):

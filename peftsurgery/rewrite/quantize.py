@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -35,10 +36,21 @@ class Quantize(Rule):
             raise SurgeryError(f"compute_dtype must be None or one of {', '.join(map(str, COMPUTE_DTYPES))}, "
                                f"got {compute_dtype!r}")
         self.double_quant, self.compute_dtype = double_quant, compute_dtype
+        self.kept: list[str] = []   # selected linears left in float (see check)
 
     def check(self, model, sites):
         bnb = _bnb()
+        # linears the model's own code needs in float (transformers' _keep_in_fp32_modules: T5 casts the input of
+        # its feed-forward `wo` to that weight's dtype) stay in float, and the user is told
+        keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+            getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        self.kept = [s.path for s in sites if keep & set(s.path.split("."))]
+        if self.kept:
+            warnings.warn(f"quantization leaves {len(self.kept)} linears in float, which {type(model).__name__} "
+                          f"keeps in float32 (_keep_in_fp32_modules), e.g. {self.kept[0]}", stacklevel=2)
         for s in sites:
+            if s.path in self.kept:
+                continue
             m = model.get_submodule(s.path)
             if _is_quantized(bnb, m):
                 continue
@@ -63,7 +75,7 @@ class Quantize(Rule):
             parent_path, _, name = s.path.rpartition(".")
             parent = model.get_submodule(parent_path)
             old = getattr(parent, name)
-            if _is_quantized(bnb, old):
+            if _is_quantized(bnb, old) or s.path in self.kept:
                 continue
             w = _out_in(old)
             compute = self.compute_dtype or w.dtype
@@ -88,6 +100,8 @@ class Quantize(Rule):
         return []  # the quantized base is shared by every row
 
     def describe(self, site, built):
+        if site.path in self.kept:
+            return "left in float: the model keeps it in float32 (_keep_in_fp32_modules)"
         return f"base weights quantized to nf4{' (double quant)' if self.double_quant else ''}"
 
 
