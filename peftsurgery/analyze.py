@@ -12,7 +12,8 @@ writes), and a *source*: the model inputs that reach it through anything. From t
 - a linear whose input comes from an attention op is attn.o;
 - a linear outside the repeated blocks whose output reaches a model output is the head;
 - a linear fed only by linears (not by the residual stream) that feed nothing else is mlp.down, and those are
-  mlp.up, or mlp.gate when their path passes an activation;
+  mlp.up, or mlp.gate when their path passes an activation; moe.* for stacked expert weights (one per expert);
+- a linear whose scores reach a top-k choice is a mixture of experts' router;
 - any other linear is `linear`, and a linear module that ran is never left out;
 - an embedding indexed directly by a model input (the earliest one) is embed; that input carries the tokens.
 """
@@ -136,9 +137,12 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
             return
         i, o = op.extra["features"]
         st, bl = block_of(op.site)
+        experts = op.extra.get("experts")
+        if experts and r.startswith("mlp."):  # a feed-forward run once per expert
+            r = "moe." + r[4:]
         sites[op.site] = Site(op.site, op.site_kind, r, found, bl, st, i, o,
                               producer=_producer(g, op), consumer=None,
-                              runner=op.module if op.site_kind == "param-linear" else None)
+                              runner=op.module if op.site_kind == "param-linear" else None, experts=experts)
         role[name] = r
 
     for a in [o for o in ops.values() if o.kind == "attention"]:
@@ -194,6 +198,12 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         for n in lin(origin.get(out, ())):
             if block_of(ops[n].site)[1] is None:
                 add_linear(n, "head")
+
+    # a router: a linear whose scores reach a choice (top-k) before any other linear
+    for op in ops.values():
+        if op.extra.get("choice") and op.inputs:
+            for n in lin(origin.get(op.inputs[0], ())):
+                add_linear(n, "router")
 
     # feed-forward: a linear fed only by linears (not by the residual stream) that feed nothing else
     for name, op in ops.items():

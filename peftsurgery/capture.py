@@ -20,6 +20,9 @@ except Exception:  # pragma: no cover - transformers is optional
 ACTIVATIONS = {"silu", "gelu", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "hardswish", "mish", "softplus",
                "gelu_", "relu_", "silu_"}
 MATMULS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
+# matmuls over groups of rows, each group with its own weight (mixture-of-experts kernels): (rows, in) x (E, in, out)
+GROUPED = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+PICKS = {"index", "select", "getitem"}   # ops picking one expert's weight out of a stacked (E, out, in) parameter
 # ops that only move or relabel data: looking through them keeps a tensor's identity
 VIEWS = {"view", "reshape", "transpose", "permute", "t", "numpy_T", "mT", "mH", "adjoint", "contiguous", "unsqueeze",
          "squeeze", "expand", "expand_as", "broadcast_to", "clone",
@@ -117,8 +120,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
     outputs: list[str] = []
 
     def param_through(n):
-        """The parameter FQN a node is, looking through views (weights are often transposed first), and how many
-        times it was transposed on the way."""
+        """The parameter FQN a node is, looking through views (weights are often transposed first) and picks of
+        one expert's weight, and how many times it was transposed on the way."""
         seen = flips = 0
         while isinstance(n, torch.fx.Node) and seen < 8:
             if n.name in param_of:
@@ -126,7 +129,7 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
             if n.op == "get_attr":
                 return str(n.target), flips
             name = _base_name(n.target) if n.op in ("call_function", "call_method") else ""
-            if name in VIEWS and n.args:
+            if (name in VIEWS or name in PICKS) and n.args:
                 flips += name in FLIPS
                 n = n.args[0]
                 seen += 1
@@ -165,17 +168,19 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
             if n.op == "call_function" and n.target in (F.scaled_dot_product_attention,):
                 name = "scaled_dot_product_attention"
             args = list(n.args)
-            if name in ("linear", "addmm", "mm", "matmul") and len(args) >= 2:
+            if name in {"linear", "addmm", "mm", "matmul", "bmm"} | GROUPED and len(args) >= 2:
                 # the weight of a linear map: F.linear(x, W), addmm(b, x, W.t()), x @ W.T (FalconLinear) or, as
-                # the left operand, W @ x (Mamba's dt_proj); seen through views such as a transpose or a slice
+                # the left operand, W @ x (Mamba's dt_proj); seen through views such as a transpose or a slice.
+                # Experts: a stacked (E, out, in) weight, one expert's picked (F.linear(x, W[e]), bmm(W[ids], x))
+                # or all of them in a grouped matmul
                 w_arg, x_arg = (args[2], args[1]) if name == "addmm" else (args[1], args[0])
                 fqn, flips = param_through(w_arg)
-                left = name in ("mm", "matmul") and fqn is None
+                left = name in ("mm", "matmul", "bmm") and fqn is None
                 if left:
                     w_arg, x_arg = args[0], args[1]
                     fqn, flips = param_through(w_arg)
                 w = params.get(fqn) if fqn is not None else None
-                if w is not None and w.dim() == 2:
+                if w is not None and w.dim() in (2, 3):
                     owner = fqn.rsplit(".", 1)[0] if "." in fqn else ""
                     # a module site only when that linear module's own forward ran this op
                     mod = modules.get(module)
@@ -187,8 +192,10 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                         # the same); each transpose on the way swaps that
                         as_linear = (name == "linear" or left) == (flips % 2 == 0)
                         op.kind, op.site, op.site_kind = "linear", fqn, "param-linear"
-                        op.extra["features"] = (w.shape[1], w.shape[0]) if as_linear else (w.shape[0], w.shape[1])
+                        op.extra["features"] = (w.shape[-1], w.shape[-2]) if as_linear else (w.shape[-2], w.shape[-1])
                         op.extra["owner"] = owner
+                        if w.dim() == 3:
+                            op.extra["experts"] = w.shape[0]
                     op.inputs = [x_arg.name] if isinstance(x_arg, torch.fx.Node) else []
                 elif name != "linear":
                     op.kind = "matmul"
@@ -219,6 +226,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.kind = "view"
             elif name in ("arange",):
                 op.kind = "arange"
+            elif name == "topk":   # a choice among scores (a mixture-of-experts router picks its experts)
+                op.extra["choice"] = True
             elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
                 op.kind = "compare"
                 op.extra["triangle"] = name in ("tril", "triu")

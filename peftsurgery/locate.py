@@ -130,10 +130,26 @@ def _quiet():
         logging.disable(before)
 
 
+@contextlib.contextmanager
+def _loop_free(model: nn.Module):
+    """Mixture-of-experts layers that transformers runs as a Python loop over the experts hit (a data-dependent
+    loop no tracer follows) are traced with its batched implementation instead: the same stacked weights, used
+    the same way (the sites found hold for either)."""
+    cfgs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "_experts_implementation",
+                                                                 None) == "eager"}
+    for c in cfgs.values():
+        c._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        for c in cfgs.values():
+            c._experts_implementation = "eager"
+
+
 def _traced(how, model: nn.Module, kwargs: dict) -> capture.Graph:
     if how is capture.by_hooks:  # runs the model for real: its warnings are the user's to see
         return how(model, kwargs)
-    with _quiet():
+    with _quiet(), _loop_free(model):
         return how(model, kwargs)
 
 

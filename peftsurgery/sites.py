@@ -14,7 +14,8 @@ CONTAINER = "_peftsurgery"   # the submodule holding attached adapters: never a 
 # down-projections feeding the query / key-value projections (DeepSeek's multi-head latent attention)
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.kv", "attn.o", "attn.q_a", "attn.kv_a",
                 "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.kv", "xattn.o", "xattn.q_a", "xattn.kv_a",
-                "mlp.up", "mlp.gate", "mlp.down", "linear", "head")
+                "mlp.up", "mlp.gate", "mlp.down", "moe.up", "moe.gate", "moe.down", "router", "linear", "head")
+OUT_OF_ALL_LINEAR = ("head", "router")   # selected only by name: the output head, a mixture's router
 
 
 @dataclass
@@ -46,12 +47,13 @@ class Site:
     producer: str | None = None                     # what feeds the site in the captured graph
     consumer: str | None = None                     # what the site feeds
     runner: str | None = None                       # param-linear: the module whose forward uses the weight
+    experts: int | None = None                      # a stacked (experts, out, in) weight: one linear per expert
 
     def short(self) -> str:
         if self.kind == "attention":
             return f"{self.heads}h/{self.kv_heads}kv x {self.head_dim}{' causal' if self.causal else ''}"
         if self.in_features is not None:
-            return f"{self.in_features}->{self.out_features}"
+            return f"{f'{self.experts} x ' if self.experts else ''}{self.in_features}->{self.out_features}"
         return ""
 
 
@@ -107,8 +109,8 @@ class SiteMap:
         """Sites of the given kinds matching a selector; raises SurgeryError listing what exists if none do.
 
         A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
-        `all-linear` (every linear except the output head) or `all`; `path:GLOB` matches module paths; these
-        are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv`, and `attn.k`, `attn.v` to a
+        `all-linear` (every linear except the output head and a mixture of experts' router) or `all`; `path:GLOB`
+        matches module paths; these are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv`, and `attn.k`, `attn.v` to a
         fused `attn.kv`, when the model has no separate one). `blocks:A-B` (or `blocks:N`) keeps only sites in
         those repeated blocks.
         """
@@ -156,5 +158,5 @@ def _term_matches(term: str, s: Site) -> bool:
     if term == "all":
         return True
     if term == "all-linear":
-        return s.kind in ("linear", "param-linear") and s.role != "head"
+        return s.kind in ("linear", "param-linear") and s.role not in OUT_OF_ALL_LINEAR
     return fnmatch.fnmatchcase(s.role, term) or (s.kind == "attention" and fnmatch.fnmatchcase(s.role + ".x", term))

@@ -41,7 +41,7 @@ def peftsurgery_rules(config, sites):
 
 @hookimpl
 def peftsurgery_budget(config, sites):
-    return sum(config.r * (s.in_features + s.out_features) for s in sites.select(config.targets, LowRank.kinds))
+    return sum(LowRank.size(s, config.r) for s in sites.select(config.targets, LowRank.kinds))
 
 
 @hookimpl

@@ -63,6 +63,10 @@ assert set(ARCHS) == set(FACTORIES)
 OPTIONS = {
     ("mamba", "lora"): dict(targets="all-linear"),
     ("mamba", "adapter"): dict(targets="path:*out_proj"),
+    # mixtures of experts: LoRA on every expert too (stacked weights, one update per expert)
+    ("qwen3_moe", "lora"): dict(targets="attn.q,attn.v,moe.*"),
+    ("mixtral", "lora"): dict(targets="attn.q,attn.v,moe.*"),
+    ("deepseek_v3", "lora"): dict(targets="attn.q,attn.v,moe.*"),
 }
 
 # (architecture, method) -> (regex of the one-line SurgeryError, why): the method cannot work there

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,19 @@ class Factor(nn.Module):
 
 
 class LowRankBranch(nn.Module):
-    """The two factors of a low-rank update: A (r x in) then B (out x r), B starting at zero."""
+    """The two factors of a low-rank update: A (r x in) then B (out x r), B starting at zero; for stacked expert
+    weights, one pair per expert: A (experts x r x in), B (experts x out x r)."""
 
     def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, experts: int | None = None):
         super().__init__()
-        self.A = Factor(torch.empty(r, d_in, device=device, dtype=dtype))
-        self.B = Factor(torch.zeros(d_out, r, device=device, dtype=dtype))
+        lead = (experts,) if experts else ()
+        self.A = Factor(torch.empty(*lead, r, d_in, device=device, dtype=dtype))
+        self.B = Factor(torch.zeros(*lead, d_out, r, device=device, dtype=dtype))
         self.r, self.scale, self.p = r, scale, float(dropout)
         if self.A.weight.device.type != "meta":  # nothing to initialise on the meta device
-            nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+            with torch.no_grad():  # each expert's A as a linear's weight (fan-in = d_in)
+                nn.init.kaiming_uniform_(self.A.weight.view(-1, d_in), a=math.sqrt(5))
         self.merged = False
         self.parked: dict = {}   # while merged: the hooks taken off the linear (see base.park)
 
@@ -54,7 +58,7 @@ class LowRankBranch(nn.Module):
         return out + (F.linear(h, B) * self.scale).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
-        """The update as a full (out x in) matrix."""
+        """The update as a full (out x in) matrix (experts x out x in for stacked expert weights)."""
         return (self.B.weight @ self.A.weight) * self.scale
 
 
@@ -153,7 +157,7 @@ class _WeightDelta:
         if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
             holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
         d = self.owner.delta().to(w.dtype)
-        holder._parameters[self.name] = w + (d.T if self.transposed else d)
+        holder._parameters[self.name] = w + (d.transpose(-1, -2) if self.transposed else d)
         return args  # acted (see Change.watch)
 
     def post(self, module, args, out):
@@ -178,10 +182,20 @@ class LowRank(Rule):
             w = _weight(model, s)
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
             out[s.path] = LowRankBranch(s.in_features, s.out_features, self.r, self.scale, self.dropout,
-                                        device=w.device, dtype=dtype)
+                                        device=w.device, dtype=dtype, experts=s.experts)
         return out
 
+    @staticmethod
+    def size(site, r: int) -> int:
+        """Trainable parameters of a rank-r branch at a site (a pair of factors per expert of stacked weights):
+        what a plugin's budget adds up."""
+        return r * (site.in_features + site.out_features) * (site.experts or 1)
+
     def check(self, model, sites):
+        bare = [s.path for s in sites if s.kind == "param-linear"]
+        if self.dropout and bare:
+            warnings.warn(f"dropout={self.dropout} does not apply at {len(bare)} site(s) whose weight another module "
+                          f"uses ({bare[0]}, ...): their update is added to the weight while it runs", stacklevel=4)
         for s in sites:
             if self.r > min(s.in_features, s.out_features):
                 raise SurgeryError(f"r={self.r} is larger than the smaller side of {s.path} ({s.in_features}->"
@@ -197,7 +211,7 @@ class LowRank(Rule):
                 w = getattr(model.get_submodule(owner_path), name)
                 runner = _common(owner_path, owner_path if s.runner is None else s.runner)
                 d = _WeightDelta(owner_path[len(runner):].lstrip("."), name, built[s.path], switch,
-                                 tuple(w.shape) != (s.out_features, s.in_features))
+                                 tuple(w.shape[-2:]) != (s.out_features, s.in_features))
                 yield Hooked(model, runner, d.pre, pre=True)
                 yield Hooked(model, runner, d.post, always_call=True, acts=False)
 
@@ -225,7 +239,7 @@ class LowRank(Rule):
             if bool(Conv1D) and isinstance(mod, Conv1D):
                 d = d.T
             elif s.kind == "param-linear" and tuple(w.shape) != tuple(d.shape):
-                d = d.T
+                d = d.transpose(-1, -2)
             with torch.no_grad():
                 w.add_(d, alpha=sign)
             b.merged = sign > 0
@@ -246,6 +260,9 @@ class LowRank(Rule):
         return [Hooked(model, path, _Routed(path, branches, rows, cache)) for path, branches in by_site.items()]
 
     def describe(self, site, built):
+        if site.kind == "param-linear":
+            each = " per expert" if site.experts else ""
+            return f"low-rank update r={self.r}{each} scale={self.scale:g}: W + B·A while {site.runner} runs"
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
 
 
