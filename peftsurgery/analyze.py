@@ -15,6 +15,8 @@ writes), and a *source*: the model inputs that reach it through anything. From t
   mlp.up, or mlp.gate when their path passes an activation; moe.* for stacked expert weights (one per expert);
 - a linear whose scores reach a top-k choice is a mixture of experts' router;
 - any other linear is `linear`, and a linear module that ran is never left out;
+- base tensors a rule may train (kind "tensor"): a linear site's bias (role bias), a norm's weight (role norm,
+  the 1-D parameter scaling x / rms(x) or a layer_norm's weight) and its bias (bias);
 - an embedding indexed directly by a model input (the earliest one) is embed; that input carries the tokens.
 """
 from __future__ import annotations
@@ -221,6 +223,16 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
     for name, op in ops.items():
         if op.kind == "linear" and name not in role:
             add_linear(name, "linear")
+    # base tensors a rule may train: the biases of linear sites, the weights and biases of norms
+    for op in ops.values():
+        own = [(op.extra["bias"], "bias")] if "bias" in op.extra and op.site in sites else []
+        for fqn, r in own + [(f, "norm") for f in op.extra.get("norm", ())] + \
+                [(f, "bias") for f in op.extra.get("norm_bias", ())]:
+            if fqn not in sites:
+                st, bl = block_of(fqn)
+                n = model.get_parameter(fqn).numel()
+                sites[fqn] = Site(fqn, "tensor", r, found, bl, st, out_features=n, runner=op.module,
+                                  producer=op.site if r == "bias" and op.site else None)
     # a linear module that ran with no op recognised as its weight's use is still a site
     for path in g.ran:
         if path not in sites and path + ".weight" not in sites:

@@ -22,6 +22,9 @@ ACTIVATIONS = {"silu", "gelu", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "
 MATMULS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
 # matmuls over groups of rows, each group with its own weight (mixture-of-experts kernels): (rows, in) x (E, in, out)
 GROUPED = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+# normalisation ops: the positions of their weight and bias arguments
+NORMS = {"layer_norm": (2, 3), "native_layer_norm": (2, 3), "rms_norm": (2,), "group_norm": (2, 3)}
+MOVES = {"mul", "_to_copy", "to", "type_as", "float", "view", "reshape", "expand", "contiguous"}  # rsqrt to weight
 PICKS = {"index", "select", "getitem"}   # ops picking one expert's weight out of a stacked (E, out, in) parameter
 # ops that only move or relabel data: looking through them keeps a tensor's identity
 VIEWS = {"view", "reshape", "transpose", "permute", "t", "numpy_T", "mT", "mH", "adjoint", "contiguous", "unsqueeze",
@@ -137,6 +140,15 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
             return None, 0
         return None, 0
 
+    def vector(n):
+        """The 1-D parameter a node is (through views and adding a constant: Gemma's norms scale by 1 + w)."""
+        while isinstance(n, torch.fx.Node) and n.op == "call_function" and _base_name(n.target) == "add" and \
+                len(n.args) == 2 and not isinstance(n.args[1], torch.fx.Node):
+            n = n.args[0]
+        fqn = param_through(n)[0] if isinstance(n, torch.fx.Node) else None
+        return fqn if fqn is not None and params.get(fqn) is not None and params[fqn].dim() == 1 else None
+
+    normed: set[str] = set()
     for n in gm.graph.nodes:
         ins = [a.name for a in _flat_nodes((n.args, n.kwargs))]
         stack_meta = n.meta.get("nn_module_stack") or {}
@@ -158,6 +170,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.kind, op.site, op.site_kind = "linear", op.module, "linear"
                 op.extra["features"] = linear_shape(mod)
                 op.inputs = ins[:1]
+                if getattr(mod, "bias", None) is not None:
+                    op.extra["bias"] = f"{op.module}.bias"
             elif isinstance(mod, nn.Embedding):
                 op.kind, op.site, op.site_kind = "embedding", op.module, "embedding"
                 op.extra["index"] = ins[0] if ins else None
@@ -197,6 +211,10 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                         if w.dim() == 3:
                             op.extra["experts"] = w.shape[0]
                     op.inputs = [x_arg.name] if isinstance(x_arg, torch.fx.Node) else []
+                    b_arg = args[2] if name == "linear" and len(args) > 2 else args[0] if name == "addmm" else None
+                    bias = param_through(b_arg)[0] if isinstance(b_arg, torch.fx.Node) else None
+                    if bias is not None and params.get(bias) is not None and params[bias].dim() == 1:
+                        op.extra["bias"] = bias
                 elif name != "linear":
                     op.kind = "matmul"
             elif name == "embedding" and args:
@@ -228,9 +246,20 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.kind = "arange"
             elif name == "topk":   # a choice among scores (a mixture-of-experts router picks its experts)
                 op.extra["choice"] = True
+            elif name in NORMS:    # a normalisation op taking its weight and bias as arguments
+                for key, i in zip(("norm", "norm_bias"), NORMS[name]):
+                    op.extra[key] = [f for f in [vector(args[i]) if i < len(args) else None] if f is not None]
             elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
                 op.kind = "compare"
                 op.extra["triangle"] = name in ("tril", "triu")
+            # a norm written out (RMSNorm): x * rsqrt(mean(x^2) + eps), then times a weight (plus a bias)
+            after_rsqrt = any(a.name in normed for a in _flat_nodes(args))
+            if name == "rsqrt" or name in MOVES and after_rsqrt:
+                normed.add(n.name)
+            if name == "mul" and after_rsqrt:
+                op.extra["norm"] = [f for a in args if (f := vector(a)) is not None]
+            elif name == "add" and any(ops[a.name].extra.get("norm") for a in _flat_nodes(args) if a.name in ops):
+                op.extra["norm_bias"] = [f for a in args if (f := vector(a)) is not None]
             if name in REPEATS:
                 op.extra["repeat"] = True
             if args and isinstance(args[0], torch.fx.Node) and (

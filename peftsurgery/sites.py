@@ -92,7 +92,7 @@ class SiteMap:
     def fingerprint(self) -> str:
         """A hash of the architecture as the sites see it: paths, roles and shapes."""
         rows = sorted((s.path, s.kind, s.role, s.in_features, s.out_features, s.heads, s.kv_heads, s.head_dim)
-                      for s in self.sites)
+                      for s in self.sites if s.kind != "tensor")   # (base tensors came later: old files load)
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def summary(self) -> dict:

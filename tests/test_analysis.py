@@ -67,7 +67,8 @@ def whisper():
 
 
 def roles(sm, block=0):
-    return {s.path: s.role for s in sm if s.block in (None, block)}
+    """Roles of the linear, embedding and attention sites (base tensors are checked in test_bitfit.py)."""
+    return {s.path: s.role for s in sm if s.block in (None, block) and s.kind != "tensor"}
 
 
 def attention(sm):

@@ -156,7 +156,8 @@ class Net(nn.Module):
 
 # ---------------------------------------------------------------- helpers
 def roles(sm, block=None):
-    return {s.path: s.role for s in sm if block is None or s.block == block}
+    """Roles of the linear, embedding and attention sites (base tensors are checked in test_bitfit.py)."""
+    return {s.path: s.role for s in sm if (block is None or s.block == block) and s.kind != "tensor"}
 
 
 def attention(sm):
@@ -204,8 +205,8 @@ def test_llama_repeated_blocks_all_mapped():
     assert sorted({s.block for s in sm if s.block is not None}) == list(range(6))
     for b in range(6):
         assert sorted(s.role for s in sm if s.block == b) == sorted(
-            ["attn", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"])
-    assert len(sm) == 6 * 8 + 2
+            ["attn", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm", "norm"])
+    assert len(sm) == 6 * 10 + 3   # and the embedding, the final norm, the head
     assert_dataflow(sm)
 
 
@@ -394,7 +395,7 @@ def test_meta_1b_llama_locates_and_applies():
     sm = ps.locate(m)
     s = sm.summary()["roles"]
     assert s == {"attn": 22, "attn.q": 22, "attn.k": 22, "attn.v": 22, "attn.o": 22, "mlp.gate": 22,
-                 "mlp.up": 22, "mlp.down": 22, "embed": 1, "head": 1}
+                 "mlp.up": 22, "mlp.down": 22, "embed": 1, "head": 1, "norm": 2 * 22 + 1}
     a = sm.by_path("model.layers.21.self_attn")
     assert (a.heads, a.kv_heads, a.head_dim, a.causal) == (32, 4, 64, True)
     ps.apply(m, "lora", targets="all-linear", r=8)

@@ -172,10 +172,11 @@ EVERY_METHOD = [
     (_spec("custom", kv_heads=1), "prefix-tuning", {"num_tokens": 2, "init": "vocab", "projection": 4}),
     (_spec("qwen2", heads=2, kv_heads=1, head_dim=4, width=8), "qlora",
      {"r": 2, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0, "quantize": "all-linear"}),
+    (_spec("gpt2", layers=1), "bitfit", {"targets": "bias", "norms": True}),
 ]
 
 
-def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora")):
+def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit")):
     def decorate(test):
         for case in reversed(EVERY_METHOD):
             if case[1] in methods:
@@ -278,10 +279,10 @@ def test_only_plugin_params_train_and_base_stays_bit_identical(case):
     assert not torch.equal(evaluate(model, kw), base_out), "training the adapter changed nothing"
 
 
-@every_method(("lora", "adapter", "qlora"))
+@every_method(("lora", "adapter", "qlora", "bitfit"))
 @given(cases(methods=("lora", "adapter", "qlora")))
 def test_identity_at_init(case):
-    """Property 2: LoRA, QLoRA (over its quantized base) and bottleneck adapters start as the identity."""
+    """Property 2: LoRA, QLoRA (over its quantized base), bottleneck adapters and BitFit start as the identity."""
     spec, method, cfg = case
     model, kw = build(spec), inputs(spec)
     base_out = evaluate(model, kw)
@@ -574,6 +575,7 @@ STACKABLE = {
     "prefix-tuning": st.fixed_dictionaries({"num_tokens": st.integers(1, 3), "projection": st.sampled_from([0, 4])}),
     "qlora": st.fixed_dictionaries({"r": st.integers(1, 2), "targets": st.sampled_from(["attn.v", "mlp.*"]),
                                     "quantize": st.sampled_from(["attn.*", "all-linear"])}),
+    "bitfit": st.fixed_dictionaries({"targets": st.sampled_from(["bias,norm", "norm"])}),
 }
 OPS = ("merge", "unmerge", "remove", "reload", "disabled", "apply")
 

@@ -1,10 +1,11 @@
 """The rule vocabulary. Every method is built from these; each is implemented once, here."""
-from .base import Change, Hooked, Rule, Swapped, Switch
+from .base import Change, Hooked, Rule, Swapped, Switch, substitute
 from .lowrank import LowRank
 from .prefix import Prefix, record_kv
 from .prompt import Prompt, text_ids
 from .quantize import Quantize
 from .scale import Scale
 from .series import Series
+from .tensors import BaseTensors
 
-__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "record_kv", "text_ids"]
+__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "BaseTensors", "substitute", "record_kv", "text_ids"]

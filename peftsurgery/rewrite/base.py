@@ -109,6 +109,52 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     new.__dict__.update({k: v for k, v in old.__dict__.items() if k in _ALL_HOOKS})
 
 
+class _Substitute:
+    """Pre- and post-hook pair on the module that uses a base tensor (see substitute())."""
+
+    def __init__(self, rel: str, name: str, owner: nn.Module, switch: Switch):
+        self.rel, self.name, self.owner, self.switch = rel, name, owner, switch
+
+    def pre(self, module, args):
+        if not self.switch.on or self.owner.merged:
+            return None
+        holder = module.get_submodule(self.rel)
+        w = holder._parameters[self.name]
+        if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
+            holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
+        holder._parameters[self.name] = w + self.owner.delta().to(w.dtype)
+        return args  # acted (see Change.watch)
+
+    def post(self, module, args, out):
+        holder = module.get_submodule(self.rel)
+        original = holder.__dict__.get("_peftsurgery_weights", {}).pop(self.name, None)
+        if original is not None:
+            holder._parameters[self.name] = original
+
+
+def substitute(model: nn.Module, site: Site, owner: nn.Module, switch: Switch):
+    """For a base tensor used inside a module (a norm's weight, a bias, a bare weight; site.path names the
+    parameter, site.runner the module whose forward uses it): while that module runs, the parameter reads
+    tensor + owner.delta(), and is put back afterwards (also on error). The parameter keeps its name and object,
+    the base tensor itself is never written, and several adapters add up. `owner` is a built module with
+    .delta() (shaped like the tensor) and .merged (no delta while merged). Yields the two Hooked changes."""
+    holder, _, name = site.path.rpartition(".")
+    runner = _common(holder, holder if site.runner is None else site.runner)
+    sub = _Substitute(holder[len(runner):].lstrip("."), name, owner, switch)
+    yield Hooked(model, runner, sub.pre, pre=True)
+    yield Hooked(model, runner, sub.post, always_call=True, acts=False)
+
+
+def _common(a: str, b: str) -> str:
+    """The deepest module path that is `a` or an ancestor of it, and `b` or an ancestor of it."""
+    parts = []
+    for x, y in zip(a.split(".") if a else [], b.split(".") if b else []):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts)
+
+
 class Swapped(Change):
     """The module at `path` was replaced; undo() puts `restore(module now there)` in its place, with its hooks."""
 
