@@ -346,3 +346,36 @@ def test_stderr_stays_clean_of_the_kernels_community_warning():
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr and "a real problem" in done.stderr, done.stderr
 
+
+
+class _MatmulLinear(nn.Linear):
+    """Falcon-style: an nn.Linear with its own forward computing x @ W.T + b (the same map as F.linear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _DoubledLinear(nn.Linear):
+    """An nn.Linear subclass whose forward is not F.linear: quantizing it would change what it computes."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("cls, works", [(_MatmulLinear, True), (_DoubledLinear, False)])
+def test_linear_subclasses_are_quantized_only_when_they_compute_f_linear(cls, works):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(VOCAB, 64), cls(64, 64), nn.Linear(64, VOCAB)).eval()
+    x = torch.randint(0, VOCAB, (2, 5))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    if not works:
+        with pytest.raises(SurgeryError, match=r"cannot quantize 1: it is a _DoubledLinear, which is neither") as e:
+            ps.apply(model, "qlora", r=2, targets="path:1", quantize="path:1")
+        assert "\n" not in str(e.value) and all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+        return
+    ps.apply(model, "qlora", r=2, targets="path:1", quantize="path:1")
+    with ps.disabled(model):
+        quantized = model(x)
+    ps.remove(model)
+    assert type(model[1]) is cls   # back as its own class, holding the dequantized weights
+    torch.testing.assert_close(model(x), quantized, atol=1e-5, rtol=0)

@@ -80,8 +80,6 @@ REFUSED = {
                                              "`multi_head_attention_forward`"),
     ("mha_net", "adapter"): ("matches no linear site", "`attn.o` is `out_proj`'s bare weight inside "
                                                        "`nn.MultiheadAttention`, no module output to follow"),
-    ("falcon", "qlora"): ("it is a FalconLinear", "`FalconLinear` subclasses `nn.Linear` with its own forward; only "
-                                                  "`nn.Linear` / `Conv1D` are quantized"),
     ("mamba", "prefix-tuning"): ("matches no attention site", "no attention"),
     ("vit", "prompt-tuning"): ("matches no embedding site", "no token embedding (patches)"),
     ("wav2vec2", "prompt-tuning"): ("matches no embedding site", "no token embedding (raw audio)"),

@@ -1,5 +1,5 @@
-"""Rule: quantize the base weights of linears (nn.Linear, and transformers' Conv1D as GPT-2 uses it) to 4-bit
-NormalFloat (NF4) through bitsandbytes.
+"""Rule: quantize the base weights of linears (nn.Linear and its subclasses computing F.linear, and transformers'
+Conv1D as GPT-2 uses it) to 4-bit NormalFloat (NF4) through bitsandbytes.
 
 The float weights are dropped (that is the memory saving); removing the rule puts back float modules of the
 original class and dtype holding the dequantized weights, not the original ones."""
@@ -54,8 +54,9 @@ class Quantize(Rule):
             m = model.get_submodule(s.path)
             if _is_quantized(bnb, m):
                 continue
-            if type(m) not in _float_classes():
-                why = f"it is a {type(m).__name__}; only nn.Linear and transformers' Conv1D can be quantized"
+            if type(m) not in _float_classes() and not _computes_linear(m):
+                why = (f"it is a {type(m).__name__}, which is neither nn.Linear, transformers' Conv1D, nor an "
+                       "nn.Linear subclass computing F.linear(x, weight, bias) (checked on a random input)")
             elif (w := _out_in(m)).device.type == "meta":
                 why = "it is on the meta device; load real weights before quantizing"
             elif w.dtype not in COMPUTE_DTYPES:
@@ -138,7 +139,7 @@ def _is_quantized(bnb, m: nn.Module) -> bool:
 
 def _out_in(m: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features): Conv1D stores it transposed."""
-    return m.weight.detach() if type(m) is nn.Linear else m.weight.detach().t()
+    return m.weight.detach() if isinstance(m, nn.Linear) else m.weight.detach().t()
 
 
 def _float_classes() -> tuple[type, ...]:
@@ -147,17 +148,30 @@ def _float_classes() -> tuple[type, ...]:
     return (nn.Linear,) + ((conv,) if conv else ())
 
 
+def _computes_linear(m: nn.Module) -> bool:
+    """An nn.Linear subclass with a forward of its own (Falcon's computes x @ W.T + b) that computes exactly what
+    F.linear does, on a fixed random input (its hooks not run)."""
+    if not isinstance(m, nn.Linear) or m.weight.device.type == "meta" or not m.weight.is_floating_point():
+        return False
+    x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)
+    with torch.no_grad():
+        got, want = type(m).forward(m, x), torch.nn.functional.linear(x, m.weight, m.bias)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-4, 1e-5)
+
+
 def _dequantized(q: nn.Module) -> nn.Module:
-    """A float module of the class the 4-bit layer replaced (nn.Linear or Conv1D), in the original weight dtype,
-    computing what the 4-bit layer computes (quantization is lossy: the original weights are gone); Swapped
-    carries the hooks over."""
+    """A float module of the class the 4-bit layer replaced (nn.Linear, a subclass of it computing F.linear, or
+    Conv1D), in the original weight dtype, computing what the 4-bit layer computes (quantization is lossy: the
+    original weights are gone); Swapped carries the hooks over."""
     import bitsandbytes as bnb
     w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)  # in the original dtype
     cls = getattr(q, "peftsurgery_float_class", nn.Linear)
+    linear = issubclass(cls, nn.Linear)
     with torch.device("meta"):
-        m = nn.Linear(q.in_features, q.out_features, q.bias is not None) if cls is nn.Linear else \
+        m = nn.Linear(q.in_features, q.out_features, q.bias is not None) if linear else \
             cls(q.out_features, q.in_features)
-    m.weight = nn.Parameter(w if cls is nn.Linear else w.t().contiguous(), requires_grad=False)
+    m.__class__ = cls   # a subclass of nn.Linear differing only in forward (checked when quantized)
+    m.weight = nn.Parameter(w if linear else w.t().contiguous(), requires_grad=False)
     if q.bias is not None:
         m.bias = nn.Parameter(q.bias.detach().to(w.dtype, copy=True), requires_grad=False)
     return m
