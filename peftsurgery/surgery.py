@@ -326,6 +326,50 @@ def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
+def _training_hooks(model: nn.Module, hook: str) -> list[tuple[Attached, Record]]:
+    """(adapter, record) for every active adapter's rule that has training-time hook `hook` (see hookspecs)."""
+    return [(a, rec) for a in adapters(model).values() if a.switch.on for rec in a.records
+            if getattr(rec.rule, hook, None) is not None]
+
+
+def extra_loss(model: nn.Module):
+    """The sum of the extra loss terms of the active adapters' rules (e.g. AdaLoRA's orthogonality term), to add
+    to the training loss before backward(); 0 when no rule has one."""
+    total = 0
+    for _, rec in _training_hooks(model, "extra_loss"):
+        term = rec.rule.extra_loss(rec.sites, rec.built)
+        if term is not None:
+            total = total + term
+    model.__dict__["_peftsurgery_loss_added"] = True
+    return total
+
+
+def step(model: nn.Module, step: int, total: int) -> None:
+    """Run the active adapters' after-step hooks (e.g. AdaLoRA's rank allocation). Call it after each
+    optimizer.step() and before optimizer.zero_grad(), with `step` the optimizer steps done so far (1..total) and
+    `total` those of the whole run. A model whose rules have no such hook costs nothing. Raises SurgeryError when
+    an adapter with hooks is merged, or when a rule adds a loss term and extra_loss(model) was not called since
+    the previous step."""
+    for name, v in (("step", step), ("total", total)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SurgeryError(f"peftsurgery.step: {name} must be a positive integer, got {v!r}")
+    if step > total:
+        raise SurgeryError(f"peftsurgery.step: step {step} is past total={total}; give the number of optimizer "
+                           "steps of the whole run")
+    added = model.__dict__.pop("_peftsurgery_loss_added", False)
+    losses = _training_hooks(model, "extra_loss")
+    if losses and not added:
+        raise SurgeryError(f"adapter {losses[0][0].name!r} ({losses[0][0].method}) adds a loss term that was not "
+                           "added: add peftsurgery.extra_loss(model) to the loss before backward() (with the HF "
+                           "Trainer use peftsurgery.integrations.SurgeryTrainer)")
+    hooked = _training_hooks(model, "after_step")
+    merged = [a for a, rec in hooked if rec.merged]
+    if merged:
+        raise SurgeryError(f"adapter {merged[0].name!r} is merged into the weights; unmerge it before training")
+    for _, rec in hooked:
+        rec.rule.after_step(rec.sites, rec.built, step, total)
+
+
 def budget(model: nn.Module) -> dict:
     """Trainable parameters per attached adapter, against the base's parameter count."""
     base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(CONTAINER + "."))

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SurgeryError
+from .surgery import extra_loss
+from .surgery import step as after_step
 
 FALLBACK_LR = 1e-3
 
@@ -238,8 +240,8 @@ SCHEDULES = ("constant", "linear")
 def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
         seed: int = 0, progress: bool = False, desc: str = "train", schedule: str = "constant") -> dict:
     """Train the model's trainable parameters (AdamW) on `examples`; `schedule` "linear" decays the learning
-    rate linearly to zero over the run. Returns losses per step, seconds per step and the peak memory while
-    training."""
+    rate linearly to zero over the run; the rules' training-time hooks run (peftsurgery.extra_loss and .step).
+    Returns the task losses per step, seconds per step and the peak memory while training."""
     if schedule not in SCHEDULES:
         raise SurgeryError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,9 +262,10 @@ def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_siz
             for chunk in _batches(order, batch_size):
                 t = time.perf_counter()
                 loss = loss_of(model, cloze, chunk)
-                loss.backward()
+                (loss + extra_loss(model)).backward()   # the rules' own terms; the task loss is what is reported
                 loss = loss.detach()
                 opt.step()
+                after_step(model, len(losses) + 1, steps)   # the rules' schedules, while gradients are there
                 decay.step()
                 opt.zero_grad(set_to_none=True)
                 seconds.append(time.perf_counter() - t)

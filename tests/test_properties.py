@@ -173,10 +173,12 @@ EVERY_METHOD = [
     (_spec("qwen2", heads=2, kv_heads=1, head_dim=4, width=8), "qlora",
      {"r": 2, "alpha": 16.0, "targets": "all-linear", "dropout": 0.0, "quantize": "all-linear"}),
     (_spec("gpt2", layers=1), "bitfit", {"targets": "bias", "norms": True}),
+    (_spec("custom"), "adalora", {"init_r": 3, "target_r": 1, "targets": "all-linear", "dropout": 0.1,
+                                  "orth_reg_weight": 0.1}),
 ]
 
 
-def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit")):
+def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit", "adalora")):
     def decorate(test):
         for case in reversed(EVERY_METHOD):
             if case[1] in methods:

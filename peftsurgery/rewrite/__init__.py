@@ -1,11 +1,12 @@
 """The rule vocabulary. Every method is built from these; each is implemented once, here."""
-from .base import Change, Hooked, Rule, Swapped, Switch, substitute
+from .base import Change, Hooked, Rule, Swapped, Switch, hooks_before, park, substitute
 from .lowrank import LowRank
 from .prefix import Prefix, record_kv
 from .prompt import Prompt, text_ids
 from .quantize import Quantize
 from .scale import Scale
 from .series import Series
+from .svd import SVD
 from .tensors import BaseTensors
 
-__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "BaseTensors", "substitute", "record_kv", "text_ids"]
+__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]
