@@ -140,3 +140,40 @@ def test_no_learning_rate_hook_means_1e_3_in_python_and_in_train(tmp_path, capsy
     monkeypatch.undo()
     assert code == 0, capsys.readouterr().err
     assert seen == [[1e-3], [1e-3]]
+
+
+def test_own_rule_plugin_trains_saves_only_its_vectors_and_merges(tmp_path):
+    """vera-demo defines its own Rule (VeRA: frozen shared random A, B from a seed; trainable d, b): it starts as
+    the base, trains only d and b, saves only them (the seed rebuilds A and B on load), merges exactly."""
+    from safetensors.torch import load_file
+    assert "vera-demo" in registry.names()
+    model, _ = load_model("tiny-llama")
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    peftsurgery.apply(model, "vera-demo", r=4, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)          # b starts at zero
+    # attn.q 64 -> 64 and attn.v 64 -> 32 in two blocks: r + out per site
+    assert peftsurgery.budget(model)["adapters"] == {"default": 2 * ((4 + 64) + (4 + 32))}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert not torch.equal(want, base)
+    peftsurgery.save(model, tmp_path / "v")
+    saved = load_file(tmp_path / "v" / "adapter.safetensors")
+    assert sorted({k.rsplit(".", 1)[1] for k in saved}) == ["b", "d"] and len(saved) == 8
+    fresh, _ = load_model("tiny-llama")
+    peftsurgery.load(fresh, tmp_path / "v")
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, want)
+        peftsurgery.merge(fresh)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(SurgeryError, match="cannot give each batch row its own adapter"):
+        with peftsurgery.route(model, ["default", None]):
+            pass
