@@ -175,10 +175,13 @@ EVERY_METHOD = [
     (_spec("gpt2", layers=1), "bitfit", {"targets": "bias", "norms": True}),
     (_spec("custom"), "adalora", {"init_r": 3, "target_r": 1, "targets": "all-linear", "dropout": 0.1,
                                   "orth_reg_weight": 0.1}),
+    (_spec("gpt2", heads=2, width=8), "dora", {"r": 2, "alpha": 4.0, "targets": "all-linear", "dropout": 0.1,
+                                              "rslora": True}),
 ]
 
 
-def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit", "adalora")):
+def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit", "adalora",
+                          "dora")):
     def decorate(test):
         for case in reversed(EVERY_METHOD):
             if case[1] in methods:
@@ -281,10 +284,11 @@ def test_only_plugin_params_train_and_base_stays_bit_identical(case):
     assert not torch.equal(evaluate(model, kw), base_out), "training the adapter changed nothing"
 
 
-@every_method(("lora", "adapter", "qlora", "bitfit"))
+@every_method(("lora", "adapter", "qlora", "bitfit", "dora"))
 @given(cases(methods=("lora", "adapter", "qlora")))
 def test_identity_at_init(case):
-    """Property 2: LoRA, QLoRA (over its quantized base), bottleneck adapters and BitFit start as the identity."""
+    """Property 2: LoRA, QLoRA (over its quantized base), bottleneck adapters, BitFit and DoRA start as the
+    identity."""
     spec, method, cfg = case
     model, kw = build(spec), inputs(spec)
     base_out = evaluate(model, kw)

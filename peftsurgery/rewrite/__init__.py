@@ -4,9 +4,10 @@ from .lowrank import LowRank
 from .prefix import Prefix, record_kv
 from .prompt import Prompt, text_ids
 from .quantize import Quantize
+from .reparam import BaseWeight, MagnitudeDirection, Reparam, Reparametrization
 from .scale import Scale
 from .series import Series
 from .svd import SVD
 from .tensors import BaseTensors
 
-__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Scale", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]
+__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Reparam", "Reparametrization", "BaseWeight", "MagnitudeDirection", "Scale", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]
