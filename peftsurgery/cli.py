@@ -1,5 +1,5 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, train, eval. Every user error ends as one line on
-stderr and exit status 2."""
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, eval. Every user error ends as
+one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -37,15 +37,17 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line_warnings():
     """peftsurgery's own warnings become one line on stderr, without the file and line Python adds."""
     from .locate import RolesByNameWarning
+    from .peftformat import PeftFormatWarning
     show = warnings.showwarning
 
     def one_line(message, category, *rest, **kw):
-        if not issubclass(category, RolesByNameWarning):
+        if not issubclass(category, (RolesByNameWarning, PeftFormatWarning)):
             return show(message, category, *rest, **kw)
         print(f"peftsurgery: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     warnings.showwarning = one_line
     warnings.simplefilter("always", RolesByNameWarning)
+    warnings.simplefilter("always", PeftFormatWarning)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=("text", "json", "dot"), default="text")
     _add_strict(sp)
     sp.set_defaults(run=cmd_inspect)
+
+    sp = sub.add_parser("export", help="write a saved adapter (either format) in PEFT's format, or in ours")
+    sp.add_argument("model", metavar="MODEL", help="the base the adapter was made for (sites, layer order)")
+    sp.add_argument("adapter", metavar="ADAPTER")
+    sp.add_argument("--format", choices=("peft", "peftsurgery"), default="peft")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_export)
 
     sp = sub.add_parser("merge", help="fold a saved adapter into the base weights and save the model")
     sp.add_argument("model", metavar="MODEL")
@@ -389,6 +398,13 @@ def cmd_eval(args):
     acc = evaluate(model, cloze, examples, args.eval_batch_size, progress=not args.quiet)
     _report(args, {"model": args.model, "adapter": args.adapter or "(none)", "examples": len(examples),
                    "accuracy": acc})
+
+
+def cmd_export(args):
+    from . import load, save
+    model = _load(args.model)
+    load(model, args.adapter)
+    print(f"wrote {save(model, args.output, format=args.format)}")
 
 
 def cmd_merge(args):

@@ -15,18 +15,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, peftformat
 from .errors import SurgeryError
 from .registry import Method
 from .surgery import Attached, _check_name, _count, _get, attach, prepare, sitemap
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.json"
 FORMAT = 2   # 2: per-rule settings under "rules"; 1 (no settings) still loads
+FORMATS = ("peftsurgery", "peft")
 
 
-def save(model: nn.Module, directory: str, name: str = "default") -> str:
-    """Write one attached adapter to `directory` (created or replaced atomically)."""
+def save(model: nn.Module, directory: str, name: str = "default", format: str = "peftsurgery") -> str:
+    """Write one attached adapter to `directory` (created or replaced atomically). format="peft" writes PEFT's
+    adapter_config.json + adapter_model.safetensors (see peftformat.py) instead of peftsurgery's own files."""
+    if format not in FORMATS:
+        raise SurgeryError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "peft":
+        return peftformat.save(model, directory, name)
     att = _get(model, name)
+    made = len(Method(att.method).rules(att.config, sitemap(model)))
+    if made != len(att.records):  # e.g. a PEFT LoRA with per-module ranks: loading would rebuild other rules
+        raise SurgeryError(f"adapter {name!r} holds {len(att.records)} rules where method {att.method}'s options make "
+                           f"{made} (per-module ranks or alphas from a PEFT folder); save it with format='peft'")
     tensors, settings = {}, []
     for i, rec in enumerate(att.records):
         state, rule_settings = rec.state()
@@ -89,7 +99,8 @@ def read(directory: str) -> tuple[dict, dict]:
     if not os.path.isdir(directory):
         raise SurgeryError(f"{directory} is not a directory; give the folder an adapter was saved to")
     if not os.path.exists(cpath) or not os.path.exists(wpath):
-        raise SurgeryError(f"{directory} holds no adapter ({CONFIG} and {WEIGHTS} are needed)")
+        raise SurgeryError(f"{directory} holds no adapter ({CONFIG} and {WEIGHTS}, or PEFT's "
+                           f"{peftformat.CONFIG} and {peftformat.WEIGHTS}, are needed)")
     try:
         with open(cpath) as f:
             meta = json.load(f)
@@ -107,9 +118,20 @@ def load(model: nn.Module, directory: str, name: str | None = None, trainable: b
          example_inputs=None) -> nn.Module:
     """Attach a saved adapter to `model` (under `name`, default "default"). Everything is checked before the
     model changes (format, method and its version, architecture, every tensor's name, shape and dtype): a
-    failure leaves the model as it was. example_inputs: as for apply, for models whose inputs cannot be guessed."""
-    meta, tensors = read(directory)
+    failure leaves the model as it was. example_inputs: as for apply, for models whose inputs cannot be guessed.
+    A folder in PEFT's format (adapter_config.json + adapter_model.safetensors) is converted first (peftformat.py)
+    and then loads the same way."""
     name = name or "default"
+    if peftformat.is_peft(directory):
+        _check_name(model, name)
+        sm = sitemap(model, example_inputs)
+        conv = peftformat.read(directory, model, sm)
+        model = _attach_saved(model, directory, Method(conv.method), conv.config, None, conv.tensors, name,
+                              trainable, sm, conv.rules)
+        for note in conv.notes:
+            warnings.warn(note, peftformat.PeftFormatWarning, stacklevel=2)
+        return model
+    meta, tensors = read(directory)
     _check_name(model, name)
     if not isinstance(meta.get("format"), int) or meta["format"] > FORMAT:
         raise SurgeryError(f"{directory} has adapter format {meta.get('format')!r}, newer than this peftsurgery "
@@ -122,10 +144,16 @@ def load(model: nn.Module, directory: str, name: str | None = None, trainable: b
         raise SurgeryError(f"{directory} was made for a different architecture ({meta['base'].get('class')}, "
                            f"fingerprint {want}; this model is {type(model).__name__}, {have}); "
                            "load it onto the model it was trained for")
+    return _attach_saved(model, directory, method, meta["config"], meta.get("rules"), tensors, name, trainable, sm)
+
+
+def _attach_saved(model, directory, method, config, settings, tensors, name, trainable, sm, rules=None):
+    """Build the method's rules for `config` (or the `rules` given), check `tensors` fit them exactly, write
+    them in and attach; nothing on the model changes before every check has passed."""
     fields = {f.name for f in dataclasses.fields(method.config_class)}
-    cfg = method.config({k: v for k, v in meta["config"].items() if k in fields})
-    rules = method.rules(cfg, sm)
-    settings = meta.get("rules") or [{}] * len(rules)
+    cfg = method.config({k: v for k, v in config.items() if k in fields})
+    rules = rules if rules is not None else method.rules(cfg, sm)
+    settings = settings or [{}] * len(rules)
     if len(settings) != len(rules):
         raise SurgeryError(f"{directory} holds {len(settings)} rules but method {method.name} now makes "
                            f"{len(rules)}; save the adapter again with this version")

@@ -1,0 +1,369 @@
+"""PEFT's adapter format both ways (peftsurgery/peftformat.py), against PEFT 0.21.2 itself.
+
+Round trips PEFT -> ours -> PEFT: PEFT saves a folder (random values in every trainable tensor, so nothing is
+trivially zero), peftsurgery.load reads it, peftsurgery.save(format="peft") writes it back, and PEFT's
+PeftModel.from_pretrained loads that. The tensors come back bit-exact, PEFT computes bit-identical logits from
+the copy, and ours computes PEFT's logits (to 1e-5) wherever the two conventions agree. On T5 they do not agree
+everywhere, by design (README "Saved adapters"): those tests check the parts that agree and the warning.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import raises_one_line, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
+from safetensors.torch import load_file, save_file
+
+import peftsurgery as ps
+from peftsurgery.peftformat import PeftFormatWarning
+
+peft = pytest.importorskip("peft")
+
+P = 3
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+DEC = torch.tensor([[0, 4, 5, 6], [0, 7, 8, 9]])
+BASES = {}
+
+
+def base(kind: str):
+    """One tiny model per kind, located once (deep copies keep the site map)."""
+    if kind not in BASES:
+        BASES[kind] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}[kind]()
+        ps.sitemap(BASES[kind])
+    return copy.deepcopy(BASES[kind])
+
+
+def logits(model, kind):
+    with torch.no_grad():
+        if kind == "t5":
+            return model(input_ids=IDS, decoder_input_ids=DEC).logits
+        return model(input_ids=IDS).logits
+
+
+def task(kind):
+    return "SEQ_2_SEQ_LM" if kind == "t5" else "CAUSAL_LM"
+
+
+def peft_folder(kind, config, path, model=None):
+    """PEFT's own folder for `config` on the tiny `kind` model, every trainable tensor random."""
+    ref = peft.get_peft_model(model if model is not None else base(kind), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    ref.eval()
+    ref.save_pretrained(str(path))
+    return ref
+
+
+def through_ours(kind, folder, out):
+    """PEFT folder -> peftsurgery -> PEFT folder; (ours, PEFT's logits from its own folder, PEFT's logits from
+    the copy, warnings)."""
+    ours = base(kind)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ps.load(ours, str(folder))
+        ps.save(ours, str(out), format="peft")
+    want = logits(peft.PeftModel.from_pretrained(base(kind), str(folder)).eval(), kind)
+    back = logits(peft.PeftModel.from_pretrained(base(kind), str(out)).eval(), kind)
+    notes = [str(w.message) for w in caught if issubclass(w.category, PeftFormatWarning)]
+    return ours, want, back, notes
+
+
+def tensors(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def config(folder):
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        return json.load(f)
+
+
+def assert_bit_exact(a, b):
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- LoRA
+LORA = {
+    # rsLoRA and per-module rank / alpha patterns (regular expressions matched at the end of module paths)
+    "llama": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                  rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={r"layers\.0\..*v_proj": 3}),
+    # PEFT's GPT-2 default target is the fused c_attn (Conv1D, weights stored (in, out)): q, k and v together,
+    # as our default attn.q,attn.v is on a fused projection
+    "gpt2": dict(r=4, lora_alpha=16, fan_in_fan_out=True),
+    # T5's default q and v include the cross-attention's q and v
+    "t5": dict(r=2, lora_alpha=4, lora_dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_lora_round_trip(kind, tmp_path):
+    peft_folder(kind, peft.LoraConfig(task_type=task(kind), **LORA[kind]), tmp_path / "peft")
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert (want - logits(base(kind), kind)).abs().max() > 1e-2  # the adapter matters
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want)
+    theirs, again = config(tmp_path / "peft"), config(tmp_path / "back")
+    for key in ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out", "task_type"):
+        assert again[key] == theirs[key], key
+    if kind == "llama":  # patterns come back per module (full paths)
+        assert again["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2}
+        assert again["alpha_pattern"] == {"model.layers.0.self_attn.v_proj": 3}
+        assert len(ps.adapters(ours)["default"].records) == 3  # one low-rank rule per (rank, alpha)
+    if kind == "gpt2":
+        assert again["fan_in_fan_out"] is True
+        assert sorted(again["target_modules"]) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+        assert ps.adapters(ours)["default"].config.targets == "attn.qkv"
+
+
+def test_lora_without_patterns_saves_in_our_format_too(tmp_path):
+    peft_folder("gpt2", peft.LoraConfig(r=4, lora_alpha=16, fan_in_fan_out=True), tmp_path / "peft")
+    ours = base("gpt2")
+    ps.load(ours, str(tmp_path / "peft"))
+    ps.save(ours, str(tmp_path / "ours"))
+    again = base("gpt2")
+    ps.load(again, str(tmp_path / "ours"))
+    assert torch.equal(logits(again, "gpt2"), logits(ours, "gpt2"))
+
+
+def test_lora_with_patterns_refuses_our_format(tmp_path):
+    peft_folder("llama", peft.LoraConfig(**LORA["llama"]), tmp_path / "peft")
+    ours = base("llama")
+    ps.load(ours, str(tmp_path / "peft"))
+    raises_one_line(lambda: ps.save(ours, str(tmp_path / "ours")), "per-module ranks", "format='peft'")
+    assert not (tmp_path / "ours").exists()
+
+
+# ---------------------------------------------------------------- prompt tuning
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prompt_tuning_round_trip(kind, tmp_path):
+    peft_folder(kind, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), tmp_path / "peft")
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want[:, P:])  # PEFT's logits include the virtual positions
+
+
+def test_prompt_tuning_t5(tmp_path):
+    """PEFT stores 2 x num_virtual_tokens rows on an encoder-decoder and its prompt tuning reads the first half
+    (the encoder's); the decoder then attends to the virtual tokens' encoder outputs, which ours trims. So: the
+    encoder half round-trips bit-exact, the encoders agree on the real tokens, and loading says how it differs."""
+    ref = peft_folder("t5", peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P),
+                      tmp_path / "peft")
+    ours, want, back, notes = through_ours("t5", tmp_path / "peft", tmp_path / "back")
+    assert len(notes) == 2 and all("decoder" in n for n in notes)  # load and export both say so
+    theirs, again = tensors(tmp_path / "peft")["prompt_embeddings"], tensors(tmp_path / "back")["prompt_embeddings"]
+    assert theirs.shape == (2 * P, 32) and torch.equal(again, theirs[:P])
+    assert config(tmp_path / "back")["num_transformer_submodules"] == 1
+    assert torch.equal(back, want)
+    with torch.no_grad():
+        mask = torch.ones_like(IDS)
+        want = ref(input_ids=IDS, attention_mask=mask, decoder_input_ids=DEC,
+                   output_hidden_states=True).encoder_last_hidden_state
+        got = ours(input_ids=IDS, attention_mask=mask, decoder_input_ids=DEC).encoder_last_hidden_state
+    assert got.shape == (2, IDS.shape[1], 32)
+    close(got, want[:, P:])
+
+
+# ---------------------------------------------------------------- prefix tuning
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_tuning_round_trip(kind, projection, tmp_path):
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                  encoder_hidden_size=12)
+    peft_folder(kind, cfg, tmp_path / "peft")
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert (want - logits(base(kind), kind)).abs().max() > 1e-2
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want)
+    again = config(tmp_path / "back")
+    assert (again["prefix_projection"], again["encoder_hidden_size"] if projection else 0) == (projection, 12 * projection)
+    assert again["num_layers"] == 2 and again["token_dim"] == config(tmp_path / "peft")["token_dim"]
+    assert ps.adapters(ours)["default"].config.projection == (12 if projection else 0)
+
+
+def test_prefix_tuning_t5(tmp_path):
+    """PEFT's prefix on an encoder-decoder reaches the decoder's self-attention only, decoder layer i reading
+    PEFT's layer 2i mod num_layers (both decoder layers of a 2-layer T5 read layer 0; layer 1's slot is read by
+    none and comes back as zeros). With T5's decoder position bias zeroed the two agree exactly; with it, PEFT
+    gives prefix keys the bias of positions before the decoder's tokens and ours none (load says so)."""
+    t5 = base("t5")
+    with torch.no_grad():
+        for block in t5.decoder.block:
+            attn = block.layer[0].SelfAttention
+            if attn.has_relative_attention_bias:
+                attn.relative_attention_bias.weight.zero_()
+    BASES["t5-nobias"] = t5
+    ref = peft_folder("t5", peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P),
+                      tmp_path / "peft", model=copy.deepcopy(t5))
+    ours = copy.deepcopy(t5)
+    with pytest.warns(PeftFormatWarning, match="decoder's self-attention only"):
+        ps.load(ours, str(tmp_path / "peft"))
+    assert [r["site"] for r in ps.inspect(ours)] == ["decoder.block.0.layer.0.SelfAttention",
+                                                     "decoder.block.1.layer.0.SelfAttention"]
+    want = logits(ref, "t5")
+    assert (want - logits(t5, "t5")).abs().max() > 1e-2
+    close(logits(ours, "t5"), want)
+    with pytest.warns(PeftFormatWarning):
+        ps.save(ours, str(tmp_path / "back"), format="peft")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(t5), str(tmp_path / "back")).eval()
+    assert torch.equal(logits(back, "t5"), want)
+    theirs = tensors(tmp_path / "peft")["prompt_embeddings"].view(P, 2, 2, -1)   # (tokens, layer, k/v, ...)
+    again = tensors(tmp_path / "back")["prompt_embeddings"].view(P, 2, 2, -1)
+    assert torch.equal(again[:, 0], theirs[:, 0]) and not again[:, 1].any()
+
+
+def test_prefix_tuning_t5_default_targets_refuse_export(tmp_path):
+    ours = ps.apply(base("t5"), "prefix-tuning", num_tokens=P, init="random")  # encoder, decoder and cross
+    raises_one_line(lambda: ps.save(ours, str(tmp_path / "x"), format="peft"),
+                    "decoder's self-attention", "path:decoder.block.0.layer.0.SelfAttention")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- ours -> PEFT
+def test_our_adapters_export_to_peft(tmp_path):
+    """Adapters made here (trained values, an MLP projection folded away) load in PEFT with the same logits."""
+    g = torch.Generator().manual_seed(11)
+    for kind, method, options, skip in [("gpt2", "lora", {"r": 4, "targets": "attn.qkv"}, 0),
+                                        ("llama", "prefix-tuning", {"num_tokens": P, "projection": 8}, 0),
+                                        ("gpt2", "prompt-tuning", {"num_tokens": P}, P)]:
+        ours = ps.apply(base(kind), method, **options)
+        with torch.no_grad():
+            for p in ours.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        ps.save(ours, str(tmp_path / method), format="peft")
+        theirs = peft.PeftModel.from_pretrained(base(kind), str(tmp_path / method)).eval()
+        close(logits(ours, kind), logits(theirs, kind)[:, skip:])
+
+
+def test_qlora_exports_its_lora_and_says_where_the_quantization_goes(tmp_path):
+    model = tiny_llama_4bit()
+    ours = ps.apply(copy.deepcopy(model), "qlora", r=2, targets="attn.q,attn.v", quantize="attn.q,attn.v")
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_()
+    with pytest.warns(PeftFormatWarning, match="BitsAndBytesConfig"):
+        ps.save(ours, str(tmp_path / "q"), format="peft")
+    cfg, got = config(tmp_path / "q"), tensors(tmp_path / "q")
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and len(got) == 8
+    branch = ps.adapters(ours)["default"].records[1].built["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(got["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], branch.B.weight)
+    peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "q"))  # a float base takes it too
+
+
+# ---------------------------------------------------------------- refusals, all or nothing
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not ps.adapters(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def edit(folder, **changes):
+    cfg = config(folder)
+    cfg.update(changes)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.fixture(scope="module")
+def llama_lora(tmp_path_factory):
+    path = tmp_path_factory.mktemp("peft") / "lora"
+    peft_folder("llama", peft.LoraConfig(r=4, lora_alpha=8), path)
+    return path
+
+
+def refused(model, folder, *needles):
+    before = snapshot(model)
+    raises_one_line(lambda: ps.load(model, str(folder)), *needles)
+    assert_untouched(model, before)
+
+
+def test_refusals_leave_the_model_untouched(llama_lora, tmp_path):
+    import shutil
+    refused(base("gpt2"), llama_lora, "model.layers.0.self_attn.q_proj", "does not have")
+    refused(tiny_llama(hidden_size=48, head_dim=8), llama_lora, "shape")   # found only once rules are built
+    for name, changes, needles in [
+            ("ia3", {"peft_type": "IA3"}, ("IA3", "LORA, PROMPT_TUNING, PREFIX_TUNING")),
+            ("dora", {"use_dora": True}, ("DoRA",)),
+            ("mts", {"modules_to_save": ["lm_head"]}, ("modules_to_save", "lm_head")),
+            ("bias", {"bias": "all"}, ("bias='none'",)),
+            ("pissa", {"init_lora_weights": "pissa"}, ("changes the base weights",)),
+            ("unknown", {"layer_replication": [[0, 1]]}, ("layer_replication",)),
+            ("rank", {"r": 3}, ("rank 3",))]:
+        folder = tmp_path / name
+        shutil.copytree(llama_lora, folder)
+        edit(folder, **changes)
+        refused(base("llama"), folder, *needles)
+
+
+def test_pickles_are_refused_with_the_way_to_convert(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04not read")
+    refused(base("llama"), folder, "pickle", "never loads", "safe_serialization=True")
+
+
+def test_damaged_and_mismatched_folders(llama_lora, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{not json")
+    save_file({"x": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    refused(base("llama"), folder, "corrupted")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1}))
+    refused(base("llama"), folder, "holds x")
+    prefix = tmp_path / "prefix"
+    peft_folder("llama", peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), prefix)
+    refused(tiny_llama(num_hidden_layers=3), prefix, "2 layers", "3")
+    refused(base("t5"), prefix, "encoder-decoder")
+
+
+def test_export_refusals(tmp_path):
+    ours = ps.apply(base("gpt2"), "adapter", bottleneck=4)
+    raises_one_line(lambda: ps.save(ours, str(tmp_path / "a"), format="peft"), "adapter", "no counterpart")
+    raises_one_line(lambda: ps.save(ours, str(tmp_path / "a"), format="onnx"), "peftsurgery, peft")
+    part = ps.apply(base("llama"), "prefix-tuning", num_tokens=P, init="random", targets="attn,blocks:0")
+    raises_one_line(lambda: ps.save(part, str(tmp_path / "a"), format="peft"), "every self-attention")
+    assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_export_both_ways_and_merge(tmp_path, capsys):
+    from peftsurgery.cli import main
+    from peftsurgery.zoo import load_model
+    peft_folder("llama", peft.LoraConfig(r=4, lora_alpha=8), tmp_path / "peft", model=load_model("tiny-llama")[0])
+    assert main(["export", "tiny-llama", str(tmp_path / "peft"), "--format", "peftsurgery", "-o",
+                 str(tmp_path / "ours")]) == 0
+    assert (tmp_path / "ours" / "adapter.json").exists()
+    assert main(["export", "tiny-llama", str(tmp_path / "ours"), "-o", str(tmp_path / "back")]) == 0
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert main(["merge", "tiny-llama", str(tmp_path / "peft"), "-o", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    (tmp_path / "peft" / "adapter_model.safetensors").rename(tmp_path / "peft" / "adapter_model.bin")
+    assert main(["export", "tiny-llama", str(tmp_path / "peft"), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftsurgery: error: ") and "safe_serialization=True" in err[0]
