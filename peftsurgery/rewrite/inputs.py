@@ -132,7 +132,8 @@ class Layout:
     def __init__(self, mask, B: int, S: int, P: int, dev):
         lead = (mask.cumsum(-1) == 0).sum(-1, keepdim=True) if mask is not None and mask.dim() == 2 else \
             torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.P, self.total, self.plain = P, S + P, not bool(lead.any())
+        # no padding on the left: nothing to move (decided from the data, so not inside torch.compile)
+        self.P, self.total, self.plain = P, S + P, not torch.compiler.is_compiling() and not bool(lead.any())
         j, i = torch.arange(S + P, device=dev), torch.arange(S, device=dev)
         self.src = torch.where(j < lead, j + P, torch.where(j < lead + P, j - lead, j))   # (B, S + P)
         self.kept = torch.where(i < lead, i, i + P)                                         # (B, S)

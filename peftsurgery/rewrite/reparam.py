@@ -42,7 +42,8 @@ class BaseWeight:
     def __init__(self, linear: nn.Module, dtype: torch.dtype):
         w = linear.weight
         self.linear, self.dtype, self.bias = linear, dtype, linear.bias
-        self.key = (id(w), w._version, w.data_ptr(), dtype)
+        # what the cached norm depends on (none inside torch.compile, which caches nothing here)
+        self.key = None if torch.compiler.is_compiling() else (id(w), w._version, w.data_ptr(), dtype)
         self._w = None
 
     def get(self) -> torch.Tensor:
@@ -178,6 +179,9 @@ class DecomposedWeight(Reparametrization):
     def norm(self, w: BaseWeight) -> torch.Tensor:
         """‖W + ΔW‖ per output row, without gradient; kept while W, A, B and the scale are unchanged."""
         b = self.branch
+        if w.key is None:
+            with torch.no_grad():
+                return torch.linalg.vector_norm(w.get() + b.delta(), dim=1)
         key = (w.key, b.scale, *((id(p), p._version, p.data_ptr()) for p in (b.A.weight, b.B.weight)))
         hit = self.__dict__.get("_norm")
         if hit is None or hit[0] != key:

@@ -63,6 +63,8 @@ class SVDBranch(nn.Module):
         """P, E, Q restricted to the triplets that count (kept, or E grown back): what a saved adapter holds, so
         inference computes exactly what the reloaded branch does (a matmul over fewer terms sums in another
         order). The indices are kept while E and keep are unchanged."""
+        if torch.compiler.is_compiling():   # no cached indices inside a compiled graph: the triplets that do
+            return self.P, self.E, self.Q    # not count have E = 0
         key = (self.E._version, self.keep._version, self.E.data_ptr(), self.keep.data_ptr())
         hit = self.__dict__.get("_live")
         if hit is None or hit[0] != key:
