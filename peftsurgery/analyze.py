@@ -71,10 +71,29 @@ def _eager_attention(g: Graph) -> None:
         oin = [i for i in out.inputs if i != sm.name and not _descends(g, i, sm.name)]
         if len(sin) < 2 or not oin:
             continue
+        q, k, v = sin[0], sin[1], oin[-1]
+        if len(score.shape) == 4 and len(g.ops[q].shape) == 4:  # (batch, heads, q, k) scores: q, k, v seen in
+            d = g.ops[q].shape[-1]                                # that layout (einsum's may differ)
+            q, k, v = (_as_heads(g, x, score.shape, n, f) for x, n, f in ((q, -2, d), (k, -1, d), (v, -1, None)))
         out.kind = "attention"
-        out.extra.update(q=sin[0], k=sin[1], v=oin[-1], impl="eager", is_causal=False, mask=None,
+        out.extra.update(q=q, k=k, v=v, impl="eager", is_causal=False, mask=None,
                          scores=sm.name)  # the softmax's input holds the scores after any mask
         score.kind = "other"
+
+
+def _as_heads(g: Graph, name: str, scores: tuple, seq: int, d: int | None) -> str:
+    """A view node of `name` shaped (batch, heads, seq, d features; d None: its last dim), the heads counted from
+    its size, where the scores are (batch, heads, q, k) and seq picks q (-2) or k (-1)."""
+    shape = g.ops[name].shape
+    if len(shape) != 4:
+        return name
+    b, s, d = scores[0], scores[seq], d or shape[-1]
+    heads = math.prod(shape) // (b * s * d) if b * s * d else 0
+    if (b, heads, s, d) == tuple(shape) or not heads or heads * b * s * d != math.prod(shape):
+        return name
+    view = Op(f"{name}.as_heads", "view", [name], g.ops[name].module, g.ops[name].stack, shape=(b, heads, s, d))
+    g.ops[view.name] = view
+    return view.name
 
 
 def _descends(g: Graph, name: str, ancestor: str, depth: int = 6) -> bool:

@@ -110,7 +110,7 @@ def peftsurgery_rules(config, sites):
 @hookimpl
 def peftsurgery_budget(config, sites):
     chosen = sites.select(config.targets, Prefix.kinds)
-    per_token = sum(2 * s.kv_heads * s.head_dim for s in chosen)
+    per_token = sum(s.kv_heads * (s.head_dim + (s.v_head_dim or s.head_dim)) for s in chosen)  # keys + values
     if not config.projection:
         return config.num_tokens * per_token
     embed = next((s for s in sites if s.role == "embed"), None)

@@ -177,8 +177,7 @@ class TwoInputs(nn.Module):
 
 def test_cross_attention_is_decided_by_model_inputs():
     sm = ps.locate(TwoInputs(), {"x": torch.zeros(1, 6, 32), "memory": torch.zeros(1, 6, 32)})
-    assert {s.path: s.role for s in sm} == {"": "xattn", "a": "xattn.q", "b": "xattn.k", "c": "xattn.v",
-                                            "o": "xattn.o"}
+    assert roles(sm) == {"": "xattn", "a": "xattn.q", "b": "xattn.k", "c": "xattn.v", "o": "xattn.o"}
 
 
 # ---------------------------------------------------------------- Mamba: every linear, no invented roles
@@ -257,7 +256,7 @@ class InPlaceKey(nn.Module):
 
 def test_in_place_writes_carry_data_flow():
     sm = ps.locate(InPlaceKey(), {"x": torch.zeros(1, 6, 32)})
-    r = {s.path: s.role for s in sm}
+    r = roles(sm)
     assert r == {"": "attn", "q": "attn.q", "k1": "attn.k", "k2": "attn.k", "v": "attn.v", "o": "attn.o"}
     assert (sm.by_path("").heads, sm.by_path("").kv_heads, sm.by_path("").head_dim) == (4, 4, 8)
 
@@ -272,15 +271,13 @@ class Scaled(nn.Linear):
 def test_a_linear_module_that_ran_is_never_dropped():
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Scaled(16, 8))
     sm = ps.locate(net, {"input": torch.zeros(1, 3, 8)})
-    assert [s.path for s in sm] == ["0", "2"]
+    assert [s.path for s in sm if s.kind != "tensor"] == ["0", "2"]
     s = sm.by_path("2")
     assert (s.kind, s.role, s.found_by, s.in_features, s.out_features) == ("linear", "linear", "export+module", 16, 8)
 
 
-def test_prefix_on_keys_and_values_of_two_head_sizes_is_refused_in_one_line():
+def test_prefix_on_keys_and_values_of_two_head_sizes():
     m = deepseek_v3(nope=8, v=8)   # keys 12 features per head (8 + rope 4), values 8
-    before = {n: t.clone() for n, t in m.state_dict().items()}
-    with pytest.raises(ps.SurgeryError, match="two head sizes are not supported yet") as e:
-        ps.apply(m, "prefix-tuning", num_tokens=2)
-    assert "\n" not in str(e.value) and ps.adapters(m) == {}
-    assert all(torch.equal(t, before[n]) for n, t in m.state_dict().items())
+    ps.apply(m, "prefix-tuning", num_tokens=2)
+    atts = [s for s in ps.sitemap(m) if s.kind == "attention"]
+    assert ps.budget(m)["trainable"] == sum(2 * s.kv_heads * (12 + 8) for s in atts)

@@ -432,10 +432,15 @@ def test_prompt_finds_the_token_argument_by_data_flow():
         assert torch.equal(model(ids), base)
 
 
-def test_prefix_on_multihead_attention_is_refused_not_a_silent_no_op():
-    """nn.MultiheadAttention computes attention inside multi_head_attention_forward, out of the interceptor's
-    reach: the prefix used to apply and do nothing."""
-    _refused(MHANet().eval(), r"Prefix did not act at attn: no attention call", "prefix-tuning", init="random")
+def test_prefix_on_multihead_attention_acts_not_a_silent_no_op():
+    """nn.MultiheadAttention computes attention inside multi_head_attention_forward: the prefix used to apply and
+    do nothing; it now reaches the attention there (exactness against MHA's own add_bias_kv: test_eager_prefix)."""
+    model = MHANet().eval()
+    base = out(model)
+    ps.apply(model, "prefix-tuning", init="random", num_tokens=2)
+    assert not torch.allclose(out(model), base)
+    with ps.disabled(model):
+        assert torch.equal(out(model), base)
 
 
 # ---------------------------------------------------------------- virtual tokens right before the first real token

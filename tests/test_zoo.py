@@ -1,4 +1,4 @@
-"""The architecture zoo (issue #11, "Any model, for real"): every built-in method on 40 architectures, each built
+"""The architecture zoo (issue #11, "Any model, for real"): every built-in method on 41 architectures, each built
 tiny from its config (tests/zoo.py), checked the same way:
 
   apply      apply works (its probe forward included), only the adapter trains, the forward keeps the base's shape
@@ -55,7 +55,7 @@ ARCHS = {
     "deberta_v2": "encoder",
     "vit": "vision", "clip": "vision", "wav2vec2": "audio",
     "mamba": "causal",
-    "custom_lm": "custom", "tokens_lm": "custom", "mha_net": "custom",
+    "custom_lm": "custom", "tokens_lm": "custom", "mha_net": "custom", "einsum_lm": "custom",
 }
 assert set(ARCHS) == set(FACTORIES)
 
@@ -70,14 +70,7 @@ OPTIONS = {
 }
 
 # (architecture, method) -> (regex of the one-line SurgeryError, why): the method cannot work there
-OWN_CODE = r"(neither F.scaled_dot_product_attention nor|no attention call at .* could be intercepted)"
 REFUSED = {
-    ("bloom", "prefix-tuning"): (OWN_CODE, "attention (ALiBi) in Bloom's own code, not SDPA or transformers' "
-                                           "attention interface"),
-    ("gptj", "prefix-tuning"): (OWN_CODE, "attention in GPT-J's own `_attn`, not SDPA or the attention interface"),
-    ("deberta_v2", "prefix-tuning"): (OWN_CODE, "disentangled attention in DeBERTa's own code"),
-    ("mha_net", "prefix-tuning"): (OWN_CODE, "`nn.MultiheadAttention` computes attention inside "
-                                             "`multi_head_attention_forward`"),
     ("mha_net", "adapter"): ("matches no linear site", "`attn.o` is `out_proj`'s bare weight inside "
                                                        "`nn.MultiheadAttention`, no module output to follow"),
     ("mamba", "prefix-tuning"): ("matches no attention site", "no attention"),

@@ -4,8 +4,11 @@ that bitsandbytes' 4-bit layers take them on every CPU (see conftest.tiny_llama_
 and MHANet are 16 wide. No model hub: every model is built from its config."""
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers as tf
+from torch import nn
 
 try:
     from conftest import VOCAB
@@ -41,6 +44,39 @@ LLAMA_LIKE = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidde
                   num_key_value_heads=2, max_position_embeddings=128, **IDS)
 ENCODER = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=128, **IDS)
+
+class EinsumAttention(nn.Module):
+    """Attention written by hand: a fused qkv projection split by chunk, einsum score and value products, and a
+    causal mask buffer sliced to the keys and applied with torch.where."""
+
+    def __init__(self, dim: int, heads: int, max_len: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = (t.view(B, S, self.heads, -1) for t in self.qkv(x).chunk(3, dim=-1))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        scores = torch.where(self.causal[:S, :S], scores, torch.finfo(scores.dtype).min)
+        return self.out(torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, S, -1))
+
+
+class EinsumLM(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(V, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.attns = nn.ModuleList(EinsumAttention(dim, heads) for _ in range(layers))
+        self.head = nn.Linear(dim, V)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for norm, attn in zip(self.norms, self.attns):
+            h = h + attn(norm(h))
+        return self.head(h)
+
 
 FACTORIES = {
     # ---- decoders people fine-tune
@@ -79,7 +115,7 @@ FACTORIES = {
     "deepseek_v3": hf("DeepseekV3Config", "DeepseekV3ForCausalLM", **{**LLAMA_LIKE, "num_key_value_heads": 4},
                       moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                       n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=64,
-                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+                      qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16),  # keys 24, values 16
     # ---- encoder-decoders
     "t5": hf("T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2,
              num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
@@ -123,4 +159,5 @@ FACTORIES = {
     "custom_lm": module(lambda: CustomLM(heads=4, kv_heads=2, head_dim=16, width=128), "CustomLM"),
     "tokens_lm": module(TokensLM),
     "mha_net": module(MHANet),
+    "einsum_lm": module(EinsumLM),
 }

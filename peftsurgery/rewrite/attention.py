@@ -5,13 +5,17 @@ Two ways, chosen per site:
   a wrapper implementation is registered under a new name and the module's config is pointed to it; the wrapper
   calls the original implementation. A mask function is registered under the same name (without one the
   padding mask would silently arrive as None).
-- any other module calling F.scaled_dot_product_attention: a torch-function mode active only while the module
-  runs rewrites that call.
-Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs).
+- any other module: a torch-function mode, active only while the module runs (and one of its editors is on),
+  rewrites its F.scaled_dot_product_attention call (F.multi_head_attention_forward runs its body under the mode,
+  which reaches the call inside it), or, for attention written as products and a softmax in the module's own
+  code, rewrites the score and value products, found by data flow at run time (see _Mode).
+Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs), with
+q, k, v laid out (batch, heads, seq, head_dim). Editors that add keys and values put them first.
 """
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 
 import torch
@@ -23,6 +27,7 @@ from ..errors import SurgeryError
 from .base import Change, Hooked, Watcher
 
 PREFIX = "peftsurgery+"
+NO_MASK = "peftsurgery_no_mask"   # in an editor's kwargs: the mask it returns is not used (see _Mode)
 
 
 def _editors(module) -> list:
@@ -70,10 +75,152 @@ def _register(original: str) -> str:
     return name
 
 
-class _SDPAMode(TorchFunctionMode):
-    def __init__(self, module):
+# Attention written in a module's own code: the score product (matmul, bmm, baddbmm, einsum) reaches a softmax over
+# its last dim (the keys) through calls that keep that dim the keys; the softmax's output reaches the value
+# product the same way. Editing there means: the score product again with the edited keys, those calls again on
+# the wider scores, and the value product with the edited values. A tensor those calls combine with the scores
+# over the keys (a mask, an ALiBi or relative-position bias, a causal mask buffer's slice) gets, in the new key
+# columns, the value that leaves a score as it is: 0 added, 1 multiplied, not filled, the scores picked by where.
+_PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+             torch.Tensor.baddbmm, torch.einsum}
+_NEUTRAL = {**dict.fromkeys(("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
+                             "__isub__"), 0),
+            **dict.fromkeys(("mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
+                             "__itruediv__", "true_divide"), 1),
+            **dict.fromkeys(("masked_fill", "masked_fill_"), False)}
+_ALONE = {"view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "double", "type", "type_as", "clone",
+          "dropout", "tanh", "neg", "clamp", "softmax"}  # other tensors they take are not combined with the scores
+_KEEPS = set(_NEUTRAL) | _ALONE | {"where"}
+
+
+class _Node:
+    """A call on the way from a product to a value product: kind "product", "softmax" or "op"; parents: (where in
+    the call the tracked input sits, the node that made it)."""
+    __slots__ = ("func", "args", "kwargs", "kind", "parents")
+
+    def __init__(self, func, args, kwargs, kind, parents):
+        self.func, self.args, self.kwargs, self.kind, self.parents = func, args, kwargs, kind, parents
+
+
+def _tensors(args, kwargs):
+    yield from ((i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    yield from ((k, a) for k, a in kwargs.items() if isinstance(a, torch.Tensor))
+
+
+def _ways(node: _Node, kind: str) -> list:
+    """Every chain of calls from a node of `kind` to `node`: lists of (node, where the tracked input sits)."""
+    if node.kind == kind:
+        return [[(node, None)]]
+    return [way + [(node, at)] for at, parent in node.parents for way in _ways(parent, kind)]
+
+
+def _product(func, args, kwargs):
+    """(left, right, bias, rebuild(left, right, bias), einsum subscripts (left, right, out) or None)."""
+    if func is torch.einsum:
+        eq, ops = args[0].replace(" ", ""), args[1:]
+        ops = ops[0] if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+        if len(ops) != 2 or "->" not in eq or "." in eq:
+            return None
+        ins, out = eq.split("->")
+        return ops[0], ops[1], None, lambda a, b, _: torch.einsum(eq, a, b), (*ins.split(","), out)
+    if func in (torch.baddbmm, torch.Tensor.baddbmm):
+        p = {**dict(zip(("input", "batch1", "batch2"), args)), **kwargs}
+        scale = {k: p[k] for k in ("beta", "alpha") if k in p}
+        return p["batch1"], p["batch2"], p["input"], lambda a, b, c: torch.baddbmm(c, a, b, **scale), None
+    right = args[1] if len(args) > 1 else next(iter(kwargs.values()), None)
+    return args[0], right, None, lambda a, b, _: func(a, b), None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _layout(t: torch.Tensor | None, letters: str | None, seq, feat, batch: str = "") -> list[int]:
+    """The permutation of t giving (batch..., seq, feat): einsum letters (batch letters in `batch`'s order), or
+    matmul dims (seq, feat as negative dims, the batch dims leading)."""
+    if letters is None:
+        n = t.dim()
+        return list(range(n - 2)) + [n + seq, n + feat]
+    rest = [c for c in batch if c in letters and c not in (seq, feat)]
+    if len(rest) + 2 != len(letters):
+        raise _Unsupported(f"einsum operand {letters} has letters the output does not keep")
+    return [letters.index(c) for c in rest + [seq, feat]]
+
+
+def _to_heads(t: torch.Tensor, perm: list[int], heads: int | None) -> torch.Tensor:
+    """(batch, heads, seq, features) from t permuted by perm; one leading dim is batch * heads."""
+    t = t.permute(perm)
+    if t.dim() == 3 and heads and t.shape[0] % heads == 0:
+        return t.unflatten(0, (-1, heads))
+    if t.dim() != 4:
+        raise _Unsupported(f"a {t.dim()}-d operand, not (batch, heads, seq, features) or (batch*heads, seq, features)")
+    return t
+
+
+def _from_heads(t: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    if len(perm) == 3:
+        t = t.flatten(0, 1)
+    return t.permute([perm.index(i) for i in range(len(perm))])
+
+
+def _prepend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+    return torch.cat([torch.full((*t.shape[:-1], n), fill, dtype=t.dtype, device=t.device), t], -1)
+
+
+def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int) -> torch.Tensor:
+    """node's call again with x (the scores, or probabilities, over added + n keys) where its tracked input sat."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    name = node.func.__name__
+    if isinstance(at, int):
+        args[at] = x
+    else:
+        kwargs[at] = x
+    if name in ("view", "reshape") and len(args) > 1:
+        shape = list(args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:])
+        if shape and shape[-1] == n:
+            shape[-1] = n + added
+        args = [args[0], shape]
+    elif name not in _ALONE:
+        for loc, t in list(_tensors(args, kwargs)):
+            if loc == at or t.dim() == 0 or t.shape[-1] != n:
+                continue
+            if name == "where":  # torch.where(cond, a, b) or a.where(cond, b): the scores keep where they are picked
+                cond = 0 if node.func is torch.where else 1
+                fill = (at == (1 if cond == 0 else 0)) if loc == cond else 0
+            else:
+                fill = _NEUTRAL[name]
+            t = _prepend(t, added, fill)
+            if isinstance(loc, int):
+                args[loc] = t
+            else:
+                kwargs[loc] = t
+    return node.func(*args, **kwargs)
+
+
+_MHA: list = []
+
+
+def _mha_body(*args, **kwargs):
+    """F.multi_head_attention_forward hands itself whole to a torch-function mode, which would hide the attention
+    call inside it: this copy runs its body (no hand-off) under the mode."""
+    if not _MHA:
+        fn = F.multi_head_attention_forward
+        body = types.FunctionType(fn.__code__, dict(fn.__globals__, has_torch_function=lambda *a: False),
+                                  fn.__name__, fn.__defaults__, fn.__closure__)
+        body.__kwdefaults__ = fn.__kwdefaults__
+        _MHA.append(body)
+    return _MHA[0](*args, **kwargs)
+
+
+class _Mode(TorchFunctionMode):
+    """Active while one call of `module` runs. It rewrites F.scaled_dot_product_attention calls, and for attention
+    in the module's own code it tracks the tensors that products make, through the calls that keep their last dim
+    (the keys), so that at the value product it knows the score product and every call between them."""
+
+    def __init__(self, module, heads: int | None, path: str):
         super().__init__()
-        self.module = module
+        self.module, self.heads, self.path = module, heads, path
+        self.tracked: dict[int, tuple] = {}   # id(tensor) -> (tensor, node)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -83,23 +230,103 @@ class _SDPAMode(TorchFunctionMode):
             extra = {"is_causal": kwargs.pop("is_causal", args[5] if len(args) > 5 else False)}
             k, v, mask, extra = _apply(self.module, q, k, v, mask, extra)
             return func(q, k, v, attn_mask=mask, is_causal=extra["is_causal"], **kwargs)
-        return func(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            with self:
+                return _mha_body(*args, **kwargs)
+        if func in _PRODUCTS:
+            out = self._value_product(func, args, kwargs) if self.tracked else None
+            out = func(*args, **kwargs) if out is None else out
+            if isinstance(out, torch.Tensor):
+                self.tracked[id(out)] = (out, _Node(func, args, kwargs, "product", []))
+            return out
+        out = func(*args, **kwargs)
+        if self.tracked and isinstance(out, torch.Tensor) and out.dim():
+            name = getattr(func, "__name__", "")
+            if name in _KEEPS:
+                parents = [(at, e[1]) for at, t in _tensors(args, kwargs)
+                           if (e := self.tracked.get(id(t))) is not None and e[0] is t and t.dim()
+                           and t.shape[-1] == out.shape[-1]]
+                if name == "softmax":
+                    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+                    parents = parents if dim in (-1, out.dim() - 1) else []
+                if parents:
+                    self.tracked[id(out)] = (out, _Node(func, args, kwargs, "softmax" if name == "softmax" else "op",
+                                                        parents))
+        return out
+
+    def _value_product(self, func, args, kwargs):
+        """The value product's result with every editor's keys and values, or None when this call is not a value
+        product (or no editor changes anything)."""
+        p = _product(func, args, kwargs)
+        if p is None:
+            return None
+        left, right, bias, rebuild, letters = p
+        probs = next((i for i, t in enumerate((left, right)) if isinstance(t, torch.Tensor)
+                      and (e := self.tracked.get(id(t))) is not None and e[0] is t
+                      and (letters is not None or i == 0)), None)
+        posts = _ways(self.tracked[id((left, right)[probs])][1], "softmax") if probs is not None else []
+        if not posts:
+            return None
+        post = posts[0]
+        pres = [w for at, parent in post[0][0].parents for w in _ways(parent, "product")]
+        if len(pres) != 1:
+            raise SurgeryError(f"cannot add keys/values at {self.path}: the scores reaching its softmax are made by "
+                               f"{len(pres)} products, not one")
+        way = pres[0] + [(post[0][0], post[0][0].parents[0][0])] + post[1:]
+        score = way[0][0]
+        try:
+            sl, sr, sbias, srebuild, sletters = _product(score.func, score.args, score.kwargs)
+            values = (left, right)[1 - probs]
+            if letters is None:  # matmul: (.., q, d) x (.., d, k) and (.., q, k) x (.., k, dv)
+                key_left = False
+                qp, kp, vp = _layout(sl, None, -2, -1), _layout(sr, None, -1, -2), _layout(values, None, -2, -1)
+            else:  # einsum: the keys hold the output's last letter; the features are summed over
+                a, b, out = sletters
+                key_left = out[-1] not in b
+                ql, kl = (b, a) if key_left else (a, b)
+                feat = next(c for c in kl if c in ql and c not in out)
+                qp, kp = _layout(None, ql, out[-2], feat, out), _layout(None, kl, out[-1], feat, out)
+                vp = _layout(None, letters[1 - probs], letters[probs][-1], letters[2][-1], letters[2])
+            q, keys = (sr, sl) if key_left else (sl, sr)
+            q4, k4, v4 = (_to_heads(t, perm, self.heads) for t, perm in ((q, qp), (keys, kp), (values, vp)))
+        except (_Unsupported, StopIteration, ValueError, TypeError) as e:
+            raise SurgeryError(f"cannot add keys/values at {self.path}: its score or value product has a layout "
+                               f"that is not understood ({e or 'einsum subscripts'})") from None
+        k2, v2, _, _ = _apply(self.module, q4, k4, v4, None, {NO_MASK: True})  # an edited mask is not used here
+        if k2 is k4 and v2 is v4:
+            return None
+        n, added = k4.shape[-2], k2.shape[-2] - k4.shape[-2]
+        if v2.shape[-2] - v4.shape[-2] != added:
+            raise SurgeryError(f"at {self.path}: an editor added {added} keys but "
+                               f"{v2.shape[-2] - v4.shape[-2]} values")
+        k2 = _from_heads(k2, kp)
+        if sbias is not None and sbias.dim() and sbias.shape[-1] == n:
+            sbias = _prepend(sbias, added, 0)
+        x = srebuild(k2, q, sbias) if key_left else srebuild(q, k2, sbias)
+        for node, at in way[1:]:
+            x = _replay(node, at, x, n, added)
+        v2 = _from_heads(v2, vp)
+        return rebuild(x, v2, bias) if probs == 0 else rebuild(v2, x, bias)
 
 
 class _ModeHooks:
-    """Enter a torch-function mode rewriting F.scaled_dot_product_attention while the module runs."""
+    """Enter a _Mode while the module runs, if one of its editors is on (off, the module takes its own paths:
+    nn.MultiheadAttention's fast path is not taken while a mode is active)."""
 
-    def __init__(self):
-        self.modes = []
+    def __init__(self, heads: int | None = None, path: str = ""):
+        self.modes, self.heads, self.path = [], heads, path
 
     def pre(self, module, args):
-        m = _SDPAMode(module)
-        m.__enter__()
+        m = None
+        if any(getattr(getattr(e, "fn", e), "on", True) for e in _editors(module)):
+            m = _Mode(module, self.heads, self.path)
+            m.__enter__()
         self.modes.append(m)
 
     def post(self, module, args, out):
-        if self.modes:
-            self.modes.pop().__exit__(None, None, None)
+        m = self.modes.pop() if self.modes else None
+        if m is not None:
+            m.__exit__(None, None, None)
 
 
 def _dispatches(module: nn.Module) -> bool:
@@ -109,9 +336,10 @@ def _dispatches(module: nn.Module) -> bool:
 
 
 class Intercepted(Change):
-    """`editor` sees every attention call of the module at `path` (impl: what locate saw, "sdpa", "eager", ...)."""
+    """`editor` sees every attention call of the module at `path` (impl: what locate saw, "sdpa", "eager", ...;
+    heads: the site's query heads, to read a (batch * heads, ...) layout)."""
 
-    def __init__(self, model: nn.Module, path: str, editor, impl: str):
+    def __init__(self, model: nn.Module, path: str, editor, impl: str, heads: int | None = None):
         module = model.get_submodule(path)
         cfg = getattr(module, "config", None)
         self.path, self.editor, self.original, self.hooks = path, editor, None, []
@@ -120,12 +348,9 @@ class Intercepted(Change):
             self.original = current[len(PREFIX):] if current.startswith(PREFIX) else current
             if not current.startswith(PREFIX):
                 cfg._attn_implementation = _register(self.original)
-        elif impl == "sdpa":
-            mode = _ModeHooks()
-            self.hooks = [Hooked(model, path, mode.pre, pre=True), Hooked(model, path, mode.post, always_call=True)]
         else:
-            raise SurgeryError(f"cannot add keys/values at {path}: its attention ({impl}) is neither "
-                               "F.scaled_dot_product_attention nor transformers' attention interface")
+            mode = _ModeHooks(heads, path)
+            self.hooks = [Hooked(model, path, mode.pre, pre=True), Hooked(model, path, mode.post, always_call=True)]
         _editors(module).append(editor)
 
     def undo(self, model):
@@ -148,7 +373,8 @@ class Intercepted(Change):
         eds[i] = w = Watcher(self.editor)
         return lambda: (eds.__setitem__(eds.index(w), self.editor), w.verdict(
             "no attention call of the module reached it: it computes attention in a way that cannot be intercepted "
-            "(neither transformers' attention interface nor F.scaled_dot_product_attention)", "it declined"))[1]
+            "(neither transformers' attention interface, F.scaled_dot_product_attention, nor a score product reaching "
+            "a softmax whose output a value product takes)", "it declined"))[1]
 
     def __setstate__(self, state):  # a model unpickled in a new process needs the wrapper registered again
         self.__dict__.update(state)

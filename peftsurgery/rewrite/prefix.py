@@ -10,30 +10,33 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..sites import Site
-from .attention import Intercepted, extend_mask
+from .attention import NO_MASK, Intercepted, extend_mask
 from .base import Rule, Switch
 from .inputs import Entry
 
 
 class PrefixKV(nn.Module):
     """The keys and values of every site of one shape in one tensor, (sites, 2, kv_heads, num_tokens, head_dim):
-    the optimizer steps one parameter rather than two per layer."""
+    the optimizer steps one parameter rather than two per layer. Keys and values of different head sizes (latent
+    attention) sit side by side instead, (sites, kv_heads, num_tokens, head_dim + v_head_dim), split at `split`."""
 
-    def __init__(self, kv: torch.Tensor):
+    def __init__(self, kv: torch.Tensor, split: int | None = None):
         super().__init__()
-        self.kv = nn.Parameter(kv)
+        self.kv, self.split = nn.Parameter(kv), split
 
     def site(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[i].unbind(0)
+        if self.split is None:
+            return self.kv[i].unbind(0)
+        return self.kv[i, ..., :self.split], self.kv[i, ..., self.split:]
 
 
 class PrefixMLP(nn.Module):
     """Reparameterisation: an embedding through a two-layer MLP gives every site's keys and values."""
 
-    def __init__(self, num_tokens: int, dim: int, hidden: int, shapes: list[tuple[int, int]], device=None):
+    def __init__(self, num_tokens: int, dim: int, hidden: int, shapes: list[tuple[int, int, int]], device=None):
         super().__init__()
-        self.shapes = shapes
-        total = sum(2 * h * d for h, d in shapes)
+        self.shapes = shapes  # per site: kv heads, key and value head sizes
+        total = sum(h * (d + dv) for h, d, dv in shapes)
         self.embedding = nn.Parameter(torch.randn(num_tokens, dim, device=device) * 0.02)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden, device=device), nn.Tanh(),
                                  nn.Linear(hidden, total, device=device))
@@ -52,11 +55,11 @@ class PrefixMLP(nn.Module):
             return self._cache[1]
         out, i, P = self.mlp(self.embedding), 0, self.embedding.shape[0]
         kvs = []
-        for h, d in self.shapes:
+        for h, d, dv in self.shapes:
             k = out[:, i:i + h * d].reshape(P, h, d).transpose(0, 1)
-            v = out[:, i + h * d:i + 2 * h * d].reshape(P, h, d).transpose(0, 1)
+            v = out[:, i + h * d:i + h * (d + dv)].reshape(P, h, dv).transpose(0, 1)
             kvs.append((k, v))
-            i += 2 * h * d
+            i += h * (d + dv)
         if not self.training and not torch.is_grad_enabled():
             self._cache = (self._versions(), kvs)
         return kvs
@@ -67,7 +70,7 @@ class PrefixMLP(nn.Module):
 
 class _Site(nn.Module):
     """One site's view on a shared PrefixKV or PrefixMLP (no parameters of its own): key and value are
-    (kv_heads, num_tokens, head_dim)."""
+    (kv_heads, num_tokens, head_dim) and (kv_heads, num_tokens, v_head_dim)."""
 
     def __init__(self, shared: PrefixKV | PrefixMLP, index: int, size: int):
         super().__init__()
@@ -89,6 +92,8 @@ class _Editor:
     def __init__(self, source: nn.Module, switch: Switch, causal: bool):
         self.source, self.switch, self.causal = source, switch, causal
 
+    on = property(lambda self: self.switch.on)
+
     def __call__(self, module, q, k, v, mask, kwargs):
         if not self.switch.on:
             return k, v, mask, kwargs
@@ -99,6 +104,8 @@ class _Editor:
         old = k.shape[-2]
         k = torch.cat([pk.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1), k], -2)
         v = torch.cat([pv.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], -2)
+        if kwargs.get(NO_MASK):  # the caller extends what is combined with the scores itself
+            return k, v, mask, kwargs
         causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
                                                     and self.causal)
         mask = extend_mask(mask, q, k.shape[-2], P, causal)
@@ -120,12 +127,6 @@ class Prefix(Rule):
         super().__init__(targets)
         self.num_tokens, self.projection, self.init = num_tokens, projection, init
 
-    def check(self, model, sites):
-        for s in sites:
-            if s.v_head_dim not in (None, s.head_dim):
-                raise SurgeryError(f"{s.path} has keys of {s.head_dim} and values of {s.v_head_dim} features per head "
-                                   "(latent attention); prefixes of two head sizes are not supported yet")
-
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
         p = next(model.parameters())
@@ -135,12 +136,14 @@ class Prefix(Rule):
         if self.projection:
             embed = next((s for s in sitemap if s.role == "embed"), None)
             dim = embed.out_features if embed else sites[0].heads * sites[0].head_dim
-            shared = PrefixMLP(P, dim, self.projection, [(s.kv_heads, s.head_dim) for s in sites], device=dev)
+            shapes = [(s.kv_heads, s.head_dim, _vdim(s)) for s in sites]
+            shared = PrefixMLP(P, dim, self.projection, shapes, device=dev)
             out = {"_mlp": shared}
-            out.update({s.path: _Site(shared, i, 2 * P * s.kv_heads * s.head_dim) for i, s in enumerate(sites)})
+            out.update({s.path: _Site(shared, i, P * h * (d + dv))
+                        for i, (s, (h, d, dv)) in enumerate(zip(sites, shapes))})
             return out
         start = init(model, sites) if init else None
-        groups: dict[tuple, list] = {}  # sites by key shape: one PrefixKV each
+        groups: dict[tuple, list] = {}  # sites by key and value shapes: one PrefixKV each
         for i, s in enumerate(sites):
             if start is not None:
                 k, v = start[i]
@@ -149,17 +152,19 @@ class Prefix(Rule):
                     k, v = k[::rep], v[::rep]
             else:
                 k = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
-                v = torch.randn(s.kv_heads, P, s.head_dim, device=dev) * 0.02
-            groups.setdefault(tuple(k.shape), []).append((s.path, torch.stack([k, v]).to(dtype)))
+                v = torch.randn(s.kv_heads, P, _vdim(s), device=dev) * 0.02
+            kv = torch.stack([k, v]) if k.shape == v.shape else torch.cat([k, v], -1)
+            groups.setdefault((k.shape, v.shape), []).append((s.path, kv.to(dtype)))
         out = {}
-        for g, members in enumerate(groups.values()):
-            shared = out[f"_kv{g or ''}"] = PrefixKV(torch.stack([kv for _, kv in members]))
+        for g, ((ks, vs), members) in enumerate(groups.items()):
+            shared = out[f"_kv{g or ''}"] = PrefixKV(torch.stack([kv for _, kv in members]),
+                                                     None if ks == vs else ks[-1])
             out.update({path: _Site(shared, j, kv.numel()) for j, (path, kv) in enumerate(members)})
         return out
 
     def attach(self, model, sites, built, switch, sitemap):
         for s in sites:
-            yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "")
+            yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "", s.heads)
         embed = next((x.path for x in sitemap if x.role == "embed"), None)
         if embed is not None:
             yield from Entry(model, sitemap, embed, self.num_tokens, None, switch).attach(model)
@@ -179,7 +184,14 @@ class Prefix(Rule):
         return Prefix(self.targets, self.num_tokens, 0)
 
     def describe(self, site: Site, built):
-        return f"{self.num_tokens} prefix keys/values ({site.kv_heads}x{site.head_dim}) prepended in attention"
+        shape = f"{site.kv_heads}x{site.head_dim}" + (f", values {site.kv_heads}x{_vdim(site)}"
+                                                     if _vdim(site) != site.head_dim else "")
+        return f"{self.num_tokens} prefix keys/values ({shape}) prepended in attention"
+
+
+def _vdim(site: Site) -> int:
+    """Features per head of the values (of the keys where locate saw no other)."""
+    return site.v_head_dim or site.head_dim
 
 
 def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,7 +208,7 @@ def record_kv(model: nn.Module, sites: list[Site], inputs: dict) -> list[tuple[t
         return ed
     try:
         for s in sites:
-            undo.append(Intercepted(model, s.path, recorder(s.path), s.impl or ""))
+            undo.append(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads))
         with torch.no_grad():
             model(**inputs)
     finally:

@@ -1,0 +1,268 @@
+"""Prefix keys/values where attention is computed in a module's own code (products and a softmax), in
+nn.MultiheadAttention, and with keys and values of different head sizes (latent attention), checked against
+references computed by other means: the keys/values put in the model's own cache, nn.MultiheadAttention's own
+bias_k/bias_v, and attention written out by hand with the prefix concatenated. The zoo (tests/test_zoo.py) runs
+the usual checks (train, disabled, save/load, generate, padding, remove) on gptj, bloom, deberta_v2, mha_net,
+einsum_lm and deepseek_v3."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import peftsurgery as ps
+from peftsurgery import SurgeryError
+from peftsurgery.sites import CONTAINER
+
+try:
+    from test_core import assert_same, snapshot
+    from test_zoo import fresh
+    from zoo import V
+except ImportError:  # tests/ collected as a package
+    from tests.test_core import assert_same, snapshot
+    from tests.test_zoo import fresh
+    from tests.zoo import V
+
+
+def prefixes(model) -> dict:
+    """Site path -> (key, value), each (kv_heads, tokens, head size), of the default adapter."""
+    rec = ps.adapters(model)["default"].records[0]
+    return {s.path: tuple(t.detach() for t in rec.built[s.path]()) for s in rec.sites}
+
+
+def perturb(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model._modules[CONTAINER].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# ---------------------------------------------------------------- GPT-J: the prefix is what the cache would hold
+
+def test_gptj_prefix_equals_the_same_keys_and_values_in_its_cache():
+    """GPT-J's own `_attn` (matmul, mask added, softmax, matmul): the prefix added at its products gives what the
+    base gives with the prefix as past keys/values (after rotary: the cache holds rotated keys) at positions 0..2,
+    the real tokens after them (as the entry hook places them), with left padding in one row."""
+    model = fresh("gptj")
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random")
+    perturb(model)
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        cache = tf.DynamicCache()
+        for i, (k, v) in enumerate(prefixes(model).values()):
+            cache.update(k.expand(2, -1, -1, -1).clone(), v.expand(2, -1, -1, -1).clone(), i)
+        with ps.disabled(model):
+            want = model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1),
+                         position_ids=pos + 3, past_key_values=cache).logits
+            base = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert not torch.allclose(got, base, atol=1e-3)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "bloom"])
+def test_vocab_init_records_the_keys_and_values_the_model_caches(arch):
+    """init=vocab reads keys/values at the score and value products: for these tokens they are what the model's
+    cache holds (GPT-J: rotated keys; Bloom: keys before its (batch * heads, head_dim, seq) layout)."""
+    model = fresh(arch)
+    ps.apply(model, "prefix-tuning", num_tokens=4, init="vocab", seed=3)
+    ids = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(3))
+    with ps.disabled(model), torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    for i, (k, v) in enumerate(prefixes(model).values()):
+        ck, cv = cache.layers[i].keys[0], cache.layers[i].values[0]
+        torch.testing.assert_close(k, ck, atol=1e-6, rtol=0)
+        torch.testing.assert_close(v, cv, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- nn.MultiheadAttention
+
+class MHA(nn.Module):
+    def __init__(self, need_weights=False, bias_kv=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.need_weights = need_weights
+        self.embed = nn.Embedding(V, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=bias_kv)
+        self.head = nn.Linear(16, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        pad = None if attention_mask is None else attention_mask == 0
+        return self.head(h + self.attn(h, h, h, key_padding_mask=pad, need_weights=self.need_weights)[0])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_prefix_equals_its_own_bias_kv(need_weights):
+    """nn.MultiheadAttention with add_bias_kv appends one key and one value after the in-projection: one prefix
+    token with that key and value computes the same (keys carry no positions), with a padding mask, through the
+    attention call inside F.multi_head_attention_forward (need_weights=False) or its own bmm-softmax-bmm
+    (need_weights=True); disabled, the module takes its fast path again and gives the base exactly."""
+    ref = MHA(bias_kv=True).eval()
+    model = MHA(need_weights).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(ref.state_dict()[name])
+        ref.attn.bias_k.normal_()
+        ref.attn.bias_v.normal_()
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        base = model(ids, mask)
+    ps.apply(model, "prefix-tuning", num_tokens=1, init="random", example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        kv = ps.adapters(model)["default"].records[0].built["_kv"].kv
+        kv[0, 0] = ref.attn.bias_k.view(2, 1, 8)
+        kv[0, 1] = ref.attn.bias_v.view(2, 1, 8)
+        torch.testing.assert_close(model(ids, mask), ref(ids, mask), atol=1e-5, rtol=1e-4)
+        with ps.disabled(model):
+            assert torch.equal(model(ids, mask), base)
+
+
+# ---------------------------------------------------------------- attention written by hand
+
+class Handmade(nn.Module):
+    """(batch * heads) rows: an ALiBi-like bias through baddbmm, a padding mask by masked_fill, a causal mask
+    buffer's slice by Tensor.where, a float mask multiplied in, dropout and a dtype round trip on the way."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]), persistent=False)
+        self.register_buffer("causal", torch.ones(32, 32, dtype=torch.bool).tril(), persistent=False)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        B, S, D = x.shape
+        H, d = self.heads, D // self.heads
+        q, k, v = (t.view(B, S, H, d).transpose(1, 2).reshape(B * H, S, d) for t in self.qkv(x).split(D, -1))
+        bias = (self.slopes[:, None] * mask.cumsum(-1)[:, None, :]).reshape(B * H, 1, S)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=d ** -0.5).view(B, H, S, -1)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e9) * mask[:, None, None, :].float()
+        scores = scores.where(self.causal[:S, :S], -1e9)
+        probs = self.drop(scores.double().softmax(dim=-1).float()).view(B * H, S, -1)
+        return self.out(torch.bmm(probs, v).view(B, H, S, d).transpose(1, 2).reshape(B, S, D))
+
+    def reference(self, x, mask, pk, pv):
+        """The same with the prefix concatenated: bias 0, visible, kept by where, multiplied by 1."""
+        B, S, D = x.shape
+        H, d, P = self.heads, D // self.heads, pk.shape[1]
+        q, k, v = (t.view(B, S, H, d).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+        scores = q @ k.transpose(-1, -2) * d ** -0.5 + torch.cat(
+            [torch.zeros(B, H, 1, P), self.slopes[:, None, None] * mask.cumsum(-1)[:, None, None, :]], -1)
+        full = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)[:, None, None, :]
+        scores = scores.masked_fill(full == 0, -1e9) * full.float()
+        scores = scores.where(torch.cat([torch.ones(S, P, dtype=torch.bool), self.causal[:S, :S]], 1), -1e9)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
+
+
+class HandmadeLM(nn.Module):
+    def __init__(self, attention=Handmade):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.attn, self.head = nn.Embedding(V, 32), attention(), nn.Linear(32, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.head(h + self.attn(h, mask))
+
+
+def handmade_inputs():
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_prefix_columns():
+    model = HandmadeLM().eval()
+    kw = handmade_inputs()
+    with torch.no_grad():
+        base = model(**kw)
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
+    perturb(model)
+    (pk, pv), = prefixes(model).values()
+    assert pk.shape == (4, 3, 8)
+    with torch.no_grad():
+        h = model.embed(kw["input_ids"])
+        want = model.head(h + model.attn.reference(h, kw["attention_mask"], pk, pv))
+        torch.testing.assert_close(model(**kw), want, atol=1e-5, rtol=1e-4)
+        with ps.disabled(model):
+            assert torch.equal(model(**kw), base)
+    model.train()  # dropout on the wider probabilities; gradients reach the prefix
+    model(**kw).sum().backward()
+    grads = [p.grad for p in model._modules[CONTAINER].parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+class TwoProducts(Handmade):
+    """Scores summed from two products (keys split in two parts): no single place for prefix keys."""
+
+    def forward(self, x, mask):
+        B, S, D = x.shape
+        q, k, v = (t.view(B, S, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        scores = q[..., :4] @ k[..., :4].transpose(-1, -2) + q[..., 4:] @ k[..., 4:].transpose(-1, -2)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
+
+
+@pytest.mark.parametrize("init", ["random", "vocab"])
+def test_scores_from_two_products_are_refused_in_one_line(init):
+    model = HandmadeLM(TwoProducts).eval()
+    snap = snapshot(model)
+    with pytest.raises(SurgeryError, match="made by 2 products, not one") as e:
+        ps.apply(model, "prefix-tuning", num_tokens=2, init=init, example_inputs=handmade_inputs())
+    assert "\n" not in str(e.value)
+    assert_same(model, snap)
+    assert ps.adapters(model) == {} and CONTAINER not in model._modules
+
+
+def test_removed_and_deep_copied_prefixes_leave_no_mode_behind():
+    model = HandmadeLM().eval()
+    kw = handmade_inputs()
+    with torch.no_grad():
+        base = model(**kw)
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random", example_inputs=kw)
+    perturb(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(**kw), model(**kw)) and not torch.equal(model(**kw), base)
+    ps.remove(model)
+    assert not model.attn._forward_pre_hooks and not model.attn.__dict__.get("_peftsurgery_editors")
+    with torch.no_grad():
+        assert torch.equal(model(**kw), base)
+
+
+# ---------------------------------------------------------------- keys and values of two head sizes
+
+def test_latent_attention_prefix_has_keys_and_values_of_their_own_head_sizes(tmp_path):
+    """DeepSeek-V3 (the zoo's config: keys 16 + 8 rotary = 24 features per head, values 16): prefix keys 24 wide,
+    values 16, in one tensor; with the MLP reparameterisation as well; the budget is what was built; saved and
+    loaded exactly."""
+    model = fresh("deepseek_v3")
+    att = ps.sitemap(model).by_path("model.layers.0.self_attn")
+    assert (att.head_dim, att.v_head_dim) == (24, 16)
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random")
+    (p,) = [p for p in model.parameters() if p.requires_grad]
+    assert p.shape == (2, 4, 3, 24 + 16)   # layers, kv heads, tokens, key + value features
+    assert all((k.shape, v.shape) == ((4, 3, 24), (4, 3, 16)) for k, v in prefixes(model).values())
+    assert ps.budget(model)["trainable"] == 2 * 4 * 3 * (24 + 16)
+    assert "values 4x16" in ps.inspect(model)[0]["what"]
+    mlp = fresh("deepseek_v3")
+    ps.apply(mlp, "prefix-tuning", num_tokens=3, projection=8, init="random")
+    assert all((k.shape, v.shape) == ((4, 3, 24), (4, 3, 16)) for k, v in prefixes(mlp).values())
+    perturb(mlp)
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    ps.save(mlp, str(tmp_path / "a"))
+    back = ps.load(fresh("deepseek_v3"), str(tmp_path / "a"))
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, mlp(input_ids=ids).logits)
