@@ -5,7 +5,7 @@ import fnmatch
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import SurgeryError
 
@@ -48,6 +48,10 @@ class Site:
     consumer: str | None = None                     # what the site feeds
     runner: str | None = None                       # param-linear: the module whose forward uses the weight
     experts: int | None = None                      # a stacked (experts, out, in) weight: one linear per expert
+    # a slice of a fused projection (attn.k inside attn.qkv): path is "FUSED:k", kind and in_features the fused
+    # site's, out_features the slice's width; rows are its (start, stop) in the fused output's features
+    fused: str | None = None
+    rows: tuple | None = None
 
     def short(self) -> str:
         if self.kind == "attention":
@@ -73,6 +77,8 @@ class SiteMap:
     encoder_decoder: bool = False
     seconds: float = 0.0
     inputs: dict = field(default_factory=dict, repr=False, compare=False)   # the example inputs it was found with
+    layouts: dict = field(default_factory=dict, repr=False, compare=False)  # fused path -> None (slices confirmed
+    #                                                 by a probe forward, see rewrite/slices.py) or why they are not
 
     def __iter__(self):
         return iter(self.sites)
@@ -105,39 +111,83 @@ class SiteMap:
         return {"method": self.method, "entry": self.entry, "encoder_decoder": self.encoder_decoder,
                 "fingerprint": self.fingerprint(), "sites": [asdict(s) for s in self.sites]}
 
+    def slices(self) -> dict[str, list[Site] | str]:
+        """Per fused projection (attn.qkv: q, k, v; attn.kv: k, v), keyed by its path: its parts as slice sites,
+        or why it cannot be sliced. Widths come from the attention that reads it (heads x head_dim for q,
+        kv_heads x head_dim for k, kv_heads x v_head_dim for v), the parts side by side in that order; rules
+        confirm that order with a probe forward before building (rewrite/slices.py)."""
+        by = {s.path: s for s in self.sites}
+        out: dict[str, list[Site] | str] = {}
+        for a in self.sites:
+            for path in dict.fromkeys(a.inputs.get(x) for x in "qkv") if a.kind == "attention" else ():
+                f = by.get(path)
+                if f is None or path in out or not f.role.endswith((".qkv", ".kv")):
+                    continue
+                pre, parts = f.role.split(".")
+                shape = {"q": (a.heads, a.head_dim), "k": (a.kv_heads, a.head_dim), "v": (a.kv_heads, a.v_head_dim)}
+                widths = [shape[x][0] * shape[x][1] if None not in shape[x] else 0 for x in parts]
+                shared = set(widths) == {f.out_features}   # one output read as q, k and v alike: each is all of it
+                if not shared and (0 in widths or sum(widths) != f.out_features):
+                    out[path] = (f"its {f.out_features} outputs are not " + " and ".join(
+                        f"{x} ({shape[x][0]} x {shape[x][1]})" for x in parts) + f" of {a.path} side by side")
+                    continue
+                ends = widths if shared else [sum(widths[:i + 1]) for i in range(len(parts))]
+                out[path] = [replace(f, path=f"{path}:{x}", role=f"{pre}.{x}", out_features=w, fused=path,
+                                     rows=(e - w, e)) for x, w, e in zip(parts, widths, ends)]
+        return out
+
     def select(self, selector: str, kinds: tuple[str, ...]) -> list[Site]:
         """Sites of the given kinds matching a selector; raises SurgeryError listing what exists if none do.
 
         A selector is comma-separated terms. Role terms are globs over roles (`attn.q`, `attn.*`, `mlp.*`),
         `all-linear` (every linear except the output head and a mixture of experts' router) or `all`; `path:GLOB`
-        matches module paths; these are united (`attn.q`, `attn.k`, `attn.v` fall back to a fused `attn.qkv`, and `attn.k`, `attn.v` to a
-        fused `attn.kv`, when the model has no separate one). `blocks:A-B` (or `blocks:N`) keeps only sites in
-        those repeated blocks.
+        matches module paths; these are united. `blocks:A-B` (or `blocks:N`) keeps only sites in those repeated
+        blocks. The exact roles `attn.q`, `attn.k`, `attn.v` (and `xattn.*`) also pick that part of a fused
+        `attn.qkv` / `attn.kv` projection as a slice site (see slices()), for rules whose kinds include "slice";
+        for other rules, or where the parts cannot be told apart, that is an error naming the fused projection
+        (never the whole projection instead). Globs, `all-linear` and paths pick whole linears only.
         """
         pool = [s for s in self.sites if s.kind in kinds]
+        sliced = self.slices()
         terms = [t.strip() for t in selector.split(",") if t.strip()]
         if not terms:
             raise SurgeryError("empty selector: give roles such as attn.q,attn.v or all-linear")
         blocks = None
         picked: dict[str, Site] = {}
+        refused: list[tuple[Site, str]] = []
         for t in terms:
             if t.startswith("blocks:"):
                 blocks = (blocks or set()) | _parse_blocks(t[7:])
                 continue
             hits = [s for s in pool if _term_matches(t, s)]
-            if not hits and re.fullmatch(r"x?attn\.[qkv]", t):  # a fused projection holds q, k and v (or k and v)
-                fused = (t[:-1] + "qkv",) + ((t[:-1] + "kv",) if t[-1] != "q" else ())
-                hits = [s for s in pool if s.role in fused]
+            for f in pool:
+                parts = sliced.get(f.path)
+                pre, _, whole = f.role.partition(".")
+                if parts is None or not re.fullmatch(rf"{pre}\.[{whole}]", t):
+                    continue
+                if isinstance(parts, str):
+                    refused.append((f, f"{t} is part of the fused {f.path} ({f.role}), but {parts}; target "
+                                       f"{f.role} to act on the whole projection"))
+                elif "slice" not in kinds:
+                    refused.append((f, f"{t} is a slice of the fused {f.path} ({f.role}) and this rule acts on "
+                                       f"whole linears only; target {f.role} to act on the whole projection"))
+                else:
+                    hits += [p for p in parts if p.role == t]
             picked.update((s.path, s) for s in hits)
+        inside = lambda s: blocks is None or s.block in blocks
+        for f, why in refused:
+            if inside(f):
+                raise SurgeryError(why)
         if not picked and blocks is not None and all(t.startswith("blocks:") for t in terms):
             picked = {s.path: s for s in pool}
-        out = [s for s in pool if s.path in picked and (blocks is None or s.block in blocks)]
+        cands = [c for s in pool for c in [s, *(p for p in sliced.get(s.path, ()) if isinstance(p, Site))]]
+        out = [s for s in cands if s.path in picked and inside(s)]
         if not out:
             roles = sorted({s.role for s in pool})
             paths = [s.path for s in pool][:6]
             raise SurgeryError(
-                f"selector {selector!r} matches no {'/'.join(kinds)} site; roles here: {', '.join(roles) or 'none'}; "
-                f"paths like: {', '.join(paths) or 'none'}")
+                f"selector {selector!r} matches no {'/'.join(k for k in kinds if k != 'slice')} site; roles here: "
+                f"{', '.join(roles) or 'none'}; paths like: {', '.join(paths) or 'none'}")
         return out
 
 

@@ -142,7 +142,11 @@ def test_deepseek_v3_latent_attention_roles():
     assert paths("attn.*") == {f"{a}.{n}" for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                                      "o_proj")}
     assert paths("attn.*") <= paths("all-linear")
-    assert paths("attn.q,attn.v") == {f"{a}.q_b_proj", f"{a}.kv_b_proj"}   # keys/values fused: attn.v finds it
+    # keys/values fused per head (k's rotary part comes from kv_a): attn.v cannot be cut out of kv_b_proj as a
+    # slice, which is said in one line rather than widened to the whole projection; attn.kv takes it whole
+    with pytest.raises(ps.SurgeryError, match="attn.v is part of the fused .*kv_b_proj .*target attn.kv"):
+        paths("attn.q,attn.v")
+    assert paths("attn.q,attn.kv") == {f"{a}.q_b_proj", f"{a}.kv_b_proj"}
     assert paths("attn.q_a,attn.kv_a") == {f"{a}.q_a_proj", f"{a}.kv_a_proj_with_mqa"}
     assert_every_linear_is_a_site(m, sm)
 

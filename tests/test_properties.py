@@ -177,11 +177,13 @@ EVERY_METHOD = [
                                   "orth_reg_weight": 0.1}),
     (_spec("gpt2", heads=2, width=8), "dora", {"r": 2, "alpha": 4.0, "targets": "all-linear", "dropout": 0.1,
                                               "rslora": True}),
+    # k and v slices of GPT-2's fused c_attn (Conv1D), input scaling of the down-projection
+    (_spec("gpt2", heads=2, width=8), "ia3", {"targets": "attn.k,attn.v", "feedforward": "mlp.down"}),
 ]
 
 
 def every_method(methods=("lora", "adapter", "prompt-tuning", "prefix-tuning", "qlora", "bitfit", "adalora",
-                          "dora")):
+                          "dora", "ia3")):
     def decorate(test):
         for case in reversed(EVERY_METHOD):
             if case[1] in methods:
@@ -284,10 +286,10 @@ def test_only_plugin_params_train_and_base_stays_bit_identical(case):
     assert not torch.equal(evaluate(model, kw), base_out), "training the adapter changed nothing"
 
 
-@every_method(("lora", "adapter", "qlora", "bitfit", "dora"))
+@every_method(("lora", "adapter", "qlora", "bitfit", "dora", "ia3"))
 @given(cases(methods=("lora", "adapter", "qlora")))
 def test_identity_at_init(case):
-    """Property 2: LoRA, QLoRA (over its quantized base), bottleneck adapters, BitFit and DoRA start as the
+    """Property 2: LoRA, QLoRA (over its quantized base), bottleneck adapters, BitFit, DoRA and IA3 start as the
     identity."""
     spec, method, cfg = case
     model, kw = build(spec), inputs(spec)

@@ -66,7 +66,11 @@ OPTIONS = {
     # mixtures of experts: LoRA on every expert too (stacked weights, one update per expert)
     ("qwen3_moe", "lora"): dict(targets="attn.q,attn.v,moe.*"),
     ("mixtral", "lora"): dict(targets="attn.q,attn.v,moe.*"),
-    ("deepseek_v3", "lora"): dict(targets="attn.q,attn.v,moe.*"),
+    ("deepseek_v3", "lora"): dict(targets="attn.q,attn.kv,moe.*"),
+    # q, k, v interleaved per head in the fused projection (DeepSeek: k and v per head in kv_b_proj): no slices
+    # to cut out, so the whole projection, as PEFT targets it
+    ("bloom", "lora"): dict(targets="attn.qkv"),
+    ("gpt_neox", "lora"): dict(targets="attn.qkv"),
 }
 
 # (architecture, method) -> (regex of the one-line SurgeryError, why): the method cannot work there

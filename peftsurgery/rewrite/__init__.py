@@ -5,9 +5,9 @@ from .prefix import Prefix, record_kv
 from .prompt import Prompt, text_ids
 from .quantize import Quantize
 from .reparam import BaseWeight, MagnitudeDirection, Reparam, Reparametrization
-from .scale import Scale
+from .scale import Scale, ScaleInput
 from .series import Series
 from .svd import SVD
 from .tensors import BaseTensors
 
-__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Reparam", "Reparametrization", "BaseWeight", "MagnitudeDirection", "Scale", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]
+__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Reparam", "Reparametrization", "BaseWeight", "MagnitudeDirection", "Scale", "ScaleInput", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]

@@ -11,6 +11,7 @@ from torch import nn
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
 from .base import Hooked, Rule, Switch, hooks_before, park
+from .slices import apart, confirm, into
 
 
 class Factor(nn.Module):
@@ -66,13 +67,15 @@ class _Branch:
     """Forward hook adding the branch to a linear's output (a class, so deepcopy carries it along)."""
     additive = True   # it adds to the output: merging another branch in front of it is exact
 
-    def __init__(self, branch: LowRankBranch, switch: Switch):
-        self.owner, self.switch = branch, switch
+    def __init__(self, branch: LowRankBranch, switch: Switch, rows: tuple | None = None):
+        self.owner, self.switch, self.rows = branch, switch, rows   # rows: a slice's features of the output
 
     def __call__(self, module, args, out):
         if not self.switch.on or self.owner.merged:
             return None
-        return self.owner.add_to(out, args[0])
+        if self.rows is None:
+            return self.owner.add_to(out, args[0])
+        return into(out, self.rows, lambda part: self.owner.add_to(part, args[0]))
 
 
 DENSE_TOKENS = 4   # route(): at most this many tokens per row, every slot's projection is computed densely
@@ -81,9 +84,11 @@ DENSE_TOKENS = 4   # route(): at most this many tokens per row, every slot's pro
 class _Routed:
     """Forward hook under route(): row i of the batch gets the branch of slot rows[i] (no loop over adapters)."""
 
-    def __init__(self, path: str, branches: dict[int, LowRankBranch], rows: torch.Tensor, cache: dict):
+    def __init__(self, path: str, branches: dict[int, LowRankBranch], rows: torch.Tensor, cache: dict,
+                 part: tuple | None = None):
         self.path, self.branches, self.rows, self.cache = path, branches, rows, cache
         self.slots = cache["slots"]
+        self.part = part   # a slice of a fused projection: its (start, stop) features of the output
 
     def stacks(self):
         bs = self.branches
@@ -115,7 +120,12 @@ class _Routed:
         return out
 
     def __call__(self, module, args, out):
-        x, rows = args[0], self.rows
+        if self.part is None:
+            return self._add(args[0], out)
+        return into(out, self.part, lambda part: self._add(args[0], part))
+
+    def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        rows = self.rows
         if x.dim() < 2 or x.shape[0] != rows.shape[0]:
             raise SurgeryError(f"route was given {rows.shape[0]} adapter names but {self.path} sees a batch of "
                                f"{x.shape[0] if x.dim() else 0} rows; give one name per row")
@@ -146,8 +156,10 @@ class _WeightDelta:
     afterwards (post-hook, also on error). The parameter keeps its name and object; several adapters add up.
     `rel` is the path of the weight's owner below the hooked module."""
 
-    def __init__(self, rel: str, name: str, branch: LowRankBranch, switch: Switch, transposed: bool):
+    def __init__(self, rel: str, name: str, branch: LowRankBranch, switch: Switch, transposed: bool,
+                 rows: tuple | None = None):
         self.rel, self.name, self.owner, self.switch, self.transposed = rel, name, branch, switch, transposed
+        self.rows = rows   # a slice: the delta fills these rows (output features) only
 
     def pre(self, module, args):
         if not self.switch.on or self.owner.merged:
@@ -157,6 +169,8 @@ class _WeightDelta:
         if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
             holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
         d = self.owner.delta().to(w.dtype)
+        if self.rows:
+            d = F.pad(d, (0, 0, self.rows[0], w.shape[-1 if self.transposed else -2] - self.rows[1]))
         holder._parameters[self.name] = w + (d.transpose(-1, -2) if self.transposed else d)
         return args  # acted (see Change.watch)
 
@@ -168,7 +182,9 @@ class _WeightDelta:
 
 
 class LowRank(Rule):
-    kinds = ("linear", "param-linear")
+    """Low-rank branches on linears, bare weights, and slices of fused projections (B as wide as the slice,
+    adding into its features only)."""
+    kinds = ("linear", "param-linear", "slice")
     mergeable = True
 
     def __init__(self, targets: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -177,6 +193,7 @@ class LowRank(Rule):
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
 
     def build(self, model, sites, sitemap):
+        confirm(model, sites, sitemap)
         out = {}
         for s in sites:
             w = _weight(model, s)
@@ -205,13 +222,13 @@ class LowRank(Rule):
     def attach(self, model, sites, built, switch, sitemap):
         for s in sites:
             if s.kind == "linear":
-                yield Hooked(model, s.path, _Branch(built[s.path], switch))
+                yield Hooked(model, s.fused or s.path, _Branch(built[s.path], switch, s.rows))
             else:
-                owner_path, name = _split(s.path)
+                owner_path, name = _split(s.fused or s.path)
                 w = getattr(model.get_submodule(owner_path), name)
                 runner = _common(owner_path, owner_path if s.runner is None else s.runner)
                 d = _WeightDelta(owner_path[len(runner):].lstrip("."), name, built[s.path], switch,
-                                 tuple(w.shape[-2:]) != (s.out_features, s.in_features))
+                                 w.shape[-1] != s.in_features, s.rows)
                 yield Hooked(model, runner, d.pre, pre=True)
                 yield Hooked(model, runner, d.post, always_call=True, acts=False)
 
@@ -220,9 +237,9 @@ class LowRank(Rule):
             w = _weight(model, s)
             if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise SurgeryError(f"{s.path} has a quantized base ({w.dtype}); merge onto a float copy of the model")
-            if s.kind == "linear":
-                ahead = [h for h in hooks_before(model.get_submodule(s.path), built[s.path])
-                         if not getattr(h, "additive", False)]
+            if s.kind == "linear":   # hooks ahead that add, or act on other features of the output, commute
+                ahead = [h for h in hooks_before(model.get_submodule(s.fused or s.path), built[s.path])
+                         if not getattr(h, "additive", False) and not apart(h, s.rows)]
                 if ahead:
                     raise SurgeryError(f"at {s.path} a {type(ahead[0]).__name__} hook of an adapter attached earlier "
                                        "transforms the output first, so merging would change what the model "
@@ -235,13 +252,13 @@ class LowRank(Rule):
                 continue
             w = _weight(model, s)
             d = b.delta().to(w.dtype)
-            mod = model.get_submodule(s.path) if s.kind == "linear" else None
-            if bool(Conv1D) and isinstance(mod, Conv1D):
-                d = d.T
-            elif s.kind == "param-linear" and tuple(w.shape) != tuple(d.shape):
-                d = d.transpose(-1, -2)
+            mod = model.get_submodule(s.fused or s.path) if s.kind == "linear" else None
+            if (bool(Conv1D) and isinstance(mod, Conv1D)) or (s.kind == "param-linear"
+                                                              and w.shape[-1] != s.in_features):
+                w = w.transpose(-1, -2)   # a view as (out, in)
+            start, stop = s.rows or (0, w.shape[-2])
             with torch.no_grad():
-                w.add_(d, alpha=sign)
+                w[..., start:stop, :].add_(d, alpha=sign)
             b.merged = sign > 0
             if mod is not None:
                 park(mod, b)
@@ -251,18 +268,24 @@ class LowRank(Rule):
         (slots + 1, R, out) tensors (rank padded with zeros to the largest R, scale folded into B, the last slot
         zero for rows on the base), gathered per row and applied with two batched matmuls."""
         by_site: dict[str, dict[int, LowRankBranch]] = {}
+        where = {}
         for slot, sites, built in entries:
             for s in sites:
                 if s.kind != "linear":
                     raise SurgeryError(f"route cannot give each row its own adapter at {s.path}: a {s.kind} site "
                                        "(a weight used inside another module) has no per-row input to hook")
                 by_site.setdefault(s.path, {})[slot] = built[s.path]
-        return [Hooked(model, path, _Routed(path, branches, rows, cache)) for path, branches in by_site.items()]
+                where[s.path] = s
+        return [Hooked(model, where[path].fused or path, _Routed(path, branches, rows, cache, where[path].rows))
+                for path, branches in by_site.items()]
 
     def describe(self, site, built):
         if site.kind == "param-linear":
             each = " per expert" if site.experts else ""
             return f"low-rank update r={self.r}{each} scale={self.scale:g}: W + B·A while {site.runner} runs"
+        if site.rows:
+            return (f"low-rank branch r={self.r} scale={self.scale:g} on features {site.rows[0]}:{site.rows[1]} of "
+                    f"{site.fused}: out + B(A(x))")
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
 
 
@@ -281,13 +304,14 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _weight(model: nn.Module, site) -> torch.Tensor:
+    path = site.fused or site.path   # a slice's weight is its fused projection's
     try:
         if site.kind == "linear":
-            m = model.get_submodule(site.path)
+            m = model.get_submodule(path)
             if not is_linear_module(m):
-                raise SurgeryError(f"{site.path} is a {type(m).__name__}, not a linear layer")
+                raise SurgeryError(f"{path} is a {type(m).__name__}, not a linear layer")
             return m.weight
-        owner_path, name = _split(site.path)
+        owner_path, name = _split(path)
         return getattr(model.get_submodule(owner_path), name)
     except AttributeError:
-        raise SurgeryError(f"{site.path} is not in this model; locate it again") from None
+        raise SurgeryError(f"{path} is not in this model; locate it again") from None

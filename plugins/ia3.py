@@ -1,0 +1,51 @@
+"""IA3: learned vectors rescaling the keys, the values and the feed-forward's inner activations (Liu et al., 2022,
+"Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"). The key and value
+projections' outputs are scaled, and so is the input of the feed-forward down-projection; every vector starts at
+ones, so the model starts as the base. Mergeable.
+
+On a fused projection (GPT-2's c_attn) `attn.k,attn.v` scale the key and value slices only, as the paper does;
+`targets=attn.qkv` scales the whole projection, queries included, as PEFT's IA3 does for GPT-2."""
+from dataclasses import dataclass
+
+from peftsurgery import hookimpl
+from peftsurgery.checks import selector
+from peftsurgery.rewrite import Scale, ScaleInput
+
+__version__ = "1.0"
+
+
+@dataclass
+class IA3Config:
+    targets: str = "attn.k,attn.v"     # linears (or slices of fused projections) whose outputs are scaled
+    feedforward: str = "mlp.down"      # linears whose inputs are scaled
+
+    def __post_init__(self):
+        selector("ia3", "targets", self.targets)
+        selector("ia3", "feedforward", self.feedforward)
+
+
+@hookimpl
+def peftsurgery_config():
+    return IA3Config
+
+
+@hookimpl
+def peftsurgery_describe():
+    return "IA3: trainable vectors scaling key/value outputs and feed-forward inputs, starting at ones; mergeable"
+
+
+@hookimpl
+def peftsurgery_rules(config, sites):
+    return [Scale(config.targets), ScaleInput(config.feedforward)]
+
+
+@hookimpl
+def peftsurgery_budget(config, sites):
+    return (sum(Scale.features(s) for s in sites.select(config.targets, Scale.kinds)) +
+            sum(ScaleInput.features(s) for s in sites.select(config.feedforward, ScaleInput.kinds)))
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    # the paper's (T-Few trains its IA3 vectors at 3e-3); not tuned here
+    return 3e-3
