@@ -239,6 +239,69 @@ def case_prompts(ctx: Ctx) -> Result:
     return res
 
 
+def case_mixed_prompts(ctx: Ctx) -> Result:
+    """A batch mixing prompt-tuning adapters, row i with its own (peftsurgery.route), against one batch per adapter
+    (the only way PEFT runs several prompts: set_adapter, then that adapter's rows); the same prompts in both."""
+    import peft
+    z = sizes(ctx)
+    n_ad, rows, P = (8, 32, 20) if not ctx.quick else (3, 6, 4)
+    res = Result("7", f"Mixed-task batch inference: {n_ad} prompt-tuning adapters of {P} tokens, each of {rows} rows "
+                 "its own, against one batch per adapter", setup={**z, "adapters": n_ad, "rows": rows,
+                                                               "num_virtual_tokens": P})
+    base = _model(ctx, z).eval()
+    names = [f"t{i}" for i in range(n_ad)]
+    ours, pm = clone(base), None
+    for i, n in enumerate(names):
+        peftsurgery.apply(ours, "prompt-tuning", name=n, num_tokens=P, init="random", seed=i)
+        cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+        if pm is None:
+            pm = peft.get_peft_model(clone(base), cfg, adapter_name=n)
+        else:
+            pm.add_adapter(n, cfg)
+        with torch.no_grad():
+            pm.prompt_encoder[n].embedding.weight.copy_(
+                next(iter(peftsurgery.adapters(ours)[n].records[0].built.values())).weight)
+    ours.eval(), pm.eval()
+    per_row = [names[i % n_ad] for i in range(rows)]
+    groups = {n: [i for i, m in enumerate(per_row) if m == n] for n in names}
+    ids = tokens(rows, z["seq"], z["vocab"], ctx.device, seed=3)
+    mask = torch.ones_like(ids)
+
+    def routed():
+        with torch.no_grad(), peftsurgery.route(ours, per_row):
+            return ours(input_ids=ids, attention_mask=mask).logits
+
+    def per_adapter(model, activate):
+        out = {}
+        with torch.no_grad():
+            for n, idx in groups.items():
+                activate(n)
+                out[n] = model(input_ids=ids[idx], attention_mask=mask[idx]).logits
+        return out
+
+    def timed(fn):
+        def run():
+            t0 = clock(ctx.device)
+            fn()
+            return {"forward": clock(ctx.device) - t0}
+        return run
+    run_ours_split = lambda: per_adapter(ours, lambda n: peftsurgery.set_active(ours, [n]))
+    run_peft = lambda: per_adapter(pm, pm.set_adapter)
+    got, want = routed(), run_peft()
+    res.extra["parity_max_abs_diff"] = max(float((got[idx] - want[n][:, P:]).abs().max())
+                                           for n, idx in groups.items())
+    samples = interleave({"ours": timed(routed), "peft": timed(run_peft), "ours_split": timed(run_ours_split)},
+                         ctx.n(7, 3), ctx.w(2, 1))
+    o, p, s = (med(samples, n, "forward") for n in ("ours", "peft", "ours_split"))
+    tok = rows * z["seq"]
+    res.row(f"{rows} x {z['seq']} tokens, one mixed batch vs one per adapter, time", "ms", o * 1e3, p * 1e3,
+            ours_one_per_adapter=s * 1e3)
+    res.row("throughput (user tokens)", "tokens/s", tok / o, tok / p, ours_one_per_adapter=tok / s)
+    res.target("throughput ours/PEFT", p / o, 1.0, better=">=")
+    res.extra["samples"] = samples
+    return res
+
+
 def case_locate(ctx: Ctx) -> Result:
     import peft
     if ctx.quick:
@@ -339,4 +402,4 @@ def case_qlora(ctx: Ctx) -> Result:
 
 
 CASES = {"1": case_lora_train, "2": case_inference, "3": case_mixed, "4": case_prompts, "5": case_locate,
-         "6": case_qlora}
+         "6": case_qlora, "7": case_mixed_prompts}

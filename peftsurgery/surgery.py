@@ -247,19 +247,28 @@ BASE = "base"
 def route(model: nn.Module, names):
     """Inside this block, row i of each batch runs with adapter names[i] alone (None or "base": no adapter).
 
-    Names may repeat. Each rule does it once per site for all adapters (low-rank branches: the adapters' factors
-    stacked, gathered per row, two batched matmuls), so a batch mixing 8 adapters costs about one adapter, not 8.
-    Adapters not named are off inside the block. Raises SurgeryError for an unknown name, a merged adapter, or
-    a method whose rules cannot route per row (prompts and prefixes change the sequence, not a row's weights).
+    Names may repeat; low-rank, prompt and prefix adapters mix in one batch, in inference and in training (a
+    row's loss reaches only its own adapter's parameters; adapters not named get no gradient at all). Each rule
+    does it once per site for all adapters (low-rank branches: the adapters' factors stacked, gathered per row,
+    two batched matmuls; prompts and prefixes: gathered per row, right-aligned, masked-out slots before shorter
+    ones), so a batch mixing 8 adapters costs about one adapter, not 8. Adapters not named are off inside the
+    block. Raises SurgeryError for an unknown name, a merged adapter, or a named adapter whose method cannot
+    route per row.
     """
     names = [names] if isinstance(names, str) else list(names)
     reg = adapters(model)
+    routable = lambda a: all(type(r.rule).route is not Rule.route for r in a.records)
     for n in names:
         if n is not None and n != BASE:
-            _get(model, n)
-    # every adapter that can be routed gets a slot (stable across batches, so stacked factors are reused)
-    routable = lambda a: all(type(r.rule).route is not Rule.route for r in a.records)
-    wanted = [a for a in reg.values() if a.name in names or routable(a)]
+            a = _get(model, n)
+            if not routable(a):
+                rule = next(type(r.rule).__name__ for r in a.records if type(r.rule).route is Rule.route)
+                raise SurgeryError(f"adapter {n!r} ({a.method}) cannot give each batch row its own adapter: its rule "
+                                   f"{rule} has no per-row form; route() works with low-rank, prompt and prefix "
+                                   "adapters")
+    # without gradients every routable adapter gets a slot (stable across batches, so stacked factors are reused);
+    # with them only the named ones, so that no other adapter is touched by backward()
+    wanted = [a for a in reg.values() if a.name in names or routable(a) and not torch.is_grad_enabled()]
     slots = {a.name: i for i, a in enumerate(wanted)}
     for a in reg.values():
         if _merged(a):
@@ -271,6 +280,7 @@ def route(model: nn.Module, names):
         cache.clear()
         cache["adapters"] = tuple(slots)
     cache["slots"] = len(slots)
+    cache["call"] = {"sitemap": sitemap(model)}   # what the rules of this call share (the entry hook)
     groups: dict[type, tuple[Rule, list]] = {}
     for a in wanted:
         for rec in a.records:
@@ -284,6 +294,7 @@ def route(model: nn.Module, names):
             a.switch.on = False
         yield model
     finally:
+        cache.pop("call", None)
         for u in reversed(undo):
             u.undo(model)
         for a in reg.values():

@@ -1,4 +1,5 @@
-"""route(): each row of a batch runs with its own adapter, by batched gathers in the low-rank rule."""
+"""route(): each row of a batch runs with its own adapter, by batched gathers in the low-rank rule (prompts and
+prefixes: tests/test_route_prompts.py)."""
 import pytest
 import torch
 
@@ -113,13 +114,13 @@ def test_route_errors_name_the_problem():
     with pytest.raises(SurgeryError, match="merged"):
         with peftsurgery.route(merged, ["a", "a"]):
             pass
-    peftsurgery.apply(model, "prompt-tuning", name="p", num_tokens=3, init="random")
+    peftsurgery.apply(model, "adapter", name="s", bottleneck=4)
     with pytest.raises(SurgeryError, match="cannot give each batch row its own adapter"):
-        with peftsurgery.route(model, ["a", "p"]):
+        with peftsurgery.route(model, ["a", "s"]):
             pass
-    with torch.no_grad(), peftsurgery.route(model, ["a", None]):  # an unnamed prompt adapter is simply off
+    with torch.no_grad(), peftsurgery.route(model, ["a", None]):  # an unnamed adapter that cannot route is off
         out = model(input_ids=ids).logits
-    _check_rows(model, tiny_llama, ids, ["a", None], out)  # the reference for "a" has only "a" on, no prompt
+    _check_rows(model, tiny_llama, ids, ["a", None], out)  # the reference for "a" has only "a" on
 
 
 def test_route_one_token_per_row_matches_too():

@@ -8,6 +8,9 @@ The entry is the module whose forward receives the token ids (found by locate). 
   virtual tokens, so padding (left or right) does not move them and virtual tokens sit just before the first
   real token.
 During cached decoding (the mask is longer than the new tokens) nothing is prepended again.
+Under route() one RoutedEntry serves every routed adapter: row i gets its own adapter's prompt, right-aligned in as
+many slots as the batch's longest (the slots before a shorter prompt are masked out), and positions shifted by its
+own prefix length.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import inspect
 import torch
 from torch import nn
 
-from .base import Hooked, Switch
+from ..errors import SurgeryError
+from .base import Change, Hooked, Switch
 
 
 def cache_length(past) -> int:
@@ -31,14 +35,18 @@ def cache_length(past) -> int:
 
 
 class Entry:
-    """Hooks on the entry module, shared by every virtual-token rule of one adapter."""
+    """Hooks on the entry module, shared by every virtual-token rule of one adapter (`prompt` given: `num` tokens
+    placed in the sequence; else a prefix of `num` keys/values, which only shifts positions)."""
 
     def __init__(self, model: nn.Module, sitemap, embed: str | None, num: int, prompt=None,
                  switch: Switch | None = None):
         self.entry, self.embed_path = sitemap.entry, embed
         self.module = model.get_submodule(self.entry)
         self.embed = model.get_submodule(embed) if embed else None
-        self.num, self.prompt, self.switch = num, prompt, switch
+        self.prompt, self.switch = prompt, switch
+        self.num = num if prompt is not None else 0   # virtual tokens in the sequence
+        self.shift = 0 if prompt is not None else num  # positions taken before the sequence (prefix keys)
+        self.lens = None   # under route(): (batch, 1) prompt tokens per row, when they differ (see RoutedEntry)
         self.params = list(inspect.signature(self.module.forward).parameters)
         # the token argument at the entry: the model input found to feed the embedding, else input_ids
         self.ids = sitemap.token_input if sitemap.token_input in self.params else "input_ids"
@@ -56,6 +64,13 @@ class Entry:
         if self.prompt is not None:
             self.pending.append(done)
 
+    def _head(self, B: int, dtype, dev) -> torch.Tensor:
+        """The attention mask of the virtual tokens, (B, num): ones, or under route() zeros before shorter
+        prompts (so a row's prompt sits right before its first real token)."""
+        if self.lens is None:
+            return torch.ones(B, self.num, dtype=dtype, device=dev)
+        return (torch.arange(self.num, device=dev) >= self.num - self.lens).to(dtype)
+
     def pre(self, module, args, kwargs):
         if not self.switch.on:
             self._push(0)
@@ -68,6 +83,7 @@ class Entry:
             return None
         B, S = x.shape[0], x.shape[1]
         P, dev = self.num, x.device
+        self.check_batch(B)
         mask = kwargs.get("attention_mask")
         past = cache_length(kwargs.get("past_key_values")) if mask is None else 0
         decoding = (mask is not None and mask.shape[-1] > S) or past > 0
@@ -79,8 +95,11 @@ class Entry:
                     mask = torch.ones(B, S, dtype=torch.long, device=dev)
                 if mask.dim() == 2:  # while decoding the prompt is in the cache, after the same left padding
                     grown = layout if prepend else Layout(mask, B, mask.shape[1], P, dev)
-                    mask = grown.place(torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], 1))
+                    mask = grown.place(torch.cat([self._head(B, mask.dtype, dev), mask], 1))
                 kwargs["attention_mask"] = mask
+            if self.lens is not None and (mask is None or mask.dim() != 2):
+                raise SurgeryError("route() with prompts of different lengths in one batch needs a (batch, "
+                                   "sequence) attention_mask on every call; pass attention_mask")
         if prepend:
             for k, v in list(kwargs.items()):
                 if k not in (self.ids, "inputs_embeds", "attention_mask", "position_ids", "labels") and \
@@ -92,25 +111,29 @@ class Entry:
                 kwargs["inputs_embeds"] = layout.place(torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1))
                 kwargs[self.ids] = None
         if "position_ids" in self.params:
-            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, P, past, layout,
-                                                     dev)
+            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, past, layout, dev)
         self._push(layout or 0)
         return (), kwargs
 
-    def _positions(self, given, mask, B, S, P, past, layout, dev):
-        in_sequence = self.prompt is not None   # prompts are in the mask; prefixes are not
-        prepend = layout is not None
+    def check_batch(self, B: int) -> None:
+        """Under route(): the batch must have one row per name."""
+
+    def _positions(self, given, mask, B, S, past, layout, dev):
+        """Real tokens follow the mask (or the given position ids) after the virtual tokens; prompt tokens count
+        from 0 right before a row's first real token; prefix keys take the first `shift` positions."""
+        P, shift = self.num, self.shift
         if given is not None:
-            pos = given + P
-            if prepend:
-                pos = layout.place(torch.cat([torch.arange(P, device=dev).expand(B, P).to(pos.dtype), pos], 1))
+            pos = given + (P if self.lens is None else self.lens) + shift
+            if layout is not None:
+                head = torch.arange(P, device=dev).expand(B, P)
+                if self.lens is not None:
+                    head = (head - (P - self.lens)).clamp(min=0)
+                pos = layout.place(torch.cat([head.to(pos.dtype), pos], 1))
             return pos
-        n = S + P if prepend else S
-        if mask is not None and mask.dim() == 2:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:]
-            return pos if in_sequence else pos + P
-        start = past + (0 if in_sequence else P)
-        return torch.arange(start, start + n, device=dev).expand(B, n)
+        n = S + P if layout is not None else S
+        if mask is not None and mask.dim() == 2:   # prompts are in the mask; prefixes are not
+            return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n:] + shift
+        return torch.arange(past, past + n, device=dev).expand(B, n) + shift
 
     def on_embed(self, module, args, out):
         layout = self.pending[-1] if self.pending else 0
@@ -121,6 +144,52 @@ class Entry:
     def post(self, module, args, kwargs, out):
         layout = self.pending.pop() if self.pending else 0
         return _drop(out, layout) if layout else None
+
+
+class RoutedEntry(Entry):
+    """Under route(): one entry hook for the virtual tokens of every routed adapter, row i getting those of its
+    own adapter (see routed_entry). Rules add what they need, then attach what hooks() gives."""
+
+    def __init__(self, model: nn.Module, sitemap, rows: torch.Tensor):
+        super().__init__(model, sitemap, None, 0, None, Switch())
+        self.rows, self.attached = rows, []
+
+    def add_prompts(self, model: nn.Module, embed: str, prompt, lens: list[int]) -> None:
+        """Row i gets lens[i] prompt tokens (0: none), right-aligned in max(lens) slots: prompt(B) gives them."""
+        if len(set(lens)) > 1:
+            if "attention_mask" not in self.params:
+                raise SurgeryError(f"route() cannot mix prompts of different lengths (or rows without one) in one "
+                                   f"batch here: {type(self.module).__name__} takes no attention_mask to mask the "
+                                   "shorter ones; route rows with prompts of one length")
+            self.lens = torch.tensor(lens, device=self.rows.device).view(-1, 1)
+        self.prompt, self.num, self.embed_path, self.embed = prompt, max(lens), embed, model.get_submodule(embed)
+
+    def add_prefixes(self, lens: list[int]) -> None:
+        """Row i has lens[i] prefix keys (0: none): its real tokens' positions come after them."""
+        self.shift = torch.tensor(lens, device=self.rows.device).view(-1, 1) if len(set(lens)) > 1 else lens[0]
+
+    def hooks(self, model: nn.Module) -> list[Change]:
+        """The hooks this call still needs, attached now."""
+        want = [(self.entry, self.pre, dict(pre=True, with_kwargs=True)),
+                (self.entry, self.post, dict(with_kwargs=True, always_call=True))]
+        if self.prompt is not None and "inputs_embeds" not in self.params:
+            want.append((self.embed_path, self.on_embed, {}))
+        new = [Hooked(model, path, fn, **kw) for path, fn, kw in want if fn not in self.attached]
+        self.attached += [c.hook for c in new]
+        return new
+
+    def check_batch(self, B: int) -> None:
+        if B != len(self.rows):
+            raise SurgeryError(f"route was given {len(self.rows)} adapter names but the model sees a batch of {B} "
+                               "rows; give one name per row")
+
+
+def routed_entry(model: nn.Module, rows: torch.Tensor, cache: dict) -> RoutedEntry:
+    """The RoutedEntry of this route() call (kept in cache["call"], which route() sets up and clears)."""
+    call = cache["call"]
+    if "entry" not in call:
+        call["entry"] = RoutedEntry(model, call["sitemap"], rows)
+    return call["entry"]
 
 
 class Layout:

@@ -169,6 +169,11 @@ class Prefix(Rule):
         if embed is not None:
             yield from Entry(model, sitemap, embed, self.num_tokens, None, switch).attach(model)
 
+    def route(self, model, entries, rows, cache):
+        """Row i gets its adapter's keys/values at every site (see rowprefix.py)."""
+        from .rowprefix import route_prefixes
+        return route_prefixes(model, entries, rows, cache)
+
     def state(self, built):
         """Saved per site, its keys and values, however they are held: an MLP is folded away (computed once).
         Without an MLP they are views of the shared tensors, so loading writes through them."""

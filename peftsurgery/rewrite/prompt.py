@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .base import Rule
-from .inputs import Entry
+from .inputs import Entry, routed_entry
 
 
 def text_ids(text: str, n: int | None = None, vocab: int | None = None) -> torch.Tensor:
@@ -36,6 +36,19 @@ class PromptEmbedding(nn.Module):
         return p.unsqueeze(0).expand(batch, -1, -1)
 
 
+class _RowPrompts:
+    """Under route(): prompt(B) for a batch whose row i gets prompt index[i] (len(prompts): none), right-aligned
+    in P slots, zeros before a shorter prompt. Only the prompts of this batch are computed (and trained)."""
+
+    def __init__(self, prompts: list[PromptEmbedding], index: torch.Tensor, P: int):
+        self.prompts, self.index, self.P = prompts, index, P
+
+    def __call__(self, batch: int) -> torch.Tensor:
+        vs = [p(1)[0] for p in self.prompts]
+        table = [torch.cat([v.new_zeros(self.P - v.shape[0], v.shape[1]), v]) for v in vs]
+        return torch.stack(table + [vs[0].new_zeros(self.P, vs[0].shape[1])])[self.index]
+
+
 class Prompt(Rule):
     """init(embedding_module, num_tokens) -> (num_tokens, dim) tensor gives the starting vectors (None: zeros)."""
     kinds = ("embedding",)
@@ -63,6 +76,25 @@ class Prompt(Rule):
     def attach(self, model, sites, built, switch, sitemap):
         path = sites[0].path
         yield from Entry(model, sitemap, path, self.num_tokens, built[path], switch).attach(model)
+
+    def route(self, model, entries, rows, cache):
+        """Row i gets the prompt of its adapter (none for rows on other adapters or the base), all through one
+        entry hook; prompts of different lengths sit right-aligned, masked-out slots before the shorter ones."""
+        prompts = {}
+        for slot, sites, built in entries:
+            if slot in prompts:
+                raise SurgeryError("route() cannot give a row two prompts of one adapter; route it by itself")
+            prompts[slot] = built[sites[0].path]
+        slots = rows.tolist()
+        present = sorted({s for s in slots if s in prompts})
+        if not present:
+            return []
+        lens = [prompts[s].weight.shape[0] if s in prompts else 0 for s in slots]
+        index = torch.tensor([present.index(s) if s in prompts else len(present) for s in slots], device=rows.device)
+        entry = routed_entry(model, rows, cache)
+        entry.add_prompts(model, entries[0][1][0].path, _RowPrompts([prompts[s] for s in present], index,
+                                                                    max(lens)), lens)
+        return entry.hooks(model)
 
     def loading(self, settings):
         """Loading overwrites the vectors: no initialisation from the embedding."""
