@@ -1,5 +1,6 @@
 """The rule vocabulary. Every method is built from these; each is implemented once, here."""
 from .base import Change, Hooked, Rule, Swapped, Switch, hooks_before, park, substitute
+from .head import Head, HeadOutput
 from .lowrank import LowRank
 from .prefix import Prefix, record_kv
 from .prompt import Prompt, text_ids
@@ -7,7 +8,7 @@ from .quantize import Quantize
 from .reparam import BaseWeight, MagnitudeDirection, Reparam, Reparametrization
 from .scale import Scale, ScaleInput
 from .series import Series
-from .svd import SVD
 from .tensors import BaseTensors
+from .svd import SVD
 
-__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Reparam", "Reparametrization", "BaseWeight", "MagnitudeDirection", "Scale", "ScaleInput", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids"]
+__all__ = ["Rule", "Switch", "Change", "Hooked", "Swapped", "LowRank", "Series", "Prompt", "Prefix", "Quantize", "Reparam", "Reparametrization", "BaseWeight", "MagnitudeDirection", "Scale", "ScaleInput", "SVD", "BaseTensors", "substitute", "hooks_before", "park", "record_kv", "text_ids", "Head", "HeadOutput"]
