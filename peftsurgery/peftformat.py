@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import SurgeryError
-from .rewrite import LowRank, Prefix, Prompt, Quantize
+from .rewrite import SVD, LowRank, MagnitudeDirection, Prefix, Prompt, Quantize, Scale, ScaleInput
 from .sites import Site, SiteMap
 from .surgery import Attached, _get, _key, sitemap
 
@@ -193,73 +193,110 @@ class Mapping:
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------------------- LoRA
+# ---------------------------------------------------------------------------------------------------- LoRA, DoRA
 INERT_INITS = (True, False, "gaussian", "orthogonal", "eva")   # initialisations that leave the base weights as they are
+LORA_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "M"}
+
+
+def _ours(dora: bool) -> dict[str, str]:
+    """Our state names of a site's LoRA factors and DoRA magnitude (DoRA's factors are in its LowRank branch)."""
+    inner = "branch." if dora else ""
+    return {"A": f"{inner}A.weight", "B": f"{inner}B.weight", "M": "magnitude"}
+
+
+def _module(att: Attached, s: Site, sm: SiteMap, what: str) -> str:
+    """The module path PEFT names for a site of `att`: whole linears only (slices of fused projections and weights
+    used inside another module are refused)."""
+    if s.fused:
+        raise SurgeryError(f"adapter {att.name!r} puts {what} on {s.role}, a slice of the fused {s.fused}, and "
+                           f"PEFT's {what} adapts whole modules; apply {att.method} with "
+                           f"targets={sm.by_path(s.fused).role} to export it")
+    if s.kind != "linear":
+        raise SurgeryError(f"adapter {att.name!r} has {what} on {s.path}, a weight used inside another module, "
+                           "which PEFT reaches only through target_parameters; save it in peftsurgery's format")
+    return s.path
+
+
+def _conv(model: nn.Module, paths) -> bool:
+    """Whether any of these linears is transformers' Conv1D (PEFT's fan_in_fan_out)."""
+    from .capture import Conv1D
+    return bool(Conv1D) and any(isinstance(model.get_submodule(p), Conv1D) for p in paths)
+
+
+def _check_lora_options(cfg: dict, directory: str) -> None:
+    if cfg.get("bias", "none") != "none":
+        raise SurgeryError(f"{directory} trains biases (bias={cfg['bias']!r}), which peftsurgery's LoRA does not "
+                           "hold; use a PEFT adapter with bias='none'")
+    init = cfg.get("init_lora_weights", True)
+    if init not in INERT_INITS:
+        raise SurgeryError(f"{directory} was initialised with init_lora_weights={init!r}, which changes the base "
+                           "weights; convert it to a plain LoRA in PEFT (path_initial_model_for_weight_conversion)")
 
 
 class LoraMapping(Mapping):
-    """PEFT LoRA (rsLoRA, rank_pattern, alpha_pattern) <-> lora; qlora exports its LoRA part."""
+    """PEFT LoRA (rsLoRA, rank_pattern, alpha_pattern) <-> lora; with use_dora <-> dora (the magnitude vector
+    lora_magnitude_vector is ours, one entry per output feature in both); qlora and a 4-bit dora export their
+    float part."""
     peft_type = "LORA"
-    methods = ("lora", "qlora")
+    methods = ("lora", "qlora", "dora")
     known = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
                        "layers_pattern", "fan_in_fan_out", "use_rslora", "rank_pattern", "alpha_pattern",
-                       "init_lora_weights", "bias", "megatron_core", "qalora_group_size", "loftq_config"})
+                       "init_lora_weights", "bias", "megatron_core", "qalora_group_size", "loftq_config", "use_dora"})
 
     def check(self, cfg, directory):
-        if cfg.get("use_dora"):
-            raise SurgeryError(f"{directory} is a DoRA adapter (use_dora), which peftsurgery does not read yet")
-        if cfg.get("bias", "none") != "none":
-            raise SurgeryError(f"{directory} trains biases (bias={cfg['bias']!r}), which peftsurgery's LoRA does not "
-                               "hold; use a PEFT adapter with bias='none'")
-        init = cfg.get("init_lora_weights", True)
-        if init not in INERT_INITS:
-            raise SurgeryError(f"{directory} was initialised with init_lora_weights={init!r}, which changes the base "
-                               "weights; convert it to a plain LoRA in PEFT (path_initial_model_for_weight_conversion)")
+        _check_lora_options(cfg, directory)
 
     def to_ours(self, cfg, tensors, sm, model, directory):
         r, alpha, rs = cfg.get("r", 8), cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora"))
+        dora = bool(cfg.get("use_dora"))
         rank_p, alpha_p = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        want = {"A", "B", "M"} if dora else {"A", "B"}
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for k, t in tensors.items():
-            m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_([AB])\.weight", k)
-            if m is None:
-                raise SurgeryError(f"{directory} holds {k}, which is not a LoRA factor of a linear layer; "
-                                   "peftsurgery reads lora_A/lora_B weights only")
-            factors.setdefault(m.group(1), {})[m.group(2)] = t
+            m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", k)
+            if m is None or LORA_PARTS[m.group(2)] not in want:
+                raise SurgeryError(f"{directory} holds {k}, which is not a {'DoRA' if dora else 'LoRA'} tensor of a "
+                                   f"linear layer; peftsurgery reads lora_A/lora_B weights"
+                                   f"{' and lora_magnitude_vector' if dora else ''} only")
+            factors.setdefault(m.group(1), {})[LORA_PARTS[m.group(2)]] = t
         if not factors:
             raise SurgeryError(f"{directory} holds no LoRA factors; save the PEFT adapter again")
         groups: dict[tuple, list[str]] = {}
         for path, f in factors.items():
-            if set(f) != {"A", "B"}:
-                raise SurgeryError(f"{directory} has lora_{next(iter(f))} but not its pair for {path}; save the "
-                                   "PEFT adapter again")
-            _site(sm, path, "LoRA", directory, ("linear",))
-            want = rank_p.get(_pattern_key(rank_p, path, directory), r)
-            if f["A"].dim() != 2 or f["A"].shape[0] != want:
-                raise SurgeryError(f"{directory}: lora_A of {path} has shape {tuple(f['A'].shape)}, not rank {want} "
+            if set(f) != want:
+                lacks = sorted(want - set(f))[0]
+                raise SurgeryError(f"{directory} has no {next(k for k, v in LORA_PARTS.items() if v == lacks)} for "
+                                   f"{path}; save the PEFT adapter again")
+            _site(sm, path, "DoRA" if dora else "LoRA", directory, ("linear",))
+            rank = rank_p.get(_pattern_key(rank_p, path, directory), r)
+            if f["A"].dim() != 2 or f["A"].shape[0] != rank:
+                raise SurgeryError(f"{directory}: lora_A of {path} has shape {tuple(f['A'].shape)}, not rank {rank} "
                                    "as the config says; save the PEFT adapter again")
             a = alpha_p.get(_pattern_key(alpha_p, path, directory), alpha)
-            groups.setdefault((want, a), []).append(path)
+            groups.setdefault((rank, a), []).append(path)
         config = {"r": r, "alpha": alpha, "dropout": cfg.get("lora_dropout", 0.0), "rslora": rs}
+        rule_type, names = (MagnitudeDirection if dora else LowRank), _ours(dora)
         ours, rules = {}, []
         for i, ((gr, ga), paths) in enumerate(groups.items()):
-            sel = _selector(paths, sm, LowRank.kinds)
-            rules.append(LowRank(sel, gr, ga, config["dropout"], rs))
+            rules.append(rule_type(_selector(paths, sm, rule_type.kinds), gr, ga, config["dropout"], rs))
             for p in paths:
-                ours[f"{i}.{_key(p)}.A.weight"] = factors[p]["A"]
-                ours[f"{i}.{_key(p)}.B.weight"] = factors[p]["B"]
-        if len(groups) == 1:   # one rank and alpha: the lora method's own config says it all
+                for part, t in factors[p].items():
+                    ours[f"{i}.{_key(p)}.{names[part]}"] = t
+        method = "dora" if dora else "lora"
+        if len(groups) == 1:   # one rank and alpha: the method's own config says it all
             (gr, ga), paths = next(iter(groups.items()))
-            return Converted("lora", {**config, "r": gr, "alpha": ga, "targets": rules[0].targets}, ours)
-        config["targets"] = _selector([p for ps in groups.values() for p in ps], sm, LowRank.kinds)
-        return Converted("lora", config, ours, rules)
+            return Converted(method, {**config, "r": gr, "alpha": ga, "targets": rules[0].targets}, ours)
+        config["targets"] = _selector([p for ps in groups.values() for p in ps], sm, rule_type.kinds)
+        return Converted(method, config, ours, rules)
 
     def to_peft(self, att, sm, model):
-        from .capture import Conv1D
         recs = [r for r in att.records if not isinstance(r.rule, Quantize)]
-        if not recs or not all(isinstance(r.rule, LowRank) for r in recs):
-            raise SurgeryError(f"adapter {att.name!r} ({att.method}) has rules other than low-rank branches; save "
-                               "it in peftsurgery's format")
+        dora = bool(recs) and isinstance(recs[0].rule, MagnitudeDirection)
+        rule_type = MagnitudeDirection if dora else LowRank
+        if not recs or not all(type(r.rule) is rule_type for r in recs):
+            raise SurgeryError(f"adapter {att.name!r} ({att.method}) has rules other than "
+                               f"{'DoRA reparametrisations' if dora else 'low-rank branches'}; save it in "
+                               "peftsurgery's format")
         if len(recs) != len(att.records):
             q = att.config
             warn(f"adapter {att.name!r}: PEFT keeps 4-bit quantization out of the adapter; load the base with "
@@ -267,26 +304,24 @@ class LoraMapping(Mapping):
                  f"bnb_4bit_use_double_quant={getattr(q, 'double_quant', True)}) before PeftModel.from_pretrained")
         rs = bool(getattr(att.config, "rslora", False))
         r0, a0 = att.config.r, att.config.alpha
-        tensors, ranks, alphas, conv, dropout = {}, {}, {}, False, 0.0
+        what, names = ("DoRA" if dora else "LoRA"), _ours(dora)
+        tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
         for rec in recs:
             state, _ = rec.state()
-            rule = rec.rule
+            rule = rec.rule.lowrank if dora else rec.rule
             norm = math.sqrt(rule.r) if rs else rule.r   # scale = alpha / norm
             alpha = a0 if rule.scale == a0 / norm else float(f"{rule.scale * norm:.12g}")
             dropout = rule.dropout
             for s in rec.sites:
-                if s.kind != "linear":
-                    raise SurgeryError(f"adapter {att.name!r} has a branch on {s.path}, a weight used inside another "
-                                       "module, which PEFT's LoRA reaches only through target_parameters; save it "
-                                       "in peftsurgery's format")
-                conv |= bool(Conv1D) and isinstance(model.get_submodule(s.path), Conv1D)
-                ranks[s.path], alphas[s.path] = rule.r, alpha
-                for ours, theirs in (("A", "lora_A"), ("B", "lora_B")):
-                    tensors[f"{PREFIX}{s.path}.{theirs}.weight"] = state[f"{_key(s.path)}.{ours}.weight"]
+                path = _module(att, s, sm, what)
+                ranks[path], alphas[path] = rule.r, alpha
+                for theirs, part in LORA_PARTS.items():
+                    if part != "M" or dora:
+                        tensors[f"{PREFIX}{path}.{theirs}"] = state[f"{_key(s.path)}.{names[part]}"]
         cfg = {"r": r0, "lora_alpha": a0, "lora_dropout": dropout, "use_rslora": rs, "target_modules": sorted(ranks),
                "rank_pattern": {p: v for p, v in ranks.items() if v != r0},
                "alpha_pattern": {p: v for p, v in alphas.items() if v != a0},
-               "fan_in_fan_out": conv, "bias": "none", "use_dora": False, "init_lora_weights": True}
+               "fan_in_fan_out": _conv(model, ranks), "bias": "none", "use_dora": dora, "init_lora_weights": True}
         return cfg, tensors
 
 
@@ -434,4 +469,167 @@ class PrefixMapping(Mapping):
                 "encoder_hidden_size": projection or kvh * hd}, {"prompt_embeddings": kv.reshape(n, -1)}
 
 
-MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), PromptMapping(), PrefixMapping())
+# ---------------------------------------------------------------------------------------------------- AdaLoRA
+# PEFT's option: (ours, PEFT's default); the rank schedule and its regulariser act in training only
+ADALORA_OPTIONS = {"init_r": ("init_r", 12), "target_r": ("target_r", 8), "tinit": ("t_init", 0),
+                   "tfinal": ("t_final", 0), "deltaT": ("delta_t", 1), "beta1": ("beta1", 0.85),
+                   "beta2": ("beta2", 0.85), "orth_reg_weight": ("orth_reg_weight", 0.5),
+                   "lora_alpha": ("alpha", 8), "lora_dropout": ("dropout", 0.0)}
+
+
+class AdaLoraMapping(Mapping):
+    """PEFT AdaLoRA <-> adalora: lora_B, lora_E (r x 1), lora_A are our P, E (r), Q. A saved PEFT AdaLoRA holds
+    per module only the triplets its rank_pattern mask (init_r booleans) keeps, in order; ours holds the triplets
+    that count and each site's rank. So a mask maps to its count, and a rank k < init_r exports as k True then
+    False (PEFT reads only the count once saved). Both scale by lora_alpha / init_r (PEFT adds 1e-5 to init_r)."""
+    peft_type = "ADALORA"
+    methods = ("adalora",)
+    known = frozenset({*ADALORA_OPTIONS, "r", "total_step", "rank_pattern", "target_modules", "exclude_modules",
+                       "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights", "bias",
+                       "megatron_core", "qalora_group_size", "loftq_config"})
+
+    def check(self, cfg, directory):
+        _check_lora_options(cfg, directory)
+        if not isinstance(cfg.get("lora_alpha", 8), (int, float)) or cfg.get("lora_alpha", 8) <= 0:
+            raise SurgeryError(f"{directory} has lora_alpha={cfg.get('lora_alpha')!r}, where PEFT's AdaLoRA then "
+                               "scales by the kept rank; save it with a positive lora_alpha")
+
+    def to_ours(self, cfg, tensors, sm, model, directory):
+        from .registry import Method
+        init_r = cfg.get("init_r", ADALORA_OPTIONS["init_r"][1])
+        masks = {}
+        for k, v in (cfg.get("rank_pattern") or {}).items():
+            if not k.endswith(".lora_E") or not isinstance(v, list) or len(v) != init_r or \
+                    not all(isinstance(b, bool) for b in v):
+                raise SurgeryError(f"{directory}: rank_pattern entry {k!r} is not a mask of init_r={init_r} "
+                                   "booleans for a module's lora_E; save the PEFT adapter again")
+            masks[k[:-len(".lora_E")]] = sum(v)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for k, t in tensors.items():
+            m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_([ABE])", k)
+            if m is None:
+                raise SurgeryError(f"{directory} holds {k}, which is not an AdaLoRA tensor of a linear layer; "
+                                   "peftsurgery reads lora_A/lora_B/lora_E only")
+            parts.setdefault(m.group(1), {})[m.group(2)] = t
+        if not parts or set(masks) - set(parts):
+            raise SurgeryError(f"{directory} holds no AdaLoRA tensors for "
+                               f"{(sorted(set(masks) - set(parts)) or ['any module'])[0]}; save the PEFT adapter again")
+        ours, ranks = {}, {}
+        for path, f in parts.items():
+            s = _site(sm, path, "AdaLoRA", directory, ("linear",))
+            k = masks.get(path, init_r)
+            if set(f) != {"A", "B", "E"} or tuple(f["A"].shape) != (k, s.in_features) or \
+                    tuple(f["B"].shape) != (s.out_features, k) or tuple(f["E"].shape) != (k, 1):
+                raise SurgeryError(f"{directory}: lora_A/lora_B/lora_E of {path} do not hold the {k} triplets of a "
+                                   f"{s.in_features}->{s.out_features} linear its config says; load it onto the "
+                                   "model it was made for, or save it again")
+            ranks[path] = k
+            ours.update({f"0.{_key(path)}.P": f["B"], f"0.{_key(path)}.E": f["E"].reshape(k),
+                         f"0.{_key(path)}.Q": f["A"]})
+        config = {ours: cfg.get(theirs, default) for theirs, (ours, default) in ADALORA_OPTIONS.items()}
+        config["targets"] = _selector(list(parts), sm, SVD.kinds)
+        method = Method("adalora")
+        rules = [r.loading({"ranks": ranks}) for r in method.rules(method.config(config), sm)]
+        return Converted("adalora", config, ours, rules)
+
+    def to_peft(self, att, sm, model):
+        rec = _one_record(att, SVD)
+        state, settings = rec.state()
+        init_r, c = rec.rule.r, att.config
+        tensors, pattern = {}, {}
+        for s in rec.sites:
+            path, key = _module(att, s, sm, "AdaLoRA"), _key(s.path)
+            k = settings["ranks"][s.path]
+            tensors.update({f"{PREFIX}{path}.lora_A": state[f"{key}.Q"], f"{PREFIX}{path}.lora_B": state[f"{key}.P"],
+                            f"{PREFIX}{path}.lora_E": state[f"{key}.E"].reshape(k, 1)})
+            if k < init_r:
+                pattern[f"{path}.lora_E"] = [True] * k + [False] * (init_r - k)
+        paths = [s.path for s in rec.sites]
+        cfg = {theirs: getattr(c, ours) for theirs, (ours, _) in ADALORA_OPTIONS.items()}
+        # PEFT requires a schedule length; the smallest it accepts (ours takes it from the training loop)
+        return {**cfg, "init_r": init_r, "total_step": c.t_init + c.t_final + 1, "rank_pattern": pattern or None,
+                "target_modules": sorted(paths), "fan_in_fan_out": _conv(model, paths), "bias": "none",
+                "init_lora_weights": True}, tensors
+
+
+# ---------------------------------------------------------------------------------------------------- IA3
+class IA3Mapping(Mapping):
+    """PEFT IA3 <-> ia3: ia3_l of a module (out, 1) scales its output (our Scale), of a feedforward module (1, in)
+    its input (our ScaleInput). Export writes a scaled slice of a fused projection (GPT-2's attn.k inside c_attn)
+    as the whole module's vector with ones on the other features, which computes the same."""
+    peft_type = "IA3"
+    methods = ("ia3",)
+    known = frozenset({"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights",
+                       "exclude_modules", "layers_to_transform", "layers_pattern"})
+
+    def to_ours(self, cfg, tensors, sm, model, directory):
+        ff = cfg.get("feedforward_modules") or []
+        try:   # PEFT's rule: a string is a regular expression for the whole path, a list suffixes
+            is_ff = (lambda p: bool(re.fullmatch(ff, p))) if isinstance(ff, str) else \
+                (lambda p: any(p.endswith(x) for x in ff))
+            is_ff("")
+        except (re.error, TypeError):
+            raise SurgeryError(f"{directory}: feedforward_modules={ff!r} is neither a regular expression nor a list "
+                               "of module names; fix the PEFT config") from None
+        out, inp = [], []
+        vectors = {}
+        for k, t in tensors.items():
+            m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.ia3_l", k)
+            if m is None:
+                raise SurgeryError(f"{directory} holds {k}, which is not an IA3 vector; peftsurgery reads ia3_l only")
+            path = m.group(1)
+            s = _site(sm, path, "IA3", directory, ("linear",))
+            feed = is_ff(path)
+            shape = (1, s.in_features) if feed else (s.out_features, 1)
+            if tuple(t.shape) != shape:
+                raise SurgeryError(f"{directory}: ia3_l of {path} has shape {tuple(t.shape)}, this "
+                                   f"{'feedforward ' if feed else ''}module needs {shape}; load it onto the model "
+                                   "it was made for")
+            (inp if feed else out).append(path)
+            vectors[path] = t.reshape(-1)
+        if not vectors:
+            raise SurgeryError(f"{directory} holds no IA3 vectors; save the PEFT adapter again")
+        rules, ours, config = [], {}, {}
+        for field_name, rule_type, paths in (("targets", Scale, out), ("feedforward", ScaleInput, inp)):
+            if paths:
+                config[field_name] = _selector(paths, sm, rule_type.kinds)
+                ours.update({f"{len(rules)}.{_key(p)}.weight": vectors[p] for p in paths})
+                rules.append(rule_type(config[field_name]))
+        # both kinds: the ia3 config says it all; one kind only: its rule alone (the config keeps its default)
+        return Converted("ia3", config, ours, None if len(rules) == 2 else rules)
+
+    def to_peft(self, att, sm, model):
+        recs = [r for r in att.records if r.rule.phase]
+        if not recs or not all(type(r.rule) in (Scale, ScaleInput) for r in recs):
+            raise SurgeryError(f"adapter {att.name!r} ({att.method}) has rules other than IA3 scalings; save it in "
+                               "peftsurgery's format")
+        vectors: dict[str, torch.Tensor] = {}
+        covered: dict[str, torch.Tensor] = {}
+        feed: set[str] = set()
+        for rec in recs:
+            state, _ = rec.state()
+            inp = isinstance(rec.rule, ScaleInput)
+            for s in rec.sites:
+                v = state[f"{_key(s.path)}.weight"].detach()
+                path = s.fused or _module(att, s, sm, "IA3")
+                n = len(v) if s.fused is None or inp else sm.by_path(s.fused).out_features
+                a, b = s.rows or (0, n)
+                if path in vectors and (inp or path in feed or bool(covered[path][a:b].any())):
+                    raise SurgeryError(f"adapter {att.name!r} scales {path} twice (its input and output, or the "
+                                       "same features), where PEFT's IA3 has one vector per module; save it in "
+                                       "peftsurgery's format")
+                if path not in vectors:
+                    vectors[path] = torch.ones(n, dtype=v.dtype, device=v.device)
+                    covered[path] = torch.zeros(n, dtype=torch.bool)
+                vectors[path][a:b], covered[path][a:b] = v, True
+                if inp:
+                    feed.add(path)
+        tensors = {f"{PREFIX}{p}.ia3_l": v.view(1, -1) if p in feed else v.view(-1, 1) for p, v in vectors.items()}
+        ff: list | str = sorted(feed)
+        if any(p.endswith(x) for p in vectors if p not in feed for x in ff):   # PEFT matches list entries as suffixes
+            ff = "|".join(re.escape(p) for p in ff)
+        return {"target_modules": sorted(vectors), "feedforward_modules": ff,
+                "fan_in_fan_out": _conv(model, vectors), "init_ia3_weights": True}, tensors
+
+
+MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), AdaLoraMapping(), IA3Mapping(), PromptMapping(), PrefixMapping())

@@ -48,14 +48,16 @@ def task(kind):
     return "SEQ_2_SEQ_LM" if kind == "t5" else "CAUSAL_LM"
 
 
-def peft_folder(kind, config, path, model=None):
-    """PEFT's own folder for `config` on the tiny `kind` model, every trainable tensor random."""
+def peft_folder(kind, config, path, model=None, prepare=None):
+    """PEFT's own folder for `config` on the tiny `kind` model, every trainable tensor random (then `prepare(ref)`)."""
     ref = peft.get_peft_model(model if model is not None else base(kind), config)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for _, p in ref.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    if prepare is not None:
+        prepare(ref)
     ref.eval()
     ref.save_pretrained(str(path))
     return ref
@@ -146,6 +148,109 @@ def test_lora_with_patterns_refuses_our_format(tmp_path):
     ps.load(ours, str(tmp_path / "peft"))
     raises_one_line(lambda: ps.save(ours, str(tmp_path / "ours")), "per-module ranks", "format='peft'")
     assert not (tmp_path / "ours").exists()
+
+
+# ---------------------------------------------------------------- DoRA
+DORA = {
+    # rsLoRA and patterns: one DoRA rule per (rank, alpha)
+    "llama": dict(r=4, lora_alpha=8, use_dora=True, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                  rank_pattern={"layers.1.self_attn.q_proj": 2}),
+    # PEFT's fused c_attn (Conv1D): the magnitude has one entry per output feature of all of q, k and v, as ours
+    "gpt2": dict(r=4, lora_alpha=16, use_dora=True, fan_in_fan_out=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_round_trip(kind, tmp_path):
+    peft_folder(kind, peft.LoraConfig(task_type="CAUSAL_LM", **DORA[kind]), tmp_path / "peft")
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert (want - logits(base(kind), kind)).abs().max() > 1e-2
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want)
+    att = ps.adapters(ours)["default"]
+    assert att.method == "dora" and config(tmp_path / "back")["use_dora"] is True
+    mag = tensors(tmp_path / "back")
+    if kind == "gpt2":
+        assert att.config.targets == "attn.qkv"
+        assert mag["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"].shape == (96,)
+    else:
+        assert len(att.records) == 2 and config(tmp_path / "back")["rank_pattern"] == {
+            "model.layers.1.self_attn.q_proj": 2}
+
+
+# ---------------------------------------------------------------- AdaLoRA
+def allocate(ref):
+    """What PEFT's final allocation leaves: a rank_pattern mask (init_r booleans) per module, the dropped triplets'
+    E zeroed. Module 0 keeps none, module 1 all, the others 4 of 6 at varying positions."""
+    pattern = {}
+    for i, (n, p) in enumerate((n, p) for n, p in ref.base_model.model.named_parameters() if ".lora_E." in n):
+        mask = [i == 1 or (i > 0 and (j + i) % 3 != 0) for j in range(p.shape[0])]
+        pattern[n] = mask
+        with torch.no_grad():
+            p.masked_fill_(~torch.tensor(mask)[:, None], 0.0)
+    ref.peft_config["default"].rank_pattern = pattern
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adalora_round_trip(kind, tmp_path):
+    """PEFT saves only the triplets its masks keep, so its masks map to our per-site ranks and come back as
+    the same counts (True first: once saved PEFT reads only the count); a module keeping none included."""
+    import shutil
+    cfg = peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, target_r=3, lora_alpha=12, total_step=20, tinit=2,
+                             tfinal=3, deltaT=2, orth_reg_weight=0.3,
+                             **({"target_modules": ["q_proj", "v_proj"]} if kind == "llama" else {}))
+    peft_folder(kind, cfg, tmp_path / "peft", prepare=allocate)
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert (want - logits(base(kind), kind)).abs().max() > 1e-2
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want)   # PEFT scales by alpha / (init_r + 1e-5), ours by alpha / init_r
+    theirs, again = config(tmp_path / "peft"), config(tmp_path / "back")
+    counts = {k: sum(v) for k, v in theirs["rank_pattern"].items()}
+    assert {k: sum(v) for k, v in again["rank_pattern"].items()} == {k: c for k, c in counts.items() if c < 6}
+    assert all(v == sorted(v, reverse=True) for v in again["rank_pattern"].values())
+    assert sorted(counts.values())[0] == 0 and max(counts.values()) == 6
+    att = ps.adapters(ours)["default"]
+    assert att.records[0].state()[1]["ranks"] == {k[:-len(".lora_E")]: c for k, c in counts.items()}
+    for key in ("init_r", "target_r", "lora_alpha", "tinit", "tfinal", "deltaT", "orth_reg_weight"):
+        assert again[key] == theirs[key], key
+    if kind == "gpt2":
+        assert att.config.targets == "attn.qkv" and again["fan_in_fan_out"] is True
+        return
+    ps.save(ours, str(tmp_path / "ours"))   # our format keeps the ranks
+    assert torch.equal(logits(ps.load(base("llama"), str(tmp_path / "ours")), "llama"), logits(ours, "llama"))
+    for name, rank_pattern, needles in [
+            ("count", {**theirs["rank_pattern"], "model.layers.0.self_attn.q_proj.lora_E": [True] * 6},
+             ("model.layers.0.self_attn.q_proj", "6 triplets")),
+            ("length", {"model.layers.0.self_attn.q_proj.lora_E": [True] * 5}, ("init_r=6",)),
+            ("alpha", None, ("lora_alpha",))]:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "peft", folder)
+        edit(folder, **({"rank_pattern": rank_pattern} if rank_pattern else {"lora_alpha": 0}))
+        refused(base("llama"), folder, *needles)
+
+
+# ---------------------------------------------------------------- IA3
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_ia3_round_trip(kind, tmp_path):
+    """PEFT's defaults: Llama's k_proj, v_proj (outputs) and down_proj (input); GPT-2's whole c_attn (queries
+    included, our attn.qkv) and mlp.c_proj (input)."""
+    peft_folder(kind, peft.IA3Config(task_type="CAUSAL_LM", fan_in_fan_out=kind == "gpt2"), tmp_path / "peft")
+    ours, want, back, notes = through_ours(kind, tmp_path / "peft", tmp_path / "back")
+    assert not notes
+    assert_bit_exact(tmp_path / "peft", tmp_path / "back")
+    assert (want - logits(base(kind), kind)).abs().max() > 1e-2
+    assert torch.equal(back, want)
+    close(logits(ours, kind), want)
+    att = ps.adapters(ours)["default"]
+    assert (att.config.targets, att.config.feedforward) == (
+        ("attn.qkv", "mlp.down") if kind == "gpt2" else ("attn.k,attn.v", "mlp.down"))
+    if kind == "llama":   # which modules scale their input comes from feedforward_modules, as in PEFT
+        edit(tmp_path / "peft", feedforward_modules=["k_proj"])
+        refused(base("llama"), tmp_path / "peft", "model.layers.0.mlp.down_proj", "(1, 64)", "needs (32, 1)")
 
 
 # ---------------------------------------------------------------- prompt tuning
@@ -243,7 +348,12 @@ def test_our_adapters_export_to_peft(tmp_path):
     g = torch.Generator().manual_seed(11)
     for kind, method, options, skip in [("gpt2", "lora", {"r": 4, "targets": "attn.qkv"}, 0),
                                         ("llama", "prefix-tuning", {"num_tokens": P, "projection": 8}, 0),
-                                        ("gpt2", "prompt-tuning", {"num_tokens": P}, P)]:
+                                        ("gpt2", "prompt-tuning", {"num_tokens": P}, P),
+                                        ("llama", "dora", {"r": 2}, 0),
+                                        ("gpt2", "dora", {"r": 2, "targets": "attn.qkv"}, 0),
+                                        ("llama", "ia3", {}, 0),
+                                        # attn.k, attn.v slices of c_attn: PEFT's c_attn vector, ones for queries
+                                        ("gpt2", "ia3", {}, 0)]:
         ours = ps.apply(base(kind), method, **options)
         with torch.no_grad():
             for p in ours.parameters():
@@ -252,6 +362,31 @@ def test_our_adapters_export_to_peft(tmp_path):
         ps.save(ours, str(tmp_path / method), format="peft")
         theirs = peft.PeftModel.from_pretrained(base(kind), str(tmp_path / method)).eval()
         close(logits(ours, kind), logits(theirs, kind)[:, skip:])
+
+
+def test_our_adalora_exports_its_ranks(tmp_path):
+    """Our saved AdaLoRA holds each site's kept triplets; PEFT gets init_r-long masks with those counts (GPT-2's
+    c_attn and mlp.c_proj are Conv1D), loads them with the same logits, and reading PEFT's folder gives them back."""
+    ours = ps.apply(base("gpt2"), "adalora", init_r=4, target_r=2, targets="attn.qkv,mlp.down")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for i, b in enumerate(ps.adapters(ours)["default"].records[0].built.values()):
+            b.keep.copy_(torch.tensor([i != 1 and (j + i) % 3 != 0 for j in range(4)]))   # site 1 keeps none
+            b.mask()
+    ps.save(ours, str(tmp_path / "a"), format="peft")
+    theirs = peft.PeftModel.from_pretrained(base("gpt2"), str(tmp_path / "a")).eval()
+    close(logits(ours, "gpt2"), logits(theirs, "gpt2"))
+    ranks = ps.adapters(ours)["default"].records[0].state()[1]["ranks"]
+    assert sorted(ranks.values()) == [0, 2, 2, 3]
+    pattern = config(tmp_path / "a")["rank_pattern"]
+    assert {k[:-len(".lora_E")]: sum(v) for k, v in pattern.items()} == ranks
+    assert all(len(v) == 4 for v in pattern.values())
+    again = ps.load(base("gpt2"), str(tmp_path / "a"))
+    assert ps.adapters(again)["default"].records[0].state()[1]["ranks"] == ranks
+    assert torch.equal(logits(again, "gpt2"), logits(ours, "gpt2"))
 
 
 def test_qlora_exports_its_lora_and_says_where_the_quantization_goes(tmp_path):
@@ -307,8 +442,8 @@ def test_refusals_leave_the_model_untouched(llama_lora, tmp_path):
     refused(base("gpt2"), llama_lora, "model.layers.0.self_attn.q_proj", "does not have")
     refused(tiny_llama(hidden_size=48, head_dim=8), llama_lora, "shape")   # found only once rules are built
     for name, changes, needles in [
-            ("ia3", {"peft_type": "IA3"}, ("IA3", "LORA, PROMPT_TUNING, PREFIX_TUNING")),
-            ("dora", {"use_dora": True}, ("DoRA",)),
+            ("loha", {"peft_type": "LOHA"}, ("LOHA", "LORA, ADALORA, IA3, PROMPT_TUNING, PREFIX_TUNING")),
+            ("dora", {"use_dora": True}, ("no lora_magnitude_vector", "model.layers.0.self_attn.q_proj")),
             ("mts", {"modules_to_save": ["lm_head"]}, ("modules_to_save", "lm_head")),
             ("bias", {"bias": "all"}, ("bias='none'",)),
             ("pissa", {"init_lora_weights": "pissa"}, ("changes the base weights",)),
@@ -348,6 +483,13 @@ def test_export_refusals(tmp_path):
     raises_one_line(lambda: ps.save(ours, str(tmp_path / "a"), format="onnx"), "peftsurgery, peft")
     part = ps.apply(base("llama"), "prefix-tuning", num_tokens=P, init="random", targets="attn,blocks:0")
     raises_one_line(lambda: ps.save(part, str(tmp_path / "a"), format="peft"), "every self-attention")
+    for method, options in [("lora", {}), ("adalora", {"init_r": 4, "target_r": 2})]:   # GPT-2's q, v slices
+        sliced = ps.apply(base("gpt2"), method, **options)
+        raises_one_line(lambda: ps.save(sliced, str(tmp_path / "a"), format="peft"), "slice of the fused",
+                        "targets=attn.qkv")
+    twice = ps.apply(base("gpt2"), "ia3", targets="attn.qkv,attn.k")
+    raises_one_line(lambda: ps.save(twice, str(tmp_path / "a"), format="peft"),
+                    "scales transformer.h.0.attn.c_attn twice")
     assert not (tmp_path / "a").exists()
 
 
