@@ -36,7 +36,7 @@ def save(model: nn.Module, directory: str, name: str = "default", format: str = 
     made = len(Method(att.method).rules(att.config, sitemap(model)))
     if made != len(att.records):  # e.g. a PEFT LoRA with per-module ranks: loading would rebuild other rules
         raise SurgeryError(f"adapter {name!r} holds {len(att.records)} rules where method {att.method}'s options make "
-                           f"{made} (per-module ranks or alphas from a PEFT folder); save it with format='peft'")
+                           f"{made} (e.g. per-module ranks or alphas from a PEFT folder); save it with format='peft'")
     tensors, settings = {}, []
     for i, rec in enumerate(att.records):
         state, rule_settings = rec.state()

@@ -7,7 +7,7 @@ On a fused projection (GPT-2's c_attn) `attn.k,attn.v` scale the key and value s
 `targets=attn.qkv` scales the whole projection, queries included, as PEFT's IA3 does for GPT-2."""
 from dataclasses import dataclass
 
-from peftsurgery import hookimpl
+from peftsurgery import SurgeryError, hookimpl
 from peftsurgery.checks import selector
 from peftsurgery.rewrite import Scale, ScaleInput
 
@@ -16,12 +16,15 @@ __version__ = "1.0"
 
 @dataclass
 class IA3Config:
-    targets: str = "attn.k,attn.v"     # linears (or slices of fused projections) whose outputs are scaled
-    feedforward: str = "mlp.down"      # linears whose inputs are scaled
+    targets: str = "attn.k,attn.v"     # linears (or slices of fused projections) whose outputs are scaled; "" none
+    feedforward: str = "mlp.down"      # linears whose inputs are scaled; "" none
 
     def __post_init__(self):
-        selector("ia3", "targets", self.targets)
-        selector("ia3", "feedforward", self.feedforward)
+        if self.targets == "" and self.feedforward == "":
+            raise SurgeryError("ia3: targets and feedforward are both empty; give linears to scale in one of them")
+        for name in ("targets", "feedforward"):
+            if getattr(self, name) != "":
+                selector("ia3", name, getattr(self, name))
 
 
 @hookimpl
@@ -36,13 +39,13 @@ def peftsurgery_describe():
 
 @hookimpl
 def peftsurgery_rules(config, sites):
-    return [Scale(config.targets), ScaleInput(config.feedforward)]
+    return [rule(sel) for rule, sel in ((Scale, config.targets), (ScaleInput, config.feedforward)) if sel]
 
 
 @hookimpl
 def peftsurgery_budget(config, sites):
-    return (sum(Scale.features(s) for s in sites.select(config.targets, Scale.kinds)) +
-            sum(ScaleInput.features(s) for s in sites.select(config.feedforward, ScaleInput.kinds)))
+    return sum(rule.features(s) for rule, sel in ((Scale, config.targets), (ScaleInput, config.feedforward))
+               if sel for s in sites.select(sel, rule.kinds))
 
 
 @hookimpl

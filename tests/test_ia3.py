@@ -411,3 +411,17 @@ def test_route_gives_rows_their_slice_loras():
             torch.testing.assert_close(got[i:i + 1], model(ids[i:i + 1]).logits, rtol=0, atol=1e-5)
         with ps.disabled(model):
             assert torch.equal(got[2:], model(ids[2:]).logits)
+
+
+def test_either_part_can_be_left_out_but_not_both():
+    """targets="" or feedforward="" leaves that scaling out (a PEFT IA3 with only one kind then saves in our format
+    too); both empty is a one-line error."""
+    from zoo import FACTORIES
+    for empty, kept in (("feedforward", "attn.k"), ("targets", "mlp.down")):
+        m = FACTORIES["llama"]()
+        ps.apply(m, "ia3", **{empty: ""})
+        assert {s.role for r in ps.adapters(m)["default"].records for s in r.sites} == {kept} | (
+            {"attn.v"} if kept == "attn.k" else set())
+    with pytest.raises(ps.SurgeryError, match="both empty") as e:
+        ps.apply(FACTORIES["llama"](), "ia3", targets="", feedforward="")
+    assert "\n" not in str(e.value)
