@@ -33,7 +33,7 @@ def test_quick_cases_write_json_and_chart(tmp_path):
     assert cases["2"]["extra"]["parity_max_abs_diff_unmerged"] < 1e-4
     assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
     # the sites of the case-5 model, counted here from its modules: every linear (head included), the embedding,
-    # one attention per layer
+    # every norm weight, one attention per layer
     import torch
     from benchmarks.common import llama
     setup = cases["5"]["setup"]
@@ -41,6 +41,7 @@ def test_quick_cases_write_json_and_chart(tmp_path):
                   meta=True)
     mods = list(model.modules())
     expected = (sum(isinstance(m, torch.nn.Linear) for m in mods) + sum(isinstance(m, torch.nn.Embedding) for m in mods)
-                + sum(type(m).__name__.endswith("Attention") for m in mods))
-    assert expected == 7 * setup["layers"] + 1 + 1 + setup["layers"]
+                + sum(type(m).__name__.endswith("Attention") for m in mods)
+                + sum(type(m).__name__.endswith("RMSNorm") for m in mods))   # norm weights are sites too
+    assert expected == 7 * setup["layers"] + 1 + 1 + setup["layers"] + 2 * setup["layers"] + 1
     assert cases["5"]["extra"]["sites"] == expected
