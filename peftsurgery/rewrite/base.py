@@ -112,8 +112,10 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
 class _Substitute:
     """Pre- and post-hook pair on the module that uses a base tensor (see substitute())."""
 
-    def __init__(self, rel: str, name: str, owner: nn.Module, switch: Switch):
+    def __init__(self, rel: str, name: str, owner: nn.Module, switch: Switch, transposed: bool = False,
+                 rows: tuple | None = None):
         self.rel, self.name, self.owner, self.switch = rel, name, owner, switch
+        self.transposed, self.rows = transposed, rows   # rows: a slice, the delta fills these output features
 
     def pre(self, module, args):
         if not self.switch.on or self.owner.merged:
@@ -122,7 +124,10 @@ class _Substitute:
         w = holder._parameters[self.name]
         if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
             holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
-        holder._parameters[self.name] = w + self.owner.delta().to(w.dtype)
+        d = self.owner.delta().to(w.dtype)
+        if self.rows:
+            d = torch.nn.functional.pad(d, (0, 0, self.rows[0], w.shape[-1 if self.transposed else -2] - self.rows[1]))
+        holder._parameters[self.name] = w + (d.transpose(-1, -2) if self.transposed else d)
         return args  # acted (see Change.watch)
 
     def post(self, module, args, out):
@@ -132,15 +137,17 @@ class _Substitute:
             holder._parameters[self.name] = original
 
 
-def substitute(model: nn.Module, site: Site, owner: nn.Module, switch: Switch):
-    """For a base tensor used inside a module (a norm's weight, a bias, a bare weight; site.path names the
-    parameter, site.runner the module whose forward uses it): while that module runs, the parameter reads
-    tensor + owner.delta(), and is put back afterwards (also on error). The parameter keeps its name and object,
-    the base tensor itself is never written, and several adapters add up. `owner` is a built module with
-    .delta() (shaped like the tensor) and .merged (no delta while merged). Yields the two Hooked changes."""
-    holder, _, name = site.path.rpartition(".")
+def substitute(model: nn.Module, site: Site, owner: nn.Module, switch: Switch, transposed: bool = False):
+    """For a base tensor used inside a module (a norm's weight, a bias, a bare weight such as
+    nn.MultiheadAttention's in_proj_weight or stacked expert weights; site.path, or site.fused for a slice, names
+    the parameter, site.runner the module whose forward uses it): while that module runs, the parameter reads
+    tensor + owner.delta() (transposed on its last two dims if asked; for a slice, into its rows only), and is put
+    back afterwards (also on error). The parameter keeps its name and object, the base tensor itself is never
+    written, and several adapters add up. `owner` is a built module with .delta() and .merged (no delta while
+    merged). Yields the two Hooked changes."""
+    holder, _, name = (site.fused or site.path).rpartition(".")
     runner = _common(holder, holder if site.runner is None else site.runner)
-    sub = _Substitute(holder[len(runner):].lstrip("."), name, owner, switch)
+    sub = _Substitute(holder[len(runner):].lstrip("."), name, owner, switch, transposed, site.rows)
     yield Hooked(model, runner, sub.pre, pre=True)
     yield Hooked(model, runner, sub.post, always_call=True, acts=False)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Hooked, Rule, Switch, hooks_before, park
+from .base import Hooked, Rule, Switch, hooks_before, park, substitute
 from .slices import apart, confirm, into
 
 
@@ -150,37 +150,6 @@ class _Routed:
         return out + torch.bmm(h, B[rows]).view(out.shape).to(out.dtype)
 
 
-class _WeightDelta:
-    """For a linear op on a bare weight (no linear module to hook, e.g. nn.MultiheadAttention's in_proj_weight):
-    while the module that uses it runs, the weight reads W + delta (pre-hook), and the parameter is put back
-    afterwards (post-hook, also on error). The parameter keeps its name and object; several adapters add up.
-    `rel` is the path of the weight's owner below the hooked module."""
-
-    def __init__(self, rel: str, name: str, branch: LowRankBranch, switch: Switch, transposed: bool,
-                 rows: tuple | None = None):
-        self.rel, self.name, self.owner, self.switch, self.transposed = rel, name, branch, switch, transposed
-        self.rows = rows   # a slice: the delta fills these rows (output features) only
-
-    def pre(self, module, args):
-        if not self.switch.on or self.owner.merged:
-            return
-        holder = module.get_submodule(self.rel)
-        w = holder._parameters[self.name]
-        if isinstance(w, nn.Parameter):  # the first adapter here keeps the parameter to put back
-            holder.__dict__.setdefault("_peftsurgery_weights", {})[self.name] = w
-        d = self.owner.delta().to(w.dtype)
-        if self.rows:
-            d = F.pad(d, (0, 0, self.rows[0], w.shape[-1 if self.transposed else -2] - self.rows[1]))
-        holder._parameters[self.name] = w + (d.transpose(-1, -2) if self.transposed else d)
-        return args  # acted (see Change.watch)
-
-    def post(self, module, args, out):
-        holder = module.get_submodule(self.rel)
-        original = holder.__dict__.get("_peftsurgery_weights", {}).pop(self.name, None)
-        if original is not None:
-            holder._parameters[self.name] = original
-
-
 class LowRank(Rule):
     """Low-rank branches on linears, bare weights, and slices of fused projections (B as wide as the slice,
     adding into its features only)."""
@@ -224,13 +193,8 @@ class LowRank(Rule):
             if s.kind == "linear":
                 yield Hooked(model, s.fused or s.path, _Branch(built[s.path], switch, s.rows))
             else:
-                owner_path, name = _split(s.fused or s.path)
-                w = getattr(model.get_submodule(owner_path), name)
-                runner = _common(owner_path, owner_path if s.runner is None else s.runner)
-                d = _WeightDelta(owner_path[len(runner):].lstrip("."), name, built[s.path], switch,
-                                 w.shape[-1] != s.in_features, s.rows)
-                yield Hooked(model, runner, d.pre, pre=True)
-                yield Hooked(model, runner, d.post, always_call=True, acts=False)
+                w = _weight(model, s)
+                yield from substitute(model, s, built[s.path], switch, w.shape[-1] != s.in_features)
 
     def check_merge(self, model, sites, built):
         for s in sites:
@@ -287,16 +251,6 @@ class LowRank(Rule):
             return (f"low-rank branch r={self.r} scale={self.scale:g} on features {site.rows[0]}:{site.rows[1]} of "
                     f"{site.fused}: out + B(A(x))")
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
-
-
-def _common(a: str, b: str) -> str:
-    """The deepest module path that is `a` or an ancestor of it, and `b` or an ancestor of it."""
-    parts = []
-    for x, y in zip(a.split(".") if a else [], b.split(".") if b else []):
-        if x != y:
-            break
-        parts.append(x)
-    return ".".join(parts)
 
 
 def _split(path: str) -> tuple[str, str]:
