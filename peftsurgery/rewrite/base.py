@@ -247,11 +247,12 @@ def hooks_before(module: nn.Module, owner: nn.Module) -> list:
     return []
 
 
-def park(module: nn.Module, owner: nn.Module) -> None:
+def park(module: nn.Module, owner: nn.Module, pre: bool = False) -> None:
     """For a mergeable rule: once `owner` (a built module with .merged and .parked) is merged into `module`'s
-    weights, the output hooks that run it (those whose .owner it is) come off `module`, so a merged model takes
-    torch's hook-free call path like the base; on unmerge they go back in their original places."""
-    hooks = module._forward_hooks
+    weights, the output hooks (pre=True: forward pre-hooks) that run it (those whose .owner it is) come off
+    `module`, so a merged model takes torch's hook-free call path like the base; on unmerge they go back in their
+    original places."""
+    hooks = module._forward_pre_hooks if pre else module._forward_hooks
     if owner.merged:
         owner.parked = {k: h for k, h in hooks.items() if getattr(h, "owner", None) is owner}
         for k in owner.parked:

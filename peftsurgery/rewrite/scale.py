@@ -153,17 +153,7 @@ class ScaleInput(Scale):
         w.mul_(f[None, :])
 
     def _park(self, m: nn.Module, v: ScaleVector) -> None:
-        """Like base.park, for the pre-hook: off the linear while merged, back in its place after."""
-        hooks = m._forward_pre_hooks
-        if v.merged:
-            v.parked = {k: h for k, h in hooks.items() if getattr(h, "owner", None) is v}
-            for k in v.parked:
-                del hooks[k]
-        else:
-            hooks.update(v.parked)
-            v.parked = {}
-            for k in sorted(hooks):
-                hooks.move_to_end(k)
+        park(m, v, pre=True)   # the pre-hook: off the linear while merged, back in its place after
 
     def describe(self, site, built):
         return f"scale input by a trainable vector ({site.in_features}): base(x * v)"
