@@ -18,7 +18,8 @@ import sys
 import torch
 
 from peftsurgery import SurgeryError
-from peftsurgery.train import Cloze, evaluate, fit, read_examples
+from peftsurgery.tasks import Task, Verbalizer
+from peftsurgery.train import evaluate, fit, read_examples
 from peftsurgery.zoo import gguf_folder
 from sentiment import INIT_TEXT, PEER, TEMPLATE, WORDS
 
@@ -65,13 +66,13 @@ def main():
     test = read_examples(os.path.join(args.dir, "test.jsonl"))
     folder = gguf_folder(args.model) if args.model.endswith(".gguf") else args.model
     model, tokenizer = peft_model(args.method, folder, args.device, args.seed)
-    cloze = Cloze(tokenizer, TEMPLATE.replace("\\n", "\n"), sorted(WORDS), WORDS)   # labels sorted, as the CLI
-    result = fit(model, cloze, train, 3, 16, args.lr, args.seed, progress=True, desc=f"train PEFT {args.method}")
+    task = Task(tokenizer, TEMPLATE.replace("\\n", "\n"), Verbalizer(sorted(WORDS), WORDS))  # labels sorted, as the CLI
+    result = fit(model, task, train, 3, 16, args.lr, args.seed, progress=True, desc=f"train PEFT {args.method}")
     row = {"method": args.method, "lr": args.lr,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "median_s_per_step": round(result["median_step_seconds"], 3),
            "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20),
-           "accuracy": evaluate(model, cloze, test, 32, progress=True)}
+           "accuracy": evaluate(model, task, test, 32, progress=True)}
     print(json.dumps(row))
 
 

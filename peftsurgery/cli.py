@@ -96,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_merge)
 
-    sp = sub.add_parser("train", help="fine-tune a causal LM as a cloze classifier and save the adapter")
+    sp = sub.add_parser("train", help="fine-tune a language model as a cloze classifier and save the adapter")
     sp.add_argument("model", metavar="MODEL")
     sp.add_argument("--plugin", required=True, metavar="NAME")
     _add_set(sp)
@@ -112,6 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--schedule", default="constant", metavar="NAME",
                     help="learning rate over the run: constant, or linear decay to zero (default: constant)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--ensemble", type=int, metavar="K", help="train K adapters for the task in one batch (each "
+                    "example replicated across them) and predict with the mean of their probabilities (prompt "
+                    "ensembling; the majority vote is reported too)")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_train)
 
@@ -125,11 +128,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_task(sp):
-    sp.add_argument("--template", help="prompt with {text}; \\n is a newline (default: the adapter's, else "
+    sp.add_argument("--template", help="prompt with {text}, optionally {text_b}, {answer} (default: at the end), "
+                                       "{soft} / {soft:N}; \\n is a newline (default: the adapter's, else "
                                        "'{text}\\nAnswer:')")
-    sp.add_argument("--label", action="append", default=[], metavar="LABEL=WORD", dest="labels",
-                    help="one-token label word, e.g. --label=-1=negative (a leading space is added; "
-                         "default: the label itself)")
+    sp.add_argument("--label", action="append", default=[], metavar="LABEL=WORD[|WORD...]", dest="labels",
+                    help="label words, e.g. --label=-1=negative or --label pos='good|very good' (a leading space "
+                         "is added to each; default: the label itself)")
+    sp.add_argument("--verbalizer-score", choices=("sum", "mean"),
+                    help="a word's score: the sum or mean of its tokens' log-probabilities (default: sum)")
+    sp.add_argument("--verbalizer-combine", choices=("mean", "logsumexp"),
+                    help="a label's score from its words': their mean, or the log of their summed probabilities "
+                         "(default: mean)")
+    sp.add_argument("--model-kind", choices=("causal", "masked", "seq2seq"),
+                    help="where the answer is read (default: from the model)")
+    sp.add_argument("--padding-side", choices=("left", "right"), help="(default: left)")
+    sp.add_argument("--max-length", type=int, metavar="N",
+                    help="tokens per input; only the input fields are cut (default: 256)")
     sp.add_argument("--eval-batch-size", type=int, default=32)
     sp.add_argument("--threads", type=int, help="torch CPU threads")
     sp.add_argument("--device", help="run on this torch device, e.g. cuda or cuda:1 (default: cpu)")
@@ -286,7 +300,9 @@ def _dot(sm, rows) -> str:
 TASK_FILE = "train.json"
 
 
-def _task(args, examples, saved: dict | None):
+def _task(args, examples, saved: dict | None, model, tokenizer):
+    """The task from the options, else what the adapter's train.json recorded, else the defaults."""
+    from .tasks import Task, Verbalizer, kind_of
     from .train import labels_of
     if args.threads:
         import torch
@@ -296,11 +312,17 @@ def _task(args, examples, saved: dict | None):
     words = dict(saved.get("words", {}))
     for item in args.labels:
         label, eq, word = item.partition("=")
-        if not eq or not word.strip():
-            raise SurgeryError(f"--label needs LABEL=WORD, got {item!r}")
-        words[label] = word if word.startswith(" ") else " " + word
+        alternatives = word.split("|")
+        if not eq or not all(w.strip() for w in alternatives):
+            raise SurgeryError(f"--label needs LABEL=WORD or LABEL=WORD|WORD..., got {item!r}")
+        words[label] = [w if w.startswith(" ") else " " + w for w in alternatives]
     labels = saved.get("labels") or labels_of(examples)
-    return template, labels, words
+    pick = lambda arg, key, default: arg if arg is not None else saved.get(key, default)
+    verbalizer = Verbalizer(labels, words, pick(args.verbalizer_score, "score", "sum"),
+                            pick(args.verbalizer_combine, "combine", "mean"))
+    kind = pick(args.model_kind, "kind", None) or kind_of(model) or "causal"
+    return Task(tokenizer, template, verbalizer, kind, pick(args.max_length, "max_length", 256),
+                pick(args.padding_side, "padding_side", "left"))
 
 
 def _on_device(model, device: str | None):
@@ -330,9 +352,10 @@ def cmd_train(args):
     import torch
 
     from . import budget, save
+    from .ensemble import save_ensemble
     from .registry import Method
     from .surgery import apply
-    from .train import Cloze, evaluate, fit, read_examples
+    from .train import fit, read_examples
     from .zoo import load_model
     examples = read_examples(args.data)
     test = read_examples(args.eval_data) if args.eval_data else None
@@ -346,8 +369,7 @@ def cmd_train(args):
     method.config({**config, **{k: "0" for k in _options(args.set_ids)}})
     model, tokenizer = load_model(args.model)
     model = _on_device(model, args.device)
-    template, labels, words = _task(args, examples, None)
-    cloze = Cloze(tokenizer, template, labels, words)
+    task = _task(args, examples, None, model, tokenizer)
     if tokenizer is not None:
         for key, text in _options(args.set_ids).items():
             config[key] = ",".join(str(i) for i in tokenizer.encode(text.replace("\\n", "\n"),
@@ -356,17 +378,21 @@ def cmd_train(args):
         raise SurgeryError("--set-ids needs a model with a tokenizer")
     lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
     torch.manual_seed(args.seed)
-    apply(model, args.plugin, **config)
-    result = fit(model, cloze, examples, args.epochs, args.batch_size, lr, args.seed,
+    if args.ensemble is not None:
+        from .ensemble import Ensemble, apply_ensemble
+        task = Ensemble(task, apply_ensemble(model, args.plugin, args.ensemble, **config))
+    else:
+        apply(model, args.plugin, **config)
+    result = fit(model, task, examples, args.epochs, args.batch_size, lr, args.seed,
                  progress=not args.quiet, desc=f"train {args.plugin}", schedule=args.schedule)
     row = {"method": args.plugin, "lr": lr, "trainable_params": budget(model)["trainable"],
            "steps": result["steps"], "median_s_per_step": round(result["median_step_seconds"], 3),
            "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
     if test is not None:
-        row["accuracy"] = evaluate(model, cloze, test, args.eval_batch_size, progress=not args.quiet)
-    path = save(model, args.output)
+        row.update(_accuracy(model, task, test, args))
+    path = save(model, args.output) if args.ensemble is None else save_ensemble(model, task, args.output)
     with open(os.path.join(path, TASK_FILE + ".tmp"), "w") as f:
-        json.dump({**cloze.to_json(), "results": row, "losses": result["losses"],
+        json.dump({**task.to_json(), "results": row, "losses": result["losses"],
                    "step_seconds": result["step_seconds"], "config": config, "data": args.data,
                    "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
                    "seed": args.seed}, f, indent=2)
@@ -377,7 +403,8 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from . import load
-    from .train import Cloze, evaluate, read_examples
+    from .ensemble import load_ensemble
+    from .train import read_examples
     from .zoo import load_model
     examples = read_examples(args.data)
     saved = None
@@ -391,13 +418,22 @@ def cmd_eval(args):
                 raise SurgeryError(f"{task} is corrupted; train the adapter again") from None
     model, tokenizer = load_model(args.model)
     model = _on_device(model, args.device)
-    template, labels, words = _task(args, examples, saved)
-    cloze = Cloze(tokenizer, template, labels, words)
-    if args.adapter:
+    task = _task(args, examples, saved, model, tokenizer)
+    if args.adapter and (saved or {}).get("ensemble"):
+        task = load_ensemble(model, task, args.adapter, saved["ensemble"], saved.get("combine", "mean"))
+    elif args.adapter:
         load(model, args.adapter)
-    acc = evaluate(model, cloze, examples, args.eval_batch_size, progress=not args.quiet)
     _report(args, {"model": args.model, "adapter": args.adapter or "(none)", "examples": len(examples),
-                   "accuracy": acc})
+                   **_accuracy(model, task, examples, args)})
+
+
+def _accuracy(model, task, examples, args) -> dict:
+    """{"accuracy": ...}; for an ensemble also the majority vote's and each member's."""
+    from .ensemble import Ensemble, evaluate_ensemble
+    from .train import evaluate
+    if isinstance(task, Ensemble):
+        return evaluate_ensemble(model, task, examples, args.eval_batch_size)
+    return {"accuracy": evaluate(model, task, examples, args.eval_batch_size, progress=not args.quiet)}
 
 
 def cmd_export(args):

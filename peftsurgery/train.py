@@ -1,16 +1,12 @@
-"""Fine-tune a causal language model as a cloze classifier, with any method.
+"""Fine-tune a language model as a cloze classifier, with any method: data, the training loop and evaluation.
 
-Each example becomes a prompt from a template (`Review: {text}\nSentiment:`); every label has a one-token label
-word (` positive`); the model's logits for the label words at the last real token are the class scores, and the
-loss is cross-entropy over them. Batches are left-padded with an attention mask (and position ids counting real
-tokens only, where the model takes them), so the last position is the last real token of every row. Works with
-any model whose forward takes input_ids / attention_mask and returns logits, and any tokenizer with
-`encode(text, add_special_tokens=...)`.
+The task (template, label words, how a model's output becomes class scores) is a peftsurgery.tasks.Task: its
+encode(examples) gives a batch, its scores(model, batch) the (examples, labels) scores; the loss is
+cross-entropy over them and the prediction their argmax.
 """
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import random
@@ -33,13 +29,15 @@ FALLBACK_LR = 1e-3
 class Example:
     text: str
     label: str
+    text_b: str | None = None   # the second text of a pair, for templates with {text_b}
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
 
 def read_examples(path: str) -> list[Example]:
-    """Examples from JSONL (objects with "text" and "label") or CSV (a header naming text and label columns, or,
-    without one, two columns label,text as in the Pang & Lee polarity files). Labels are kept as strings."""
+    """Examples from JSONL (objects with "text" and "label", optionally "text_b" for pairs) or CSV (a header
+    naming text and label columns, optionally text_b, or, without one, two columns label,text as in the Pang & Lee
+    polarity files). Labels are kept as strings."""
     if not os.path.isfile(path):
         raise SurgeryError(f"{path} is not a file; give a .jsonl or .csv of text and label")
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -50,7 +48,8 @@ def read_examples(path: str) -> list[Example]:
                     continue
                 try:
                     row = json.loads(line)
-                    out.append(Example(str(row["text"]), str(row["label"])))
+                    b = row.get("text_b")
+                    out.append(Example(str(row["text"]), str(row["label"]), None if b is None else str(b)))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise SurgeryError(f"{path}:{n} is not a JSON object with text and label") from None
         elif path.lower().endswith((".csv", ".tsv")):
@@ -68,17 +67,19 @@ def _csv_examples(path: str, rows: list[list[str]]) -> list[Example]:
     if not rows:
         return []
     head = [c.strip().lower() for c in rows[0]]
+    b = None
     if "text" in head and "label" in head:
         t, lab = head.index("text"), head.index("label")
+        b = head.index("text_b") if "text_b" in head else None
         body = rows[1:]
     else:
         t, lab = 1, 0
         body = rows
     out = []
     for n, r in enumerate(body, 2 if body is not rows else 1):
-        if len(r) <= max(t, lab):
+        if len(r) <= max(t, lab, -1 if b is None else b):
             raise SurgeryError(f"{path}:{n} has {len(r)} columns; expected text and label")
-        out.append(Example(r[t].strip(), r[lab].strip()))
+        out.append(Example(r[t].strip(), r[lab].strip(), None if b is None else r[b].strip()))
     return out
 
 
@@ -112,82 +113,9 @@ def write_jsonl(examples: list[Example], path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for e in examples:
-            f.write(json.dumps({"text": e.text, "label": e.label}, ensure_ascii=False) + "\n")
+            row = {"text": e.text, "label": e.label, **({} if e.text_b is None else {"text_b": e.text_b})}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-# ---- the cloze task -------------------------------------------------------------------------------------------
-
-class Cloze:
-    """Template + label words over a tokenizer. `words` maps each label to its word (default: " " + label)."""
-
-    def __init__(self, tokenizer, template: str, labels: list[str], words: dict[str, str] | None = None,
-                 max_length: int = 256):
-        if tokenizer is None:
-            raise SurgeryError("a cloze classifier needs the model's tokenizer; give a model folder (or GGUF) "
-                               "that holds one")
-        if "{text}" not in template:
-            raise SurgeryError(f"template {template!r} has no {{text}} placeholder")
-        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
-        self.labels = list(labels)
-        words = dict(words or {})
-        unknown = sorted(set(words) - set(self.labels))
-        if unknown:
-            raise SurgeryError(f"label word given for {unknown[0]!r}, which is not a label of the data "
-                               f"({', '.join(self.labels)})")
-        self.words = {lab: words.get(lab, " " + lab) for lab in self.labels}
-        ids = []
-        for lab, w in self.words.items():
-            t = tokenizer.encode(w, add_special_tokens=False)
-            if len(t) != 1:
-                raise SurgeryError(f"label word {w!r} is {len(t)} tokens in this tokenizer; pick one-token words "
-                                   "(--label LABEL=WORD)")
-            ids.append(t[0])
-        if len(set(ids)) != len(ids):
-            raise SurgeryError("two labels have the same label-word token")
-        self.word_ids = torch.tensor(ids)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
-        self.pad_id = 0 if pad is None else int(pad)
-
-    def encode(self, examples: list[Example]):
-        """(input_ids, attention_mask, targets), left-padded."""
-        seqs = []
-        for e in examples:
-            ids = self.tokenizer.encode(self.template.replace("{text}", e.text))
-            seqs.append(list(ids)[-self.max_length:])
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, n - len(s):] = 1
-        targets = torch.tensor([self.labels.index(e.label) if e.label in self.labels else -1 for e in examples])
-        return ids, mask, targets
-
-    def scores(self, model, ids, mask) -> torch.Tensor:
-        """(batch, labels): the label words' logits at the last position (the last real token)."""
-        dev = next(model.parameters()).device
-        kwargs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
-        params = _params(model)
-        if "position_ids" in params:  # positions count real tokens only: a row scores the same in any batch
-            kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        if "logits_to_keep" in params:
-            kwargs["logits_to_keep"] = 1
-        out = model(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1, self.word_ids.to(logits.device)].float()
-
-    def to_json(self) -> dict:
-        return {"template": self.template, "labels": self.labels, "words": self.words,
-                "max_length": self.max_length}
-
-
-def _params(model) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def labels_of(examples: list[Example]) -> list[str]:
@@ -205,13 +133,10 @@ def _bar(total, desc, progress):
 
 # ---- train / evaluate -----------------------------------------------------------------------------------------
 
-def evaluate(model, cloze: Cloze, examples: list[Example], batch_size: int = 32, progress: bool = False,
+def evaluate(model, task, examples: list[Example], batch_size: int = 32, progress: bool = False,
              desc: str = "eval") -> float:
-    """Accuracy of the argmax over the label words."""
-    unknown = sorted({e.label for e in examples} - set(cloze.labels))
-    if unknown:
-        raise SurgeryError(f"label {unknown[0]!r} of the evaluation data has no label word "
-                           f"(known: {', '.join(cloze.labels)})")
+    """Accuracy of the argmax over the labels' scores (task: a peftsurgery.tasks.Task)."""
+    _known(task, examples, "evaluation")
     was = model.training
     model.eval()
     correct = 0
@@ -219,8 +144,8 @@ def evaluate(model, cloze: Cloze, examples: list[Example], batch_size: int = 32,
     try:
         with torch.no_grad():
             for chunk in _batches(examples, batch_size):
-                ids, mask, y = cloze.encode(chunk)
-                correct += int((cloze.scores(model, ids, mask).argmax(-1).cpu() == y).sum())
+                batch = task.encode(chunk)
+                correct += int((task.scores(model, batch).argmax(-1).cpu() == batch.targets).sum())
                 bar.update(len(chunk))
     finally:
         bar.close()
@@ -228,16 +153,25 @@ def evaluate(model, cloze: Cloze, examples: list[Example], batch_size: int = 32,
     return correct / len(examples)
 
 
-def loss_of(model, cloze: Cloze, examples: list[Example]) -> torch.Tensor:
-    ids, mask, y = cloze.encode(examples)
-    s = cloze.scores(model, ids, mask)
-    return F.cross_entropy(s, y.to(s.device))
+def _known(task, examples, what: str) -> None:
+    unknown = sorted({e.label for e in examples} - set(task.labels))
+    if unknown:
+        raise SurgeryError(f"label {unknown[0]!r} of the {what} data has no label word "
+                           f"(known: {', '.join(task.labels)})")
+
+
+def loss_of(model, task, examples: list[Example]) -> torch.Tensor:
+    """Cross-entropy of the labels' scores against the examples' labels."""
+    _known(task, examples, "training")
+    batch = task.encode(examples)
+    s = task.scores(model, batch)
+    return F.cross_entropy(s, batch.targets.to(s.device))
 
 
 SCHEDULES = ("constant", "linear")
 
 
-def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
+def fit(model, task, examples: list[Example], epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
         seed: int = 0, progress: bool = False, desc: str = "train", schedule: str = "constant") -> dict:
     """Train the model's trainable parameters (AdamW) on `examples`; `schedule` "linear" decays the learning
     rate linearly to zero over the run; the rules' training-time hooks run (peftsurgery.extra_loss and .step).
@@ -261,7 +195,7 @@ def fit(model, cloze: Cloze, examples: list[Example], epochs: int = 3, batch_siz
             rng.shuffle(order)
             for chunk in _batches(order, batch_size):
                 t = time.perf_counter()
-                loss = loss_of(model, cloze, chunk)
+                loss = loss_of(model, task, chunk)
                 (loss + extra_loss(model)).backward()   # the rules' own terms; the task loss is what is reported
                 loss = loss.detach()
                 opt.step()

@@ -14,7 +14,8 @@ import peftsurgery
 from peftsurgery import SurgeryError
 from peftsurgery.cli import main
 from peftsurgery.registry import Method
-from peftsurgery.train import Cloze, Example, balanced_split, evaluate, fit, loss_of, read_examples, write_jsonl
+from peftsurgery.tasks import Task, Verbalizer
+from peftsurgery.train import Example, balanced_split, evaluate, fit, loss_of, read_examples, write_jsonl
 from peftsurgery.zoo import load_model
 
 GOOD, BAD = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
@@ -105,11 +106,13 @@ def test_balanced_split_is_deterministic_disjoint_and_balanced():
 
 # ---- the cloze task ---------------------------------------------------------------------------------------------
 
-def test_label_words_must_be_single_tokens():
-    with pytest.raises(SurgeryError, match="is 2 tokens"):
-        Cloze(tokenizer(), TEMPLATE, ["pos", "neg"], {"pos": " very good", "neg": " negative"})
+def cloze(labels, template=TEMPLATE, words=WORDMAP):
+    return Task(tokenizer(), template, Verbalizer(labels, words))
+
+
+def test_template_needs_text():
     with pytest.raises(SurgeryError, match="placeholder"):
-        Cloze(tokenizer(), "Review:", ["pos", "neg"], WORDMAP)
+        cloze(["pos", "neg"], "Review:")
 
 
 def tiny_gpt2():
@@ -126,13 +129,14 @@ def test_scores_are_last_real_token_logits_with_left_padding(factory, method, op
     model = factory()
     if method:
         peftsurgery.apply(model, method, **options)
-    cloze = Cloze(tokenizer(), TEMPLATE, ["pos", "neg"], WORDMAP)
+    task = cloze(["pos", "neg"])
     exs = [Example("good", "pos"), Example("the film was quite very dull", "neg"), Example("fine plot", "pos")]
-    ids, mask, y = cloze.encode(exs)
+    encoded = task.encode(exs)
+    ids, mask, y = encoded.input_ids, encoded.attention_mask, encoded.targets
     assert y.tolist() == [0, 1, 0]
     assert (mask[:, -1] == 1).all() and mask[0, 0] == 0 and (ids[mask == 0] == 1).all()  # left padding with [PAD]
     with torch.no_grad():
-        batch = cloze.scores(model, ids, mask)
+        batch = task.scores(model, encoded)
         for i, e in enumerate(exs):
             alone_ids = torch.tensor([tokenizer().encode(TEMPLATE.replace("{text}", e.text))])
             logits = model(input_ids=alone_ids).logits[0, -1]
@@ -142,7 +146,7 @@ def test_scores_are_last_real_token_logits_with_left_padding(factory, method, op
 
 def correct_by_hand(model, exs):
     """The reference accuracy: each example alone (no padding, no batching), the model's logits for the two label
-    words at its last token, counted here rather than by Cloze.scores / evaluate."""
+    words at its last token, counted here rather than by Task.scores / evaluate."""
     tok = tokenizer()
     pos, neg = (tok.encode(WORDMAP[lab], add_special_tokens=False)[0] for lab in ("pos", "neg"))
     right = 0
@@ -155,22 +159,22 @@ def correct_by_hand(model, exs):
 
 def test_fit_lowers_the_loss_and_evaluate_counts_correct_argmax():
     model = tiny_model()
-    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    task = cloze(["neg", "pos"])
     train = examples(64)
     peftsurgery.apply(model, "lora", r=4, targets="all-linear")
     base = {k: v.clone() for k, v in model.state_dict().items() if "_peftsurgery" not in k}
     with torch.no_grad():
-        before = float(loss_of(model, cloze, train))
-    result = fit(model, cloze, train, epochs=3, batch_size=16, lr=1e-2, seed=0)
+        before = float(loss_of(model, task, train))
+    result = fit(model, task, train, epochs=3, batch_size=16, lr=1e-2, seed=0)
     with torch.no_grad():
-        after = float(loss_of(model, cloze, train))
+        after = float(loss_of(model, task, train))
     assert result["steps"] == 12 and len(result["step_seconds"]) == 12 and result["peak_memory_bytes"] > 0
     assert after < before - 0.05, (before, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())  # base frozen
-    acc = evaluate(model, cloze, train, batch_size=7)
+    acc = evaluate(model, task, train, batch_size=7)
     assert acc == correct_by_hand(model, train) / len(train)
     with pytest.raises(SurgeryError, match="has no label word"):
-        evaluate(model, cloze, [Example("good", "maybe")])
+        evaluate(model, task, [Example("good", "maybe")])
 
 
 class Rigged(torch.nn.Module):
@@ -195,10 +199,10 @@ class Rigged(torch.nn.Module):
     (lambda row: "pos", 0.5),                                                          # one class, balanced data
 ], ids=["right", "wrong", "constant"])
 def test_evaluate_gives_the_known_accuracy_of_a_rigged_model(answer, expected):
-    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    task = cloze(["neg", "pos"])
     exs = examples(30)
     assert sum(e.label == "pos" for e in exs) == 15
-    assert evaluate(Rigged(answer), cloze, exs, batch_size=4) == expected
+    assert evaluate(Rigged(answer), task, exs, batch_size=4) == expected
 
 
 def _cached_kv(ids):
@@ -249,7 +253,7 @@ def test_prefix_init_vocab_is_the_cached_keys_values_of_real_tokens():
 
 
 def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
-    cloze = Cloze(tokenizer(), TEMPLATE, ["neg", "pos"], WORDMAP)
+    task = cloze(["neg", "pos"])
     trained = {}
     for schedule in ("constant", "linear"):
         model = tiny_model()
@@ -257,7 +261,7 @@ def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
         seen, real = [], torch.optim.AdamW.step
         monkeypatch.setattr(torch.optim.AdamW, "step",
                             lambda opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]), real(opt, *a, **k))[1])
-        fit(model, cloze, examples(32), epochs=2, batch_size=8, lr=1e-2, seed=0, schedule=schedule)
+        fit(model, task, examples(32), epochs=2, batch_size=8, lr=1e-2, seed=0, schedule=schedule)
         monkeypatch.undo()
         trained[schedule] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         expected = [1e-2] * 8 if schedule == "constant" else [1e-2 * (1 - i / 8) for i in range(8)]
@@ -356,7 +360,11 @@ def test_cli_trains_on_cuda_and_the_adapter_scores_the_same_on_the_cpu(model_dir
 @pytest.mark.parametrize("argv,message", [
     (["eval", "{model}", "--data", "{missing}"], "is not a file"),
     (["eval", "tiny-llama", "--data", "{test}"], "needs the model's tokenizer"),
-    (["eval", "{model}", "--data", "{test}", "--label", "pos=very good"], "is 2 tokens"),
+    (["eval", "{model}", "--data", "{test}", "--label", "pos=good|"], "--label needs LABEL=WORD"),
+    (["eval", "{model}", "--data", "{test}", "--template", "{{text}} {{answer}} film"],
+     "{answer} must end the template"),
+    (["eval", "{model}", "--data", "{test}", "--template", "{{soft:2}}{{text}}", "--label", "pos=positive",
+      "--label", "neg=negative"], "no active method fills them"),
     (["eval", "{model}", "--data", "{test}", "--label", "pos"], "--label needs LABEL=WORD"),
     (["train", "{model}", "--plugin", "nope", "--data", "{test}", "-o", "{out}"], "no method named 'nope'"),
     (["train", "{model}", "--plugin", "lora", "--data", "{test}", "--epochs", "0", "-o", "{out}"], "must be positive"),
@@ -398,7 +406,7 @@ def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_pa
         from sentiment_peft import peft_model
         torch.set_num_threads(2)
         peer, tok = peft_model(method, str(model_dir), "cpu", 0)
-        fit(peer, Cloze(tok, TEMPLATE, ["-1", "1"], {"1": " positive", "-1": " negative"}),
+        fit(peer, Task(tok, TEMPLATE, Verbalizer(["-1", "1"], {"1": " positive", "-1": " negative"})),
             read_examples(str(tmp_path / "train.jsonl")), 3, 16, 1e-2, 0)
     finally:
         sys.path.remove(os.path.dirname(script))
