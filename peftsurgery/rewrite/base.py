@@ -221,7 +221,7 @@ class Rule:
         routed adapter using this rule class; rows: (batch,) slot per row, len(slots) meaning the base. Returns
         the changes to undo afterwards. A rule that changes the base for every row (quantization) returns []."""
         raise SurgeryError(f"{type(self).__name__} cannot give each batch row its own adapter; "
-                           "route() works with low-rank adapters only")
+                           "route() works with low-rank, prompt and prefix adapters")
 
     def state(self, built: dict[str, nn.Module]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         """(tensors to save, {key: {name: tensor}}, and rule-level settings needed to load them back). The
