@@ -109,12 +109,18 @@ class _Editor:
         causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
                                                     and self.causal)
         mask = extend_mask(mask, q, k.shape[-2], P, causal)
-        if "is_causal" in kwargs:
-            kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
-        for name, t in list(kwargs.items()):  # additive biases over keys (relative position bias)
-            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
-                kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], P), t], -1)}
-        return k, v, mask, kwargs
+        return k, v, mask, extended(kwargs, mask, old, P)
+
+
+def extended(kwargs: dict, mask, old: int, n: int) -> dict:
+    """An attention call's other arguments once n prefix keys precede its `old` keys: no is_causal flag where a
+    mask now says it, and additive biases over the keys (relative position bias) zero for the prefix."""
+    if "is_causal" in kwargs:
+        kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
+    for name, t in list(kwargs.items()):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
+            kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], n), t], -1)}
+    return kwargs
 
 
 class Prefix(Rule):

@@ -12,6 +12,7 @@ import torch
 from ..errors import SurgeryError
 from .attention import NO_MASK, Intercepted, extend_mask
 from .inputs import routed_entry
+from .prefix import extended
 
 
 def route_prefixes(model, entries, rows: torch.Tensor, cache: dict) -> list:
@@ -83,12 +84,7 @@ class _RowPrefixes:
                                    f"{self.path}: its attention is written in its own code, where no per-row mask can "
                                    "be added; route rows with prefixes of one length")
             mask = self._mask(mask, q, old, causal)
-        if "is_causal" in kwargs:
-            kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
-        for name, t in list(kwargs.items()):  # additive biases over keys (relative position bias)
-            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
-                kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], P), t], -1)}
-        return k, v, mask, kwargs
+        return k, v, mask, extended(kwargs, mask, old, P)
 
     def _mask(self, mask, q, n: int, causal: bool) -> torch.Tensor:
         """The (B, heads, queries, P + keys) mask: each row's visible slots, then `mask` (None: causal over the n
