@@ -278,10 +278,13 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
 
 
 def _fed_by_linears(g: Graph, origin: dict, name: str) -> bool:
-    """A linear whose input comes only from other linears (not from the residual stream)."""
+    """A linear whose input comes only from other linears of its own block, not from the residual stream (which
+    may also come from linears only: earlier blocks' outputs and a projection of the embeddings, as in ALBERT
+    and wav2vec2)."""
     op = g.ops[name]
     src = origin.get(op.inputs[0], ()) if op.inputs else ()
-    return bool(src) and all(g.ops[s].kind == "linear" for s in src)
+    here = block_of(op.site)
+    return bool(src) and all(g.ops[s].kind == "linear" and block_of(g.ops[s].site) == here for s in src)
 
 
 def _repeats(g: Graph, name: str, origin: dict, proj: set) -> int:

@@ -165,17 +165,12 @@ def prove(model: nn.Module, att: Attached, sm: SiteMap) -> None:
                       "proves every rule acts was skipped", stacklevel=3)
         return
     watches = [(rec, c, w) for rec in att.records for c in rec.changes if (w := c.watch(model)) is not None]
-    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) and dev is not None else v for k, v in sm.inputs.items()}
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(**inputs)
+        sm.run(model)
     except Exception as e:
         raise SurgeryError(f"{att.method} broke the model's forward ({one_line(e)}); report it to the method's "
                            "author") from e
     finally:
-        model.train(was)
         verdicts = [(rec, c, stop()) for rec, c, stop in watches]
     for rec, c, why in verdicts:
         if why:

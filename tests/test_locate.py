@@ -244,6 +244,23 @@ def test_bert_encoder():
     assert sm.encoder_decoder is False
 
 
+@pytest.mark.parametrize("arch,up,down", [
+    ("albert", "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn",
+     "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output"),
+    ("wav2vec2", "wav2vec2.encoder.layers.1.feed_forward.intermediate_dense",
+     "wav2vec2.encoder.layers.1.feed_forward.output_dense")])
+def test_feed_forward_where_the_residual_stream_comes_from_linears(arch, up, down):
+    """ALBERT's residual stream starts at a linear (embedding_hidden_mapping_in), wav2vec2's at its feature
+    projection: the feed-forward up-projection reads only linears there too, yet it reads the stream, not a
+    chain of its own block's linears."""
+    try:
+        from zoo import FACTORIES
+    except ImportError:
+        from tests.zoo import FACTORIES
+    sm = ps.locate(FACTORIES[arch]())
+    assert (sm.by_path(up).role, sm.by_path(down).role) == ("mlp.up", "mlp.down")
+
+
 def test_t5_cross_attention():
     sm = ps.locate(t5())
     assert_dataflow(sm)

@@ -2,12 +2,12 @@
 tiny from its config (tests/zoo.py), checked the same way:
 
   apply      apply works (its probe forward included), only the adapter trains, the forward keeps the base's shape
-  identity   lora / adapter / qlora start as the identity (qlora: its own disabled() output, which stays near
-             the float base: cosine > 0.9)
+  identity   every method but prompt / prefix tuning starts as the identity (qlora: its own disabled() output,
+             which stays near the float base: cosine > 0.9)
   train      one AdamW step leaves every base tensor bit-identical and moves the adapter
   disabled   disabled() gives the base outputs exactly, with the adapter moved away from its start
   save_load  save, then load onto a fresh identical model: identical outputs
-  merge      lora: merged outputs close to unmerged, unmerge gives them back
+  merge      lora, ia3, dora, bitfit, adalora: merged outputs close to unmerged, unmerge gives them back
   generate   causal LMs: generate() with its cache = greedy decoding without a cache
   padding    prompt / prefix tuning on causal LMs: a row padded on the left gives the same last-token logits as alone
   remove     remove() restores the base exactly (qlora: the dequantized base, as documented)
@@ -40,7 +40,9 @@ except ImportError:  # tests/ collected as a package
     from tests.zoo import FACTORIES, V
 
 METHODS = {"lora": dict(r=4), "qlora": dict(r=2), "adapter": dict(bottleneck=4),
-           "prompt-tuning": dict(num_tokens=3), "prefix-tuning": dict(num_tokens=3)}
+           "prompt-tuning": dict(num_tokens=3), "prefix-tuning": dict(num_tokens=3),
+           "ia3": {}, "dora": dict(r=4), "bitfit": dict(norms=True), "adalora": dict(init_r=4, target_r=2)}
+MERGEABLE = ("lora", "ia3", "dora", "bitfit", "adalora")   # identity at init and an exact merge round trip
 
 # architecture -> family: causal (decoder LMs: cached generation, left padding), seq2seq, encoder, vision,
 # audio, custom (hand-written nn.Modules)
@@ -71,6 +73,18 @@ OPTIONS = {
     # to cut out, so the whole projection, as PEFT targets it
     ("bloom", "lora"): dict(targets="attn.qkv"),
     ("gpt_neox", "lora"): dict(targets="attn.qkv"),
+    ("bloom", "ia3"): dict(targets="attn.qkv"),
+    ("gpt_neox", "ia3"): dict(targets="attn.qkv"),
+    ("deepseek_v3", "ia3"): dict(targets="attn.kv"),
+    ("deepseek_v3", "dora"): dict(targets="attn.q,attn.kv"),
+    ("deepseek_v3", "adalora"): dict(targets="attn.q,attn.kv"),
+    # DoRA normalises whole weight rows: it acts on whole linears, so the fused projection itself, as PEFT does
+    **{(arch, "dora"): dict(targets="attn.qkv") for arch in ("bloom", "gpt2", "gpt_bigcode", "gpt_neox", "falcon",
+                                                              "phi3", "einsum_lm", "tokens_lm")},
+    # no feed-forward down-projection to scale: the experts' stacked weights, or no feed-forward at all
+    **{(arch, "ia3"): dict(feedforward="") for arch in ("mixtral", "qwen3_moe", "einsum_lm", "tokens_lm")},
+    ("mamba", "dora"): dict(targets="all-linear"),
+    ("mamba", "adalora"): dict(targets="all-linear"),
 }
 
 # (architecture, method) -> (regex of the one-line SurgeryError, why): the method cannot work there
@@ -78,6 +92,11 @@ REFUSED = {
     ("mha_net", "adapter"): ("matches no linear site", "`attn.o` is `out_proj`'s bare weight inside "
                                                        "`nn.MultiheadAttention`, no module output to follow"),
     ("mamba", "prefix-tuning"): ("matches no attention site", "no attention"),
+    **{("mha_net", m): ("matches no linear site", "q, k, v come from `nn.MultiheadAttention`'s bare "
+                        "`in_proj_weight`: no linear module whose output or weight rows the method acts on")
+       for m in ("ia3", "dora")},
+    ("mamba", "ia3"): ("matches no linear site", "no attention keys/values or feed-forward down-projection to scale"),
+    ("olmo", "bitfit"): ("matches no tensor site", "no biases, and its norms have no weights"),
     ("vit", "prompt-tuning"): ("matches no embedding site", "no token embedding (patches)"),
     ("wav2vec2", "prompt-tuning"): ("matches no embedding site", "no token embedding (raw audio)"),
 }
@@ -97,7 +116,7 @@ CHECKS = ("apply", "identity", "train", "disabled", "save_load", "merge", "gener
 
 def applies(check: str, arch: str, method: str) -> bool:
     family = ARCHS[arch]
-    return {"identity": method in ("lora", "adapter", "qlora"), "merge": method == "lora",
+    return {"identity": method in MERGEABLE + ("adapter", "qlora"), "merge": method in MERGEABLE,
             "generate": family == "causal",
             "padding": family == "causal" and method in ("prompt-tuning", "prefix-tuning")}.get(check, True)
 

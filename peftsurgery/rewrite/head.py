@@ -250,17 +250,12 @@ def _probe(model: nn.Module, sitemap, width: int) -> tuple[str, str]:
     for path in heads:
         handles.append(model.get_submodule(path).register_forward_pre_hook(
             lambda m, a, path=path: keep((path, "input"), a[0] if a else None)))
-    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in sitemap.inputs.items()}
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(**inputs)
+        sitemap.run(model)
     except Exception as e:
         raise SurgeryError(f"task head: could not run {type(model).__name__} on its example inputs to find its "
                            f"hidden states ({one_line(e, 120)}); pass example_inputs that run it") from None
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     for key in [(entry, "output")] + [(p, "input") for p in heads]:
