@@ -13,6 +13,8 @@ writes), and a *source*: the model inputs that reach it through anything. From t
 - a linear outside the repeated blocks whose output reaches a model output is the head;
 - a linear fed only by linears (not by the residual stream) that feed nothing else is mlp.down, and those are
   mlp.up, or mlp.gate when their path passes an activation; moe.* for stacked expert weights (one per expert);
+  a single one whose output is cut into two parts multiplied together, one through an activation, is a fused
+  mlp.gate_up, its parts' rows followed through the cuts (Site.parts);
 - a linear whose scores reach a top-k choice is a mixture of experts' router;
 - any other linear is `linear`, and a linear module that ran is never left out;
 - base tensors a rule may train (kind "tensor"): a linear site's bias (role bias), a norm's weight (role norm,
@@ -235,7 +237,15 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                for s in ups):
             gated = act.get(op.inputs[0], frozenset())
             for s in sorted(ups):
-                if s not in role:
+                if s in role:
+                    continue
+                parts = _gate_up(g, origin, act, s, op.inputs[0]) if len(ups) == 1 and not ops[s].extra.get(
+                    "experts") else None   # (stacked experts' fused gate_up: not sliced yet)
+                if parts is not None:   # a fused gate_up: its gate and up parts are slices (SiteMap.slices)
+                    add_linear(s, "mlp.gate_up")
+                    if sites[ops[s].site].role == "mlp.gate_up":
+                        sites[ops[s].site].parts = parts
+                else:
                     add_linear(s, "mlp.gate" if (s in gated and len(ups) > 1 and len(ups - gated) > 0) else "mlp.up")
             add_linear(name, "mlp.down")
 
@@ -275,6 +285,57 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
             break
     _consumers(g, sites)
     return list(sites.values()), entry
+
+
+def _gate_up(g: Graph, origin: dict, act: dict, fused: str, into: str) -> dict | str | None:
+    """How the output of the linear `fused` reaches `into` (the down-projection's input, fed by it alone): as a
+    product of two parts of its output features side by side, one through an activation (the gate) and one not
+    (the up part): {"gate": (start, stop), "up": (start, stop)}; a string saying why not, when it is such a
+    product but of parts the cuts on the way do not describe (interleaved, reshaped); None when its output is not
+    cut into parts (a plain up-projection: GELU written out multiplies the whole output by a function of it).
+    Each node's rows: the (start, stop) of the fused output's last dim it holds, followed through views that cut
+    the last dim (capture's "cut") and elementwise ops; "?" where they are lost."""
+    ops = g.ops
+    rows: dict[str, tuple | dict | str] = {fused: (0, ops[fused].extra["features"][1])}
+    gating = False
+    for name, op in ops.items():
+        if name in rows or fused not in origin.get(name, ()) or op.kind in PRODUCERS:
+            continue
+        ins = [i for i in op.inputs if i in rows]
+        if not ins:
+            continue
+        cut, base = op.extra.get("cut"), rows[ins[0]]
+        if op.kind == "view":
+            if isinstance(cut, list):
+                rows[name] = base                            # a split: its getitems cut
+            elif isinstance(cut, tuple) and isinstance(base, tuple) and cut[1] <= base[1] - base[0]:
+                rows[name] = (base[0] + cut[0], base[0] + cut[1])
+            elif isinstance(base, dict) and cut == (0, (ops[ins[0]].shape or (-1,))[-1]):
+                rows[name] = base                            # the product, moved or cast
+            else:
+                rows[name] = "?"
+            continue
+        if any(ops[i].shape != op.shape for i in ins):       # not elementwise on those features
+            rows[name] = "?"
+            continue
+        vals = [rows[i] for i in ins]
+        gate = [i for i in ins if fused in act.get(i, ())]
+        if op.extra.get("product") and len(ins) == 2 and len(gate) == 1 and not vals[0] == vals[1] == rows[fused] \
+                and not any(isinstance(v, dict) for v in vals):   # act(one part) * another part
+            gating = True
+            g_rows, u_rows = vals[ins.index(gate[0])], vals[1 - ins.index(gate[0])]
+            apart = "?" not in vals and (g_rows[1] <= u_rows[0] or u_rows[1] <= g_rows[0])
+            rows[name] = {"gate": g_rows, "up": u_rows} if apart else "?"
+            continue
+        distinct = [v for k, v in enumerate(vals) if v not in vals[:k]]
+        rows[name] = distinct[0] if len(distinct) == 1 else "?"
+    out = rows.get(into)
+    width = ops[fused].extra["features"][1]
+    if isinstance(out, dict) and out["gate"][1] - out["gate"][0] + out["up"][1] - out["up"][0] == width:
+        return out
+    if not gating:
+        return None
+    return "its outputs are not a gate part and an up part side by side (interleaved, or cut in a way not followed)"
 
 
 def _fed_by_linears(g: Graph, origin: dict, name: str) -> bool:
@@ -352,8 +413,8 @@ def _from_arange(g: Graph, name: str, depth: int = 12) -> bool:
 
 _NAME_ROLES = [(r"(^|[._])(q|query|q_proj)$", "attn.q"), (r"(^|[._])(k|key|k_proj)$", "attn.k"),
                (r"(^|[._])(v|value|v_proj)$", "attn.v"), (r"(qkv|in_proj)", "attn.qkv"),
-               (r"(o_proj|out_proj|(^|\.)o$)", "attn.o"), (r"gate", "mlp.gate"), (r"(up|fc1)", "mlp.up"),
-               (r"(down|fc2)", "mlp.down"), (r"head", "head")]
+               (r"(o_proj|out_proj|(^|\.)o$)", "attn.o"), (r"gate_?up", "mlp.gate_up"), (r"gate", "mlp.gate"),
+               (r"(up|fc1)", "mlp.up"), (r"(down|fc2)", "mlp.down"), (r"head", "head")]
 
 
 def _by_names(g: Graph, model: nn.Module) -> list[Site]:

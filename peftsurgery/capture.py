@@ -114,6 +114,83 @@ def _aliased(n: torch.fx.Node) -> str:
     return n.name
 
 
+SPLITS = {"split", "chunk", "split_with_sizes", "tensor_split", "unbind"}
+KEEPS_LAST = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze", "expand",
+              "expand_as", "broadcast_to"}   # the last dim passes through when its size is unchanged
+
+
+def _cut(n: torch.fx.Node, name: str, ops: dict) -> tuple | list | str:
+    """What a view does to the last dim of its first input: the (start, stop) of it that its output's last dim
+    holds (all of it when another dim is cut or moved), a list of those for a split (its getitems pick one), or
+    "?" when its output's last dim is not one contiguous range of the input's (a stride, a pick, a reshape)."""
+    args = list(n.args)
+    x = args[0] if args else None
+    shape = _shape(x) if isinstance(x, torch.fx.Node) else ()
+    parent = ops.get(x.name) if isinstance(x, torch.fx.Node) else None
+    if name == "getitem" and parent is not None and isinstance(pieces := parent.extra.get("cut"), list):
+        if len(pieces) == 1:   # a split along another dim: every piece holds all of the last dim
+            return pieces[0]
+        return pieces[args[1]] if isinstance(args[1], int) and -len(pieces) <= args[1] < len(pieces) else "?"
+    if not shape:
+        return "?"
+    size, last = shape[-1], len(shape) - 1
+    full = (0, size)
+    arg = lambda i, key, default=None: args[i] if len(args) > i else n.kwargs.get(key, default)
+    is_last = lambda d: isinstance(d, int) and d % len(shape) == last
+    if name in COPIES or name in ("detach", "alias"):
+        return full
+    if name in KEEPS_LAST:
+        return full if _shape(n)[-1:] == (size,) else "?"
+    if name in ("transpose", "permute"):
+        dims = args[1:] if name == "transpose" else (arg(1, "dims") or ())
+        moved = any(is_last(d) for d in dims) if name == "transpose" else not (dims and is_last(list(dims)[-1]))
+        return "?" if moved else full
+    if name in FLIPS:   # t, mT, ...: the last two dims swap
+        return "?"
+    if name in ("slice", "narrow"):
+        if not is_last(arg(1, "dim", 0)):
+            return full
+        start = arg(2, "start", 0) or 0
+        stop = start + arg(3, "length") if name == "narrow" else arg(3, "end", size)
+        stop = size if stop is None else stop
+        if arg(4, "step", 1) not in (None, 1) or not isinstance(start, int) or not isinstance(stop, int):
+            return "?"
+        start, stop = (v + size if v < 0 else v for v in (start, stop))
+        return (max(0, min(start, size)), max(0, min(stop, size)))
+    if name in SPLITS:
+        spec = None if name == "unbind" else args[1] if len(args) > 1 else next(
+            (v for k, v in n.kwargs.items() if k != "dim"), None)
+        if not is_last(arg(1, "dim", 0) if name == "unbind" else arg(2, "dim", 0)):
+            return [full]
+        if name == "unbind" or not isinstance(spec, (int, list, tuple)):
+            return "?"
+        if isinstance(spec, int):   # chunk: n pieces of ceil(size / n); split: pieces of spec; tensor_split: n
+            step = -(-size // spec) if name == "chunk" else spec
+            sizes = [size // spec + (i < size % spec) for i in range(spec)] if name == "tensor_split" else \
+                [min(step, size - i) for i in range(0, size, step)]
+        elif name == "tensor_split":   # split before these indices
+            ends = [min(max(i, 0), size) for i in spec] + [size]
+            sizes = [b - a for a, b in zip([0] + ends[:-1], ends)]
+        else:
+            sizes = list(spec)
+        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        return [(e - w, e) for w, e in zip(sizes, ends)]
+    if name in ("select", "getitem"):   # one index: of dim 0 (getitem) or of dim `dim` (select)
+        index = args[1] if len(args) > 1 else None
+        if name == "select":
+            return "?" if is_last(arg(1, "dim", 0)) else full
+        if isinstance(index, int):
+            return full if len(shape) > 1 else "?"
+        if isinstance(index, tuple) and all(i is Ellipsis or isinstance(i, (int, slice)) for i in index):
+            on_last = index[-1] if (Ellipsis in index or len(index) == len(shape)) and index else slice(None)
+            if isinstance(on_last, slice) and on_last.step in (None, 1):
+                a, b = (0 if on_last.start is None else on_last.start), (size if on_last.stop is None else on_last.stop)
+                a, b = (v + size if v < 0 else v for v in (a, b))
+                return (max(0, min(a, size)), max(0, min(b, size)))
+        return "?"
+    return "?"
+
+
 def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: dict[str, str],
             user_inputs: list[str]) -> Graph:
     """Turn an fx graph (from export or symbolic_trace) into the IR. param_of maps a node name to a parameter FQN."""
@@ -242,6 +319,10 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.kind = "activation"
             elif name in VIEWS:
                 op.kind = "view"
+                try:
+                    op.extra["cut"] = _cut(n, name, ops)
+                except (TypeError, ValueError, IndexError, ZeroDivisionError):   # symbolic sizes, odd arguments
+                    op.extra["cut"] = "?"
             elif name in ("arange",):
                 op.kind = "arange"
             elif name == "topk":   # a choice among scores (a mixture-of-experts router picks its experts)
@@ -262,6 +343,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.extra["norm_bias"] = [f for a in args if (f := vector(a)) is not None]
             if name in REPEATS:
                 op.extra["repeat"] = True
+            if name in ("mul", "mul_"):
+                op.extra["product"] = True
             if args and isinstance(args[0], torch.fx.Node) and (
                     n.target is operator.setitem or name.endswith("_") and not name.endswith("__")):
                 op.extra["writes"] = _aliased(args[0])  # in place: what it writes reaches later readers of that tensor

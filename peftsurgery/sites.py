@@ -14,7 +14,8 @@ CONTAINER = "_peftsurgery"   # the submodule holding attached adapters: never a 
 # down-projections feeding the query / key-value projections (DeepSeek's multi-head latent attention)
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.kv", "attn.o", "attn.q_a", "attn.kv_a",
                 "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.kv", "xattn.o", "xattn.q_a", "xattn.kv_a",
-                "mlp.up", "mlp.gate", "mlp.down", "moe.up", "moe.gate", "moe.down", "router", "linear", "head")
+                "mlp.up", "mlp.gate", "mlp.gate_up", "mlp.down", "moe.up", "moe.gate", "moe.down", "router", "linear",
+                "head")
 OUT_OF_ALL_LINEAR = ("head", "router")   # selected only by name: the output head, a mixture's router
 
 
@@ -52,6 +53,9 @@ class Site:
     # site's, out_features the slice's width; rows are its (start, stop) in the fused output's features
     fused: str | None = None
     rows: tuple | None = None
+    # a fused gate_up (mlp.gate_up): {"gate": (start, stop), "up": (start, stop)} of its output features, followed
+    # by data flow through the cuts of its output, or why its parts cannot be told apart
+    parts: dict | str | None = None
 
     def short(self) -> str:
         if self.kind == "attention":
@@ -112,8 +116,9 @@ class SiteMap:
 
     def fingerprint(self) -> str:
         """A hash of the architecture as the sites see it: paths, roles and shapes."""
-        rows = sorted((s.path, s.kind, s.role, s.in_features, s.out_features, s.heads, s.kv_heads, s.head_dim)
-                      for s in self.sites if s.kind != "tensor")   # (base tensors came later: old files load)
+        rows = sorted((s.path, s.kind, s.role.replace(".gate_up", ".up"), s.in_features, s.out_features, s.heads,
+                       s.kv_heads, s.head_dim) for s in self.sites if s.kind != "tensor")
+        # (base tensors, and the role mlp.gate_up, formerly mlp.up, came later: old files load)
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
@@ -127,12 +132,20 @@ class SiteMap:
                 "fingerprint": self.fingerprint(), "sites": [asdict(s) for s in self.sites]}
 
     def slices(self) -> dict[str, list[Site] | str]:
-        """Per fused projection (attn.qkv: q, k, v; attn.kv: k, v), keyed by its path: its parts as slice sites,
-        or why it cannot be sliced. Widths come from the attention that reads it (heads x head_dim for q,
-        kv_heads x head_dim for k, kv_heads x v_head_dim for v), the parts side by side in that order; rules
-        confirm that order with a probe forward before building (rewrite/slices.py)."""
+        """Per fused projection (attn.qkv: q, k, v; attn.kv: k, v; mlp.gate_up: gate, up), keyed by its path:
+        its parts as slice sites, or why it cannot be sliced. Widths come from the attention that reads it
+        (heads x head_dim for q, kv_heads x head_dim for k, kv_heads x v_head_dim for v), the parts side by side
+        in that order; rules confirm that order with a probe forward before building (rewrite/slices.py). A
+        gate_up's rows were followed by data flow (Site.parts), nothing to confirm."""
         by = {s.path: s for s in self.sites}
         out: dict[str, list[Site] | str] = {}
+        for f in self.sites:
+            if f.role.endswith(".gate_up") and f.kind in ("linear", "param-linear"):
+                pre = f.role.split(".")[0]
+                out[f.path] = f.parts if isinstance(f.parts, str) else (
+                    "its parts were not followed by data flow (roles from names)") if not f.parts else [
+                    replace(f, path=f"{f.path}:{x}", role=f"{pre}.{x}", out_features=b - a, fused=f.path,
+                            rows=(a, b), parts=None) for x, (a, b) in f.parts.items()]
         for a in self.sites:
             for path in dict.fromkeys(a.inputs.get(x) for x in "qkv") if a.kind == "attention" else ():
                 f = by.get(path)
@@ -178,7 +191,7 @@ class SiteMap:
             for f in pool:
                 parts = sliced.get(f.path)
                 pre, _, whole = f.role.partition(".")
-                if parts is None or not re.fullmatch(rf"{pre}\.[{whole}]", t):
+                if parts is None or t not in (f"{pre}.{x}" for x in (whole.split("_") if "_" in whole else whole)):
                     continue
                 if isinstance(parts, str):
                     refused.append((f, f"{t} is part of the fused {f.path} ({f.role}), but {parts}; target "

@@ -32,6 +32,7 @@ class Record:
         self.rule, self.sites, self.built = rule, sites, built
         self.changes: list[Change] = []
         self.merged = False
+        self.merged_at = 0   # when it was merged (merges on shared weights come out in reverse order)
 
     def attach(self, model: nn.Module, switch: Switch, sm: SiteMap) -> None:
         for change in self.rule.attach(model, self.sites, self.built, switch, sm):
@@ -311,9 +312,11 @@ def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn
             except SurgeryError as e:
                 raise SurgeryError(f"adapter {a.name!r} ({a.method}) cannot be merged: {e}") from None
             todo.append(rec)
+    last = max((getattr(r, "merged_at", 0) for a in adapters(model).values() for r in a.records), default=0)
     for rec in todo:
         rec.rule.merge(model, rec.sites, rec.built, +1.0)
-        rec.merged = True
+        last += 1
+        rec.merged, rec.merged_at = True, last
     if unload:
         for a in targets:
             remove(model, a.name)
@@ -323,13 +326,38 @@ def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Take merged adapters (by name, else all) back out of the base weights; checked first, like merge."""
     targets = [_get(model, name)] if name else list(adapters(model).values())
-    todo = [rec for a in targets for rec in a.records if rec.merged]
+    todo = sorted((rec for a in targets for rec in a.records if rec.merged),
+                  key=lambda r: -getattr(r, "merged_at", 0))   # the last merged comes out first
+    others = [(a, rec) for a in adapters(model).values() for rec in a.records if rec.merged and rec not in todo]
     for rec in todo:
+        for a, later in others:
+            shared = _entangled(rec, later)
+            if shared and getattr(later, "merged_at", 0) > getattr(rec, "merged_at", 0):
+                raise SurgeryError(f"the weights of {shared} changed after this adapter was merged: adapter {a.name!r} "
+                                   "was merged into them since and does not commute with it; unmerge that adapter "
+                                   "first")
         rec.rule.check_merge(model, rec.sites, rec.built)
     for rec in todo:
         rec.rule.merge(model, rec.sites, rec.built, -1.0)
         rec.merged = False
     return model
+
+
+def _entangled(a: Record, b: Record) -> str | None:
+    """A module both records' merges write into, on overlapping rows, unless both only add to the weights
+    (additive rules commute: any unmerge order is exact): there merges must come out in reverse order."""
+    if getattr(a.rule, "additive", False) and getattr(b.rule, "additive", False):
+        return None
+    for m, rows in _written(a):
+        for n, other in _written(b):
+            if m == n and (rows is None or other is None or not (rows[1] <= other[0] or other[1] <= rows[0])):
+                return m
+    return None
+
+
+def _written(rec: Record) -> list[tuple[str, tuple | None]]:
+    """(module, rows or None) that each site's merge writes into (a bias or bare weight: its module's)."""
+    return [(s.fused or (s.path if s.kind == "linear" else s.path.rpartition(".")[0]), s.rows) for s in rec.sites]
 
 
 def _training_hooks(model: nn.Module, hook: str) -> list[tuple[Attached, Record]]:

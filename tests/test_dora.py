@@ -203,6 +203,25 @@ def test_unmerge_refused_once_another_adapter_merged_into_the_same_weight():
     ps.unmerge(model, "d")
 
 
+def test_a_second_dora_over_a_merged_one_is_refused_and_an_unmerged_one_blocks_the_weight_it_reads():
+    """A DoRA reads the weight: attached over another's merge, that unmerge would change what it computes, so it is
+    refused in one line (model untouched); attached beside an unmerged one, neither may merge or unmerge under
+    the other."""
+    model = tiny_llama()
+    ps.apply(model, "dora", name="a", r=2, targets="attn.v")
+    perturb(model, "a")
+    ps.merge(model, "a")
+    weights, out = base_tensors(model), logits(model)
+    raises_one_line(lambda: ps.apply(model, "dora", name="b", r=2, targets="attn.v"), "merged into",
+                    "unmerge it first")
+    assert set(ps.adapters(model)) == {"a"} and torch.equal(logits(model), out)
+    assert all(torch.equal(weights[n], t) for n, t in base_tensors(model).items())
+    ps.unmerge(model, "a")
+    ps.apply(model, "dora", name="b", r=2, targets="attn.v")
+    perturb(model, "b")
+    raises_one_line(lambda: ps.merge(model, "a"), "reads the weight this merge would change")
+
+
 # ---------------------------------------------------------------- stacking refusals
 def test_refused_behind_another_adapters_hook_model_untouched():
     model = tiny_llama()

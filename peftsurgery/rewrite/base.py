@@ -152,6 +152,20 @@ def substitute(model: nn.Module, site: Site, owner: nn.Module, switch: Switch, t
     yield Hooked(model, runner, sub.post, always_call=True, acts=False)
 
 
+def substituted(model: nn.Module, path: str) -> list:
+    """The tensors of the module at `path` that an unmerged substitute() of an adapter changes while it runs, as
+    (name, rows or None): merging something that scales that module's output must take them into account."""
+    out, parts = [], path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        runner = ".".join(parts[:i])
+        for h in model.get_submodule(runner)._forward_pre_hooks.values():
+            sub = getattr(h, "__self__", None)
+            if isinstance(sub, _Substitute) and not sub.owner.merged and \
+                    ".".join(p for p in (runner, sub.rel) if p) == path:
+                out.append((sub.name, sub.rows))
+    return out
+
+
 def _common(a: str, b: str) -> str:
     """The deepest module path that is `a` or an ancestor of it, and `b` or an ancestor of it."""
     parts = []
@@ -188,6 +202,7 @@ class Rule:
     kinds: tuple[str, ...] = ("linear",)
     phase = 1
     mergeable = False
+    additive = False   # merging only adds to the base tensors: it commutes with other additive merges
 
     def __init__(self, targets: str):
         self.targets = targets

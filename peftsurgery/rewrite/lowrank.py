@@ -155,6 +155,7 @@ class LowRank(Rule):
     adding into its features only)."""
     kinds = ("linear", "param-linear", "slice")
     mergeable = True
+    additive = True
 
     def __init__(self, targets: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(targets)

@@ -59,7 +59,6 @@ class Reparametrization(nn.Module):
         super().__init__()
         self.merged = False
         self.parked: dict = {}      # while merged: the hooks taken off the linear (see base.park)
-        self.signature = None       # while merged: the weight's row sums right after merging
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,6 +105,9 @@ class Reparam(Rule):
             if not w.dtype.is_floating_point and getattr(w, "quant_state", None) is None:
                 raise SurgeryError(f"{s.path} has a {w.dtype} base that is neither float nor 4-bit; a weight "
                                    "reparametrisation cannot read it, choose other targets")
+            if m.__dict__.get(FOLDED):
+                raise SurgeryError(f"another weight reparametrisation is merged into {s.path}: unmerging it later "
+                                   "would change the weight this one reads; unmerge it first")
             other = next((h for h in m._forward_hooks.values()
                           if hasattr(h, "owner") and not isinstance(h, _Reparametrized)), None)
             if other is not None:
@@ -136,13 +138,12 @@ class Reparam(Rule):
                 raise SurgeryError(f"at {s.path} a {type(hooks_before(m, r)[0]).__name__} hook of an adapter "
                                    "attached earlier acts on the output first, so merging would change what the "
                                    "model computes; merge or remove that adapter first")
-            if not r.merged and any(isinstance(h, _Reparametrized) and h.owner is not r
-                                    for h in m._forward_hooks.values()):
-                raise SurgeryError(f"another weight reparametrisation at {s.path} reads the weight this merge "
-                                   "would change; remove the other adapter first")
-            if r.merged and _changed(m, r.signature):
-                raise SurgeryError(f"the weight of {s.path} changed after this adapter was merged into it (another "
-                                   "adapter merged since); unmerge that adapter first")
+            # (un)merging changes the weight that another, unmerged reparametrisation here reads. Merges made
+            # since this one came in are the core's to order (surgery.unmerge takes them out first).
+            if any(isinstance(h, _Reparametrized) and h.owner is not r for h in m._forward_hooks.values()):
+                raise SurgeryError(f"another weight reparametrisation at {s.path} reads the weight this "
+                                   f"{'unmerge' if r.merged else 'merge'} would change; merge or remove the other "
+                                   "adapter first")
 
     def merge(self, model, sites, built, sign):
         for s in sites:
@@ -155,7 +156,8 @@ class Reparam(Rule):
                 W = w.detach().to(r.dtype)
                 w.copy_((r.fold(W) if sign > 0 else r.unfold(W)).to(w.dtype))
             r.merged = sign > 0
-            r.signature = _signature(m) if r.merged else None
+            folded = m.__dict__.setdefault(FOLDED, [])
+            folded.append(r) if r.merged else folded.remove(r)
             park(m, r)
 
 
@@ -269,6 +271,9 @@ class MagnitudeDirection(Reparam):
         return f"magnitude x direction of W + B·A, r={lr.r} scale={lr.scale:g}: m (W + BA) / |W + BA|"
 
 
+FOLDED = "_peftsurgery_folded"   # on a linear: the reparametrisations merged into its weight
+
+
 def _linear(model: nn.Module, site) -> nn.Module:
     try:
         m = model.get_submodule(site.path)
@@ -290,14 +295,3 @@ def _oriented(m: nn.Module) -> torch.Tensor:
         return bnb.functional.dequantize_4bit(w.data, state)
     return w.t() if bool(Conv1D) and isinstance(m, Conv1D) else w
 
-
-def _signature(m: nn.Module) -> torch.Tensor:
-    """Row sums of the weight in float64: they change when another adapter merges into it."""
-    return m.weight.detach().double().sum(-1)
-
-
-def _changed(m: nn.Module, signature: torch.Tensor) -> bool:
-    """Whether the weight's row sums moved since `signature` by more than the rounding that merging another
-    adapter and unmerging it again leaves (1e-5 of the rows' absolute sums)."""
-    w = m.weight.detach().double()
-    return bool(((w.sum(-1) - signature).abs() > 1e-5 * w.abs().sum(-1)).any())

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
-from .base import Hooked, Rule, Switch, hooks_before, park
+from .base import Hooked, Rule, Switch, hooks_before, park, substituted
 from .slices import apart, confirm, into
 
 
@@ -83,19 +83,26 @@ class Scale(Rule):
             m = _linear(model, s)
             if not m.weight.dtype.is_floating_point:
                 raise SurgeryError(f"{_path(s)} has a quantized base ({m.weight.dtype}); merge onto a float copy")
-            self._check_hooks(s, m, built[s.path])
+            self._check_hooks(model, s, m, built[s.path])
             if not built[s.path].merged and bool((built[s.path].weight == 0).any()):
                 raise SurgeryError(f"the scale vector at {s.path} has a zero entry, so unmerging could not "
                                    "divide it back out; keep the adapter unmerged")
 
-    def _check_hooks(self, s, m, vector) -> None:
+    def _check_hooks(self, model, s, m, vector) -> None:
         """Merging moves the scaling in front of the output hooks attached earlier: exact for other scalings and
-        for hooks on other features of the output."""
+        for hooks on other features of the output. A delta another adapter adds to the weight or bias while the
+        linear runs (BitFit's) would stay unscaled: merging (or unmerging) then waits until that one is merged."""
         ahead = [h for h in hooks_before(m, vector) if not isinstance(h, _Scaled) and not apart(h, s.rows)]
         if ahead:
             raise SurgeryError(f"at {_path(s)} a {type(ahead[0]).__name__} hook of an adapter attached earlier acts "
                                "on the output first, so merging the scale would change what the model computes; "
                                "merge or remove that adapter first")
+        inside = [name for name, rows in substituted(model, _path(s))
+                  if rows is None or s.rows is None or not (rows[1] <= s.rows[0] or s.rows[1] <= rows[0])]
+        if inside:
+            raise SurgeryError(f"at {_path(s)} another adapter adds to its {inside[0]} while it runs, and the scale "
+                               "acts on that too, so merging or unmerging the scale would change what the model "
+                               "computes; merge or remove that adapter first")
 
     def merge(self, model, sites, built, sign):
         """Fold the vector into the weight (and bias); sign -1 divides it back out."""
@@ -137,7 +144,7 @@ class ScaleInput(Scale):
         for s in sites:
             yield Hooked(model, s.path, _ScaledInput(built[s.path], switch), pre=True)
 
-    def _check_hooks(self, s, m, vector) -> None:
+    def _check_hooks(self, model, s, m, vector) -> None:
         """Merging changes the input every later hook sees: refused while another adapter's hook reads it."""
         pre = list(m._forward_pre_hooks.values())
         mine = [i for i, h in enumerate(pre) if getattr(h, "owner", None) is vector]

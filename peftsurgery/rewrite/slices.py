@@ -1,8 +1,10 @@
-"""Slices of fused projections: a rule acting on `attn.k` inside a fused `attn.qkv` acts on rows (start, stop) of
-its output only (see SiteMap.slices). Before building on a slice, confirm() checks by a probe forward that the
-fused output really holds its parts side by side in the order q, k, v: with the value rows zeroed, the model's
-outputs must not depend on the other rows (attention over zero values is zero), and with the key rows zeroed not
-on the query rows (zero keys give uniform attention). A layout the widths cannot describe (heads interleaved,
+"""Slices of fused projections: a rule acting on `attn.k` inside a fused `attn.qkv` (or on `mlp.gate` inside a
+fused `mlp.gate_up`) acts on rows (start, stop) of its output only (see SiteMap.slices). A gate_up's rows were
+followed by data flow through the cuts of its output; q, k and v's widths come from the attention's shapes, so
+before building on such a slice confirm() checks by a probe forward that the fused output really holds its parts
+side by side in the order q, k, v: with the value rows zeroed, the model's outputs must not depend on the other
+rows (attention over zero values is zero), and with the key rows zeroed not on the query rows (zero keys give
+uniform attention). A layout the widths cannot describe (heads interleaved,
 as in Bloom and GPT-NeoX) fails, and the rule refuses in one line naming the fused projection."""
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def apart(hook, rows: tuple | None) -> bool:
 def confirm(model: nn.Module, sites: list[Site], sitemap: SiteMap) -> None:
     """Raise SurgeryError unless each fused projection that `sites` slice holds its parts where the slices say
     (probed once per site map; on the meta device nothing runs, so nothing is probed there)."""
-    fused = dict.fromkeys(s.fused for s in sites if s.fused)
-    todo = [f for f in fused if f not in sitemap.layouts]
+    fused = dict.fromkeys(s.fused for s in sites if s.fused and sitemap.by_path(s.fused).parts is None)
+    todo = [f for f in fused if f not in sitemap.layouts]   # (a gate_up's parts were followed by data flow)
     if todo and not _on_meta(model):
         if not sitemap.inputs:
             raise SurgeryError(f"no example inputs to confirm where q, k and v lie in {todo[0]}; locate the model "

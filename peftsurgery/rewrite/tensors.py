@@ -29,6 +29,7 @@ class BaseTensors(Rule):
     peftsurgery.analyze). Mergeable: merging adds the deltas into the base tensors."""
     kinds = ("tensor",)
     mergeable = True
+    additive = True
 
     def check(self, model, sites):
         for s in sites:
