@@ -379,6 +379,56 @@ class PromptMapping(Mapping):
                 "prompt_tuning_init": "RANDOM"}, {"prompt_embeddings": t}
 
 
+class MultitaskPromptMapping(Mapping):
+    """PEFT multitask prompt tuning <-> multitask-prompt-tuning: the shared prompt (prompt_embeddings) and each
+    task's factors, stacked by task id in PEFT (prefix_task_cols (tasks, tokens, r), prefix_task_rows (tasks, r,
+    dim)), one u.TASK / v.TASK per task name in ours (PEFT's task ids are our tasks 0, 1, ... in order)."""
+    peft_type = "MULTITASK_PROMPT_TUNING"
+    methods = ("multitask-prompt-tuning",)
+    prompt_learning = True
+    known = PromptMapping.known | {"num_tasks", "num_ranks", "prompt_tuning_init_task",
+                                   "prompt_tuning_init_state_dict_path"}
+
+    def to_ours(self, cfg, tensors, sm, model, directory):
+        if sm.encoder_decoder:
+            raise SurgeryError(f"{directory}: PEFT's multitask prompt tuning on an encoder-decoder is not mapped; "
+                               "use it on a decoder-only or encoder model")
+        parts = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
+        if sorted(tensors) != sorted(parts):
+            raise SurgeryError(f"{directory}: expected the tensors {', '.join(parts)}, found "
+                               f"{', '.join(sorted(tensors))}; save the PEFT adapter again")
+        t, cols, rows = (tensors[k] for k in parts)
+        n = cfg.get("num_virtual_tokens")
+        if not isinstance(n, int) or t.dim() != 2 or t.shape[0] != n or cols.dim() != 3 or \
+                cols.shape[:2] != rows.shape[:1] + (n,) or rows.shape[1:] != (cols.shape[2], t.shape[1]):
+            raise SurgeryError(f"{directory}: prompt_embeddings {tuple(t.shape)}, prefix_task_cols "
+                               f"{tuple(cols.shape)} and prefix_task_rows {tuple(rows.shape)} do not fit "
+                               f"num_virtual_tokens={n!r}; save the PEFT adapter again")
+        key = _key(Prompt(n, None).select(sm)[0].path)
+        ours = {f"0.{key}.weight": t}
+        for i in range(cols.shape[0]):
+            ours[f"0.{key}.u.{i}"], ours[f"0.{key}.v.{i}"] = cols[i], rows[i]
+        return Converted("multitask-prompt-tuning", {"num_tokens": n, "tasks": str(cols.shape[0]),
+                                                     "r": cols.shape[2], "init": "random"}, ours)
+
+    def to_peft(self, att, sm, model):
+        rec = _one_record(att, Prompt)
+        if sm.encoder_decoder:
+            raise SurgeryError(f"adapter {att.name!r}: PEFT's multitask prompt tuning on an encoder-decoder is not "
+                               "mapped; save it in peftsurgery's format")
+        state, _ = rec.state()
+        key, tasks = _key(rec.sites[0].path), rec.rule.tasks
+        if tasks != [str(i) for i in range(len(tasks))]:
+            warn(f"adapter {att.name!r}: PEFT numbers tasks, so {', '.join(tasks)} become task_ids "
+                 f"0..{len(tasks) - 1} in that order")
+        t = state[f"{key}.weight"]
+        cols = torch.stack([state[f"{key}.u.{k}"] for k in tasks])
+        rows = torch.stack([state[f"{key}.v.{k}"] for k in tasks])
+        return {"num_virtual_tokens": t.shape[0], "token_dim": t.shape[1], "num_transformer_submodules": 1,
+                "prompt_tuning_init": "RANDOM", "num_tasks": len(tasks), "num_ranks": cols.shape[2]}, {
+            "prompt_embeddings": t, "prefix_task_cols": cols, "prefix_task_rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------------- prefix tuning
 ENC_DEC_PREFIX = ("PEFT's prefix tuning on an encoder-decoder reaches the decoder's self-attention only (decoder "
                   "layer i reads PEFT layer 2i mod num_layers); the model's own position bias (T5's relative bias) "
@@ -632,4 +682,5 @@ class IA3Mapping(Mapping):
                 "fan_in_fan_out": _conv(model, vectors), "init_ia3_weights": True}, tensors
 
 
-MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), AdaLoraMapping(), IA3Mapping(), PromptMapping(), PrefixMapping())
+MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), AdaLoraMapping(), IA3Mapping(), PromptMapping(), PrefixMapping(),
+                                  MultitaskPromptMapping())

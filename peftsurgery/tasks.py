@@ -23,7 +23,8 @@ hides padding and position ids count real tokens only, where the model takes the
 
 Soft tokens ({soft}, {soft:N}) are positions a method fills with trainable embeddings: Batch.soft marks them.
 A rule that fills them declares `fills_soft_tokens = True` and reads the mask of the batch being scored with
-soft_tokens_of(model); a template with soft tokens scored with no such rule active is an error.
+soft_tokens_of(model) (all False for a template without soft tokens: such a rule then refuses rather than do
+nothing); a template with soft tokens scored with no such rule active is an error.
 """
 from __future__ import annotations
 
@@ -366,19 +367,18 @@ def kind_of(model) -> str | None:
     return None if not callable(can) else "causal" if can() else "masked"
 
 
-def soft_tokens_of(model) -> torch.Tensor | None:
-    """While a batch is scored: its soft-token mask (bool, input_ids' shape), for the rule that fills them."""
-    return model.__dict__.get(SOFT_TOKENS)
+def soft_tokens_of(model, take: bool = False) -> torch.Tensor | None:
+    """While a batch is scored: its soft-token mask (bool, input_ids' shape; all False when the template has no
+    soft tokens), for the rule that fills them; None outside scoring. take=True also removes it, so that a later
+    call in the same forward (an encoder-decoder's decoder embedding) sees none."""
+    return model.__dict__.pop(SOFT_TOKENS, None) if take else model.__dict__.get(SOFT_TOKENS)
 
 
 @contextlib.contextmanager
 def _soft_tokens(model, soft: torch.Tensor):
-    if not bool(soft.any()):
-        yield
-        return
     from .surgery import adapters
-    if not any(getattr(r.rule, "fills_soft_tokens", False) for a in adapters(model).values() if a.switch.on
-               for r in a.records):
+    if bool(soft.any()) and not any(getattr(r.rule, "fills_soft_tokens", False) for a in adapters(model).values()
+                                    if a.switch.on for r in a.records):
         raise SurgeryError("the template has soft tokens ({soft}) but no active method fills them; apply one "
                            "that does, or take {soft} out of the template")
     object.__setattr__(model, SOFT_TOKENS, soft.to(next(model.parameters()).device))

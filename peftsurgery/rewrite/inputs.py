@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SurgeryError
@@ -155,7 +156,12 @@ class RoutedEntry(Entry):
         self.rows, self.attached = rows, []
 
     def add_prompts(self, model: nn.Module, embed: str, prompt, lens: list[int]) -> None:
-        """Row i gets lens[i] prompt tokens (0: none), right-aligned in max(lens) slots: prompt(B) gives them."""
+        """Row i gets lens[i] prompt tokens (0: none), right-aligned in max(lens) slots: prompt(B) gives them.
+        Called by several rules (each row's prompt comes from one of them), their prompts go side by side."""
+        if self.prompt is not None:
+            before = self.lens.view(-1).tolist() if self.lens is not None else [self.num] * len(lens)
+            lens = [a + b for a, b in zip(before, lens)]
+            prompt = _Together(self.prompt, prompt, max(lens))
         if len(set(lens)) > 1:
             if "attention_mask" not in self.params:
                 raise SurgeryError(f"route() cannot mix prompts of different lengths (or rows without one) in one "
@@ -182,6 +188,18 @@ class RoutedEntry(Entry):
         if B != len(self.rows):
             raise SurgeryError(f"route was given {len(self.rows)} adapter names but the model sees a batch of {B} "
                                "rows; give one name per row")
+
+
+class _Together:
+    """The prompts of two rules for the rows of one batch (a row has those of one rule only: zeros in the other),
+    right-aligned in P slots."""
+
+    def __init__(self, a, b, P: int):
+        self.a, self.b, self.P = a, b, P
+
+    def __call__(self, batch: int) -> torch.Tensor:
+        a, b = self.a(batch), self.b(batch)
+        return F.pad(a, (0, 0, self.P - a.shape[1], 0)) + F.pad(b, (0, 0, self.P - b.shape[1], 0))
 
 
 def routed_entry(model: nn.Module, rows: torch.Tensor, cache: dict) -> RoutedEntry:
