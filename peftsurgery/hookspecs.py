@@ -51,3 +51,9 @@ def peftsurgery_describe():
 def peftsurgery_learning_rate(config):
     """Optional: the AdamW learning rate the method trains well with under this config, used by
     `peftsurgery train` (and peftsurgery.train) when none is given. Methods without it get 1e-3."""
+
+
+@hookspec(firstresult=True)
+def peftsurgery_learning_rates(config):
+    """Optional: the learning rates `peftsurgery train --lr auto` (peftsurgery.train.choose_lr) tries under this
+    config, a non-empty list of positive numbers. Methods without it get their default rate times 1/3, 1 and 3."""

@@ -150,11 +150,26 @@ class Method:
         positive(f"plugin {self.name!r}", "what hook 'peftsurgery_learning_rate' returns", lr)
         return float(lr)
 
+    def learning_rates(self, config) -> list[float]:
+        """The rates choosing one tries, ascending: the method's own (peftsurgery_learning_rates), else its
+        default times 1/3, 1 and 3."""
+        rates = self._call("peftsurgery_learning_rates", config=config)
+        if rates is None:
+            d = self.learning_rate(config)
+            return [d / 3, d, d * 3]
+        if not isinstance(rates, (list, tuple)) or not rates or not all(_rate(r) for r in rates):
+            raise self._returned("peftsurgery_learning_rates", rates, "a non-empty list of rates above 0")
+        return sorted({float(r) for r in rates})
+
     def _returned(self, hook: str, value, wanted: str) -> SurgeryError:
         shown = repr(value)
         if len(shown) > 60 or "\n" in shown:
             shown = f"a {type(value).__name__}"
         return SurgeryError(f"plugin {self.name!r}: hook {hook!r} returned {shown}, not {wanted}; fix the plugin")
+
+
+def _rate(r) -> bool:
+    return isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < float("inf")
 
 
 def _version(plugin) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import positive
 from .errors import SurgeryError
 from .surgery import extra_loss
 from .surgery import step as after_step
@@ -136,21 +137,28 @@ def _bar(total, desc, progress):
 def evaluate(model, task, examples: list[Example], batch_size: int = 32, progress: bool = False,
              desc: str = "eval") -> float:
     """Accuracy of the argmax over the labels' scores (task: a peftsurgery.tasks.Task)."""
+    return _score(model, task, examples, batch_size, progress, desc)[0]
+
+
+def _score(model, task, examples, batch_size=32, progress=False, desc="eval") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over `examples`."""
     _known(task, examples, "evaluation")
     was = model.training
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     bar = _bar(len(examples), desc, progress)
     try:
         with torch.no_grad():
             for chunk in _batches(examples, batch_size):
                 batch = task.encode(chunk)
-                correct += int((task.scores(model, batch).argmax(-1).cpu() == batch.targets).sum())
+                s = task.scores(model, batch).float().cpu()
+                correct += int((s.argmax(-1) == batch.targets).sum())
+                loss += float(F.cross_entropy(s, batch.targets, reduction="sum"))
                 bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was)
-    return correct / len(examples)
+    return correct / len(examples), loss / len(examples)
 
 
 def _known(task, examples, what: str) -> None:
@@ -211,6 +219,87 @@ def fit(model, task, examples: list[Example], epochs: int = 3, batch_size: int =
         model.eval()
     return {"steps": len(losses), "losses": losses, "step_seconds": seconds,
             "median_step_seconds": statistics.median(seconds), "peak_memory_bytes": peak_memory(model)}
+
+
+# ---- choosing the learning rate -------------------------------------------------------------------------------
+
+def holdout_split(examples: list[Example], fraction: float = 0.2, least: int = 2, seed: int = 0):
+    """(rest, held): examples sharing a text form one group, counted under its first example's label; of each
+    label's n groups, max(least, round(fraction * n)) chosen by `seed` are held out, at least `least` must remain.
+    Both sides keep the examples' order; a text is never on both sides."""
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1) or isinstance(least, bool) or not (
+            isinstance(least, int) and least >= 1):
+        raise SurgeryError(f"holding out part of the data: give a fraction in (0, 1) and least >= 1, got "
+                           f"{fraction!r} and {least!r}")
+    groups: dict[str, str] = {}
+    for e in examples:
+        groups.setdefault(e.text, e.label)
+    rng, held = random.Random(seed), set()
+    for lab in labels_of(examples):
+        texts = [t for t, g in groups.items() if g == lab]
+        k = max(least, round(fraction * len(texts)))
+        if len(texts) < k + least:
+            raise SurgeryError(f"choosing the learning rate holds out {k} of the {len(texts)} distinct texts of "
+                               f"label {lab!r} and needs {least} left to train on; give at least {k + least} "
+                               "examples per label, or a fixed learning rate")
+        rng.shuffle(texts)
+        held.update(texts[:k])
+    return [e for e in examples if e.text not in held], [e for e in examples if e.text in held]
+
+
+def choose_lr(model, task, examples: list[Example], plugin: str, rates: list[float] | None = None, *,
+              epochs: int = 3, batch_size: int = 16, seed: int = 0, schedule: str = "constant",
+              fraction: float = 0.2, least: int = 2, eval_batch_size: int = 32, progress: bool = False,
+              **config) -> dict:
+    """Pick the learning rate for `plugin` (with `config`) on `examples`: holdout_split(examples, fraction,
+    least, seed) sets part aside; for each rate (default: the method's, peftsurgery.registry.Method.learning_rates)
+    torch.manual_seed(seed), apply(model, plugin, **config), fit on the rest with the same epochs, batch size and
+    schedule, score the held-out part, remove the adapter. The highest held-out accuracy wins, ties going to the
+    lower held-out loss, then to the method's default, then to the lower rate. The model ends as it began, also on
+    failure. Train the final adapter on all of `examples` the same way: torch.manual_seed(seed), apply, fit at
+    result["lr"].
+    Returns {"lr", "default", "train", "held_out", "grid": [{"lr", "held_out_accuracy", "held_out_loss",
+    "final_train_loss"}, ...]}."""
+    import sys
+
+    from .registry import Method
+    from .surgery import adapters, apply, remove
+    if adapters(model):
+        raise SurgeryError("choosing the learning rate trains a fresh adapter on the bare model; remove the "
+                           f"attached adapters ({', '.join(adapters(model))}) first")
+    method = Method(plugin)
+    cfg = method.config(config)
+    default = method.learning_rate(cfg)
+    if rates is None:
+        rates = method.learning_rates(cfg)
+    elif not rates:
+        raise SurgeryError("give at least one learning rate to choose from")
+    for r in rates:
+        positive("choosing the learning rate", "each rate", r)
+    rates = sorted({float(r) for r in rates})
+    _known(task, examples, "training")
+    rest, held = holdout_split(examples, fraction, least, seed)
+    # the base's own tensors, kept (not copied): a method that swaps modules (qlora) gets back from remove() what
+    # it computed with (dequantized weights), and these put the originals back
+    base, was, grid = model.state_dict(), model.training, []
+    for i, lr in enumerate(rates, 1):
+        torch.manual_seed(seed)
+        apply(model, plugin, **config)
+        try:
+            run = fit(model, task, rest, epochs, batch_size, lr, seed, progress, f"lr {lr:.3g} ({i}/{len(rates)})",
+                      schedule)
+            acc, loss = _score(model, task, held, eval_batch_size)
+        finally:
+            remove(model)
+            model.load_state_dict(base)
+            model.train(was)
+        grid.append({"lr": lr, "held_out_accuracy": acc, "held_out_loss": loss,
+                     "final_train_loss": run["losses"][-1]})
+        if progress:
+            print(f"lr {lr:.3g}: held-out accuracy {acc:.1%}, loss {loss:.4f} ({len(held)} examples)",
+                  file=sys.stderr)
+    best = min(grid, key=lambda g: (-g["held_out_accuracy"], g["held_out_loss"], g["lr"] != default))
+    return {"lr": best["lr"], "default": default, "train": len(rest), "held_out": len(held), "grid": grid}
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------

@@ -39,17 +39,28 @@ def load_model(spec: str) -> tuple[nn.Module, object]:
     if spec in TINY:
         return _tiny(spec), None
     if os.path.isfile(spec) and spec.lower().endswith(".gguf"):
-        return _folder(gguf_folder(spec))
+        return _converted(spec)
     if os.path.isdir(spec):
         ggufs = sorted(f for f in os.listdir(spec) if f.lower().endswith(".gguf"))
         if not os.path.isfile(os.path.join(spec, "config.json")) and ggufs:
             if len(ggufs) > 1:
                 raise SurgeryError(f"{spec} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); give one of them")
-            return _folder(gguf_folder(os.path.join(spec, ggufs[0])))
+            return _converted(os.path.join(spec, ggufs[0]))
         return _folder(spec)
     if ":" in spec and not os.path.exists(spec):
         return _factory(spec), None
     raise SurgeryError(f"unknown model {spec!r}: {FORMS}")
+
+
+def _converted(gguf: str) -> tuple[nn.Module, object]:
+    """The model of a GGUF file from its cached conversion; a damaged cache entry says how to redo it."""
+    folder = gguf_folder(gguf)
+    try:
+        return _folder(folder)
+    except Exception as e:  # SurgeryError, or what a truncated weights file raises (safetensors' own error)
+        message = str(e) if isinstance(e, SurgeryError) else f"cannot load {folder}: {one_line(e)}"
+        raise SurgeryError(f"{message}; it is the cached conversion of {gguf}: delete {folder} and run again to "
+                           "convert it again") from None
 
 
 def _transformers():

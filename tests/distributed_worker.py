@@ -27,13 +27,18 @@ CASES = {   # case -> (wrapper, model factory, method, options)
     "ddp-qlora": ("ddp", tiny_llama_4bit, "qlora", {"r": 2}),
     "fsdp-lora": ("fsdp", tiny_llama, "lora", {"r": 2, "targets": "attn.q,attn.v,mlp.up"}),
     "fsdp-prompt": ("fsdp", tiny_llama, "prompt-tuning", {"num_tokens": 3}),
+    # deferred initialisation: rank 1 builds on the meta device, rank 0's real model is broadcast into the shards
+    "fsdp-meta-lora": ("fsdp-meta", tiny_llama, "lora", {"r": 2, "targets": "attn.q,attn.v,mlp.up"}),
+    "fsdp-meta-prompt": ("fsdp-meta", tiny_llama, "prompt-tuning", {"num_tokens": 3, "init": "vocab"}),
 }
 
 
-def build(case: str, locate=peftsurgery.sitemap):
-    """The base model and its adapter, the same on every rank and in the single-process reference."""
+def build(case: str, locate=peftsurgery.sitemap, meta=False):
+    """The base model and its adapter, the same on every rank and in the single-process reference (`meta`: its
+    shapes only, on the meta device)."""
     _, factory, method, options = CASES[case]
-    model = factory()
+    with torch.device("meta" if meta else "cpu"):
+        model = factory()
     locate(model)
     torch.manual_seed(1)
     with warnings.catch_warnings():
@@ -78,10 +83,10 @@ def run(case: str, out: str) -> None:
     located, locate = [], surgery.locate
     surgery.locate = lambda *a, **k: (located.append(1), locate(*a, **k))[1]
     try:
-        model = build(case, shared_sitemap)
+        model = build(case, shared_sitemap, meta=wrapper == "fsdp-meta" and rank != 0)
     finally:
         surgery.locate = locate
-    before = base_state(model)
+    before = base_state(model) if wrapper != "fsdp-meta" else None
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     grads_same = []
     if wrapper == "ddp":
@@ -98,9 +103,21 @@ def run(case: str, out: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        wrapped = fully_shard(model, mesh=mesh)
+
+        def shard(model):
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+        if wrapper == "fsdp":
+            wrapped = shard(model)
+        else:
+            from peftsurgery.distributed import shard_from_rank0
+            wrapped = shard_from_rank0(model, shard, "cpu")
+            before = base_state(model)   # every tensor real now, buffers included
+            built = build(case)          # what every rank must now hold, the adapter's initial values included
+            want = {**base_state(built), **{n: p.detach() for n, p in built.named_parameters() if p.requires_grad}}
+            have = {**before, **{n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad}}
+            as_built = have.keys() == want.keys() and all(torch.equal(have[n], want[n]) for n in want)
         check_grads = None
     per = GLOBAL_BATCH // world
     train(wrapped, slice(rank * per, (rank + 1) * per), check_grads)
@@ -115,6 +132,7 @@ def run(case: str, out: str) -> None:
     result = {"trainable": trainable, "adapters_only": all(n.startswith(CONTAINER + ".") for n in trainable),
               "base_unchanged": before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in after),
               "base_as_rank0": all(from_rank0.values()), "grads_same": all(grads_same) if grads_same else None,
+              "as_built": as_built if wrapper == "fsdp-meta" else None,
               "located": len(located), "sharded": any(hasattr(p, "full_tensor") for p in model.parameters() if p.requires_grad)}
     with open(os.path.join(out, case, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

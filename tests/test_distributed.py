@@ -62,6 +62,7 @@ def test_two_ranks_train_like_one_process(ranks, case):
         assert rep["located"] == (1 if r == 0 else 0), r   # rank 1 received rank 0's sites
         assert rep["grads_same"] is (True if case.startswith("ddp") else None)
         assert rep["sharded"] is case.startswith("fsdp")
+        assert rep["as_built"] is (True if "meta" in case else None), r   # deferred init: as built in one process
     got = load_file(str(ranks / case / "adapter.safetensors"))
     assert got.keys() == want.keys()
     for k, t in want.items():

@@ -383,7 +383,12 @@ def test_cli_errors_are_one_line(model_dir, data, tmp_path, capsys, argv, messag
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+PEER_OPTIONS = {"lora": {"r": 8, "alpha": 16, "targets": "attn.q,attn.v"}, "prompt-tuning": {"num_tokens": 20},
+                "ia3": {}, "dora": {"r": 8, "alpha": 16, "targets": "attn.q,attn.v"},
+                "adalora": {"init_r": 12, "target_r": 8, "targets": "attn.q,attn.v"}}
+
+
+@pytest.mark.parametrize("method", list(PEER_OPTIONS))
 def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_path, method):
     """examples/sentiment_peft.py (sentiment.py --peer): PEFT's method on the example's files, same budget as ours."""
     exs = [Example(e.text, "1" if e.label == "pos" else "-1") for e in examples(48)]
@@ -394,9 +399,8 @@ def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_pa
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    options = {"r": 8, "alpha": 16, "targets": "attn.q,attn.v"} if method == "lora" else {"num_tokens": 20}
     m = Method(method)
-    assert row["trainable_params"] == m.budget(m.config(options), peftsurgery.sitemap(tiny_model()))
+    assert row["trainable_params"] == m.budget(m.config(PEER_OPTIONS[method]), peftsurgery.sitemap(tiny_model()))
     assert row["lr"] == 1e-2
     # the accuracy it printed is that of the PEFT model it trained: train the same one here (same seed, threads,
     # data, loop) and count its right answers by hand over one left-padded batch of the test set, as it scored it
@@ -405,12 +409,15 @@ def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_pa
     try:
         from sentiment_peft import peft_model
         torch.set_num_threads(2)
-        peer, tok = peft_model(method, str(model_dir), "cpu", 0)
+        peer, tok = peft_model(method, str(model_dir), "cpu", 0, steps=6)
         fit(peer, Task(tok, TEMPLATE, Verbalizer(["-1", "1"], {"1": " positive", "-1": " negative"})),
             read_examples(str(tmp_path / "train.jsonl")), 3, 16, 1e-2, 0)
     finally:
         sys.path.remove(os.path.dirname(script))
         torch.set_num_threads(threads)
+    if method == "adalora":   # PEFT's rank allocation ran under the shared loop and ended at the target ranks
+        kept = peer.peft_config["default"].rank_pattern
+        assert kept is not None and sum(map(sum, kept.values())) == 8 * len(kept) < 12 * len(kept)
     test = read_examples(str(tmp_path / "test.jsonl"))
     seqs = [tok.encode(TEMPLATE.replace("{text}", e.text)) for e in test]
     n = max(map(len, seqs))
@@ -421,6 +428,14 @@ def test_peer_script_trains_peft_with_the_same_loop_and_budget(model_dir, tmp_pa
         last = peer(input_ids=ids, attention_mask=mask).logits[:, -1]
     right = sum(("1" if a[pos] > a[neg] else "-1") == e.label for a, e in zip(last, test))
     assert row["accuracy"] == right / len(test), (row["accuracy"], right)
+    if method == "adalora":   # while training, PEFT's orthogonality term reaches the loop: 0.1 x its mean norm
+        peer.train()
+        with torch.no_grad():
+            term = peer(input_ids=ids, attention_mask=mask).loss
+            grams = [p @ p.T if "lora_A" in n else p.T @ p for n, p in peer.named_parameters() if "lora_A" in n
+                     or "lora_B" in n]
+            norms = [torch.dist(g, torch.eye(len(g))) for g in grams]
+        assert len(norms) == 8 and torch.allclose(term, 0.1 * sum(norms) / len(norms)), term   # 2 layers x q, v x P, Q
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------
