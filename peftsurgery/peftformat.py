@@ -379,6 +379,16 @@ class PromptMapping(Mapping):
                 "prompt_tuning_init": "RANDOM"}, {"prompt_embeddings": t}
 
 
+class PTuningMapping(PromptMapping):
+    """PEFT P-tuning -> prompt-tuning: PEFT saves its prompt encoder's output (folded), virtual tokens in front of
+    the input as prompt tuning's, so the same vectors load as a prompt-tuning adapter (exported back as PEFT prompt
+    tuning: same logits). Our p-tuning places soft tokens by a template, which PEFT's format cannot say."""
+    peft_type = "P_TUNING"
+    methods = ()
+    known = PromptMapping.known | {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers",
+                                   "encoder_dropout"}
+
+
 class MultitaskPromptMapping(Mapping):
     """PEFT multitask prompt tuning <-> multitask-prompt-tuning: the shared prompt (prompt_embeddings) and each
     task's factors, stacked by task id in PEFT (prefix_task_cols (tasks, tokens, r), prefix_task_rows (tasks, r,
@@ -682,5 +692,5 @@ class IA3Mapping(Mapping):
                 "fan_in_fan_out": _conv(model, vectors), "init_ia3_weights": True}, tensors
 
 
-MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), AdaLoraMapping(), IA3Mapping(), PromptMapping(), PrefixMapping(),
-                                  MultitaskPromptMapping())
+MAPPINGS: tuple[Mapping, ...] = (LoraMapping(), AdaLoraMapping(), IA3Mapping(), PromptMapping(), PTuningMapping(),
+                                  PrefixMapping(), MultitaskPromptMapping())

@@ -264,6 +264,21 @@ def test_prompt_tuning_round_trip(kind, tmp_path):
     close(logits(ours, kind), want[:, P:])  # PEFT's logits include the virtual positions
 
 
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_loads_as_its_folded_prompt(encoder, tmp_path):
+    """PEFT's P-tuning folder holds its encoder's output: loaded as a prompt-tuning adapter it gives PEFT's logits,
+    and exports as PEFT prompt tuning with the same vectors and logits."""
+    cfg = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, encoder_hidden_size=12,
+                                   encoder_reparameterization_type=encoder)
+    peft_folder("llama", cfg, tmp_path / "peft")
+    ours, want, back, notes = through_ours("llama", tmp_path / "peft", tmp_path / "back")
+    assert not notes and ps.adapters(ours)["default"].method == "prompt-tuning"
+    assert config(tmp_path / "back")["peft_type"] == "PROMPT_TUNING"
+    assert torch.equal(tensors(tmp_path / "back")["prompt_embeddings"], tensors(tmp_path / "peft")["prompt_embeddings"])
+    assert torch.equal(back, want)
+    close(logits(ours, "llama"), want[:, P:])
+
+
 def test_prompt_tuning_t5(tmp_path):
     """PEFT stores 2 x num_virtual_tokens rows on an encoder-decoder and its prompt tuning reads the first half
     (the encoder's); the decoder then attends to the virtual tokens' encoder outputs, which ours trims. So: the
@@ -442,7 +457,7 @@ def test_refusals_leave_the_model_untouched(llama_lora, tmp_path):
     refused(base("gpt2"), llama_lora, "model.layers.0.self_attn.q_proj", "does not have")
     refused(tiny_llama(hidden_size=48, head_dim=8), llama_lora, "shape")   # found only once rules are built
     for name, changes, needles in [
-            ("loha", {"peft_type": "LOHA"}, ("LOHA", "LORA, ADALORA, IA3, PROMPT_TUNING, PREFIX_TUNING")),
+            ("loha", {"peft_type": "LOHA"}, ("LOHA", "LORA, ADALORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING")),
             ("dora", {"use_dora": True}, ("no lora_magnitude_vector", "model.layers.0.self_attn.q_proj")),
             ("mts", {"modules_to_save": ["lm_head"]}, ("modules_to_save", "lm_head")),
             ("bias", {"bias": "all"}, ("bias='none'",)),
