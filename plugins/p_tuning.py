@@ -15,7 +15,7 @@ from torch import nn
 from peftsurgery import SurgeryError, adapters, hookimpl
 from peftsurgery.checks import integer
 from peftsurgery.rewrite import Hooked, Rule, text_ids
-from peftsurgery.rewrite.prompt import PromptEmbedding
+from peftsurgery.rewrite.prompt import PromptEmbedding, starting_vectors
 from peftsurgery.tasks import soft_tokens_of
 
 __version__ = "1.0"
@@ -139,10 +139,7 @@ class SoftTokens(Rule):
 
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None   # used once here; the rule stays on the model and must pickle
-        emb = model.get_submodule(sites[0].path)
-        with torch.no_grad():
-            w = torch.zeros(self.num_tokens, emb.weight.shape[1]) if init is None else init(emb, self.num_tokens)
-            w = w.to(device=emb.weight.device, dtype=emb.weight.dtype)
+        w = starting_vectors(model.get_submodule(sites[0].path), self.num_tokens, init)
         enc = None
         if self.encoder is not None:
             kind, hidden = self.encoder

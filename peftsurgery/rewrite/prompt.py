@@ -66,10 +66,7 @@ class Prompt(Rule):
 
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
-        emb = model.get_submodule(sites[0].path)
-        with torch.no_grad():
-            w = torch.zeros(self.num_tokens, emb.weight.shape[1]) if init is None else init(emb, self.num_tokens)
-            w = w.to(device=emb.weight.device, dtype=emb.weight.dtype)
+        w = starting_vectors(model.get_submodule(sites[0].path), self.num_tokens, init)
         enc = self.encoder(w.shape[-1]) if self.encoder else None
         return {sites[0].path: PromptEmbedding(w.clone(), enc)}
 
@@ -102,3 +99,11 @@ class Prompt(Rule):
 
     def describe(self, site, built):
         return f"{self.num_tokens} virtual tokens prepended to the embeddings"
+
+
+def starting_vectors(emb: nn.Module, num_tokens: int, init) -> torch.Tensor:
+    """(num_tokens, width) vectors to start soft tokens from: init(emb, num_tokens), or zeros without one, on the
+    embedding's device and dtype."""
+    with torch.no_grad():
+        w = torch.zeros(num_tokens, emb.weight.shape[1]) if init is None else init(emb, num_tokens)
+        return w.to(device=emb.weight.device, dtype=emb.weight.dtype)
