@@ -389,6 +389,10 @@ class PTuningMapping(PromptMapping):
                                    "encoder_dropout"}
 
 
+ENC_DEC_MPT = ("PEFT's multitask prompt tuning on an encoder-decoder also puts task prompts before the decoder's "
+               "tokens, which peftsurgery's multitask-prompt-tuning (encoder input only) cannot hold")
+
+
 class MultitaskPromptMapping(Mapping):
     """PEFT multitask prompt tuning <-> multitask-prompt-tuning: the shared prompt (prompt_embeddings) and each
     task's factors, stacked by task id in PEFT (prefix_task_cols (tasks, tokens, r), prefix_task_rows (tasks, r,
@@ -401,8 +405,7 @@ class MultitaskPromptMapping(Mapping):
 
     def to_ours(self, cfg, tensors, sm, model, directory):
         if sm.encoder_decoder:
-            raise SurgeryError(f"{directory}: PEFT's multitask prompt tuning on an encoder-decoder is not mapped; "
-                               "use it on a decoder-only or encoder model")
+            raise SurgeryError(f"{directory}: {ENC_DEC_MPT}; use it with PEFT, or train ours on this model")
         parts = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
         if sorted(tensors) != sorted(parts):
             raise SurgeryError(f"{directory}: expected the tensors {', '.join(parts)}, found "
@@ -424,8 +427,7 @@ class MultitaskPromptMapping(Mapping):
     def to_peft(self, att, sm, model):
         rec = _one_record(att, Prompt)
         if sm.encoder_decoder:
-            raise SurgeryError(f"adapter {att.name!r}: PEFT's multitask prompt tuning on an encoder-decoder is not "
-                               "mapped; save it in peftsurgery's format")
+            raise SurgeryError(f"adapter {att.name!r}: {ENC_DEC_MPT}; save it in peftsurgery's format")
         state, _ = rec.state()
         key, tasks = _key(rec.sites[0].path), rec.rule.tasks
         if tasks != [str(i) for i in range(len(tasks))]:
