@@ -6,6 +6,8 @@ adapter rank 0 saves (sharded tensors gathered) equals a single-process run on t
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +55,25 @@ def reference(case):
 
 @pytest.mark.parametrize("case", list(worker.CASES))
 def test_two_ranks_train_like_one_process(ranks, case):
+    check_ranks(ranks, case)
+
+
+def test_accelerate_launch_starts_the_same_ranks(tmp_path):
+    """The README's `accelerate launch --multi_gpu --num_processes 2` line, run on the CPU: two ranks (gloo) that
+    train as one process does."""
+    pytest.importorskip("accelerate")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(root, "tests", "distributed_worker.py"), str(tmp_path), "ddp-lora"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_ranks(tmp_path, "ddp-lora")
+
+
+def check_ranks(ranks, case):
+    """Each rank's report, and the adapter rank 0 saved against one process on the whole global batch."""
     reports = [json.loads((ranks / case / f"rank{r}.json").read_text()) for r in range(2)]
     model, want = reference(case)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
