@@ -1,5 +1,5 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, eval, demo. Every user error
-ends as one line on stderr and exit status 2."""
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, pretrain-prompt, eval, demo.
+Every user error ends as one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -118,6 +118,32 @@ def _build_parser() -> argparse.ArgumentParser:
                     "ensembling; the majority vote is reported too)")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_train)
+
+    sp = sub.add_parser("pretrain-prompt", help="pre-train a prompt-tuning adapter on unlabelled text (PPT), to "
+                                                "start a downstream prompt from with --set init=pretrained:DIR")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--text", required=True, metavar="FILE",
+                    help="UTF-8 text: documents separated by blank lines, split into sentences")
+    sp.add_argument("--format", default="pair", choices=("pair", "choice"),
+                    help="pair: does sentence B follow A (yes / maybe: same document / no); choice: which of "
+                         "--options sentences follows A (default: pair)")
+    sp.add_argument("--options", type=int, default=3, dest="candidates",
+                    help="candidates per example for --format choice (default: 3)")
+    sp.add_argument("--examples", type=int, default=2000, metavar="N", help="examples built from the text "
+                    "(default: 2000)")
+    _add_set(sp, help="prompt-tuning option KEY=VALUE, e.g. num_tokens=20 (repeatable)")
+    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (default: prompt-tuning's)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--model-kind", choices=("causal", "masked", "seq2seq"),
+                    help="where the answer is read (default: from the model)")
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--device", help="run on this torch device, e.g. cuda (default: cpu)")
+    sp.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_pretrain_prompt)
 
     sp = sub.add_parser("eval", help="accuracy of a cloze classifier (the base model, or with --adapter)")
     sp.add_argument("model", metavar="MODEL")
@@ -444,6 +470,35 @@ def cmd_train(args):
                     batch_size=args.batch_size, schedule=args.schedule, seed=args.seed)
     _report(args, row)
     print(f"wrote {path}")
+
+
+def cmd_pretrain_prompt(args):
+    from . import budget, save
+    from .pretrain import pretrain_prompt
+    from .registry import Method
+    from .zoo import load_model
+    if min(args.epochs, args.batch_size, args.examples) < 1:
+        raise SurgeryError("--examples, --epochs and --batch-size must be positive")
+    config = _options(args.options)
+    Method("prompt-tuning").config(config)     # bad options refused before the model loads
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    model = _on_device(model, args.device)
+    if tokenizer is None:
+        raise SurgeryError("pretrain-prompt needs the model's tokenizer; give a model folder (or GGUF) that holds one")
+    result = pretrain_prompt(model, tokenizer, args.text, args.format, args.examples, args.candidates, args.epochs,
+                             args.batch_size, args.lr, args.seed, not args.quiet, args.model_kind, **config)
+    row = {"method": "prompt-tuning", "format": args.format, "examples": result["examples"], "lr": result["lr"],
+           "trainable_params": budget(model)["trainable"], "steps": result["steps"],
+           "median_s_per_step": round(result["median_step_seconds"], 3),
+           "first_loss": result["losses"][0], "final_loss": result["losses"][-1]}
+    path = save(model, args.output)
+    write_task_file(path, result["task"], row, result, config=config, text=args.text, epochs=args.epochs,
+                    batch_size=args.batch_size, seed=args.seed)
+    _report(args, row)
+    print(f"wrote {path}; start a prompt from it with: --plugin prompt-tuning --set init=pretrained:{path}")
 
 
 def _choose_lr(args, model, task, examples, config) -> dict:

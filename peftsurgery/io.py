@@ -114,6 +114,26 @@ def read(directory: str) -> tuple[dict, dict]:
     return meta, tensors
 
 
+def _check_base(directory: str, meta: dict, sm, model_class: str | None, what: str = "load it onto") -> None:
+    want, have = meta["base"]["fingerprint"], sm.fingerprint()
+    if want != have:
+        this = f"this model is {model_class}, {have}" if model_class else f"this model's is {have}"
+        raise SurgeryError(f"{directory} was made for a different architecture ({meta['base'].get('class')}, "
+                           f"fingerprint {want}; {this}); {what} the model it was trained for")
+
+
+def read_adapter(directory: str, method: str, sites=None) -> tuple[dict, dict]:
+    """(config, tensors) of an adapter `method` saved to `directory`, for a plugin that starts a new adapter from
+    it (init=pretrained:DIR). One-line errors for a missing or damaged folder, another method and, given the
+    model's SiteMap `sites`, another architecture."""
+    meta, tensors = read(directory)
+    if meta["method"] != method:
+        raise SurgeryError(f"{directory} holds a {meta['method']} adapter; init=pretrained needs a {method} one")
+    if sites is not None:
+        _check_base(directory, meta, sites, None, "start from an adapter of")
+    return meta["config"], tensors
+
+
 def load(model: nn.Module, directory: str, name: str | None = None, trainable: bool = False,
          example_inputs=None) -> nn.Module:
     """Attach a saved adapter to `model` (under `name`, default "default"). Everything is checked before the
@@ -139,11 +159,7 @@ def load(model: nn.Module, directory: str, name: str | None = None, trainable: b
     method = Method(meta["method"])
     _check_version(directory, meta, method)
     sm = sitemap(model, example_inputs)
-    want, have = meta["base"]["fingerprint"], sm.fingerprint()
-    if want != have:
-        raise SurgeryError(f"{directory} was made for a different architecture ({meta['base'].get('class')}, "
-                           f"fingerprint {want}; this model is {type(model).__name__}, {have}); "
-                           "load it onto the model it was trained for")
+    _check_base(directory, meta, sm, type(model).__name__)
     return _attach_saved(model, directory, method, meta["config"], meta.get("rules"), tensors, name, trainable, sm)
 
 

@@ -190,10 +190,7 @@ class MultitaskPrompt(Prompt):
 def read_source(directory: str, num_tokens: int, r: int, factors: str):
     """(P*, u, v) to start from, out of a saved multitask adapter: factors averaged over its tasks, fresh, or one
     task's."""
-    from peftsurgery.io import read
-    meta, tensors = read(directory)
-    if meta["method"] != METHOD:
-        raise SurgeryError(f"{directory} holds a {meta['method']} adapter; init=pretrained needs a {METHOD} one")
+    _, tensors = ps.read_adapter(directory, METHOD)
     parts = {}
     for k, t in tensors.items():
         rest = k.split(".", 2)[2]   # "0.<site>.weight" / "0.<site>.u.TASK"

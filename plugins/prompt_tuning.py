@@ -3,26 +3,34 @@ from dataclasses import dataclass
 
 import torch
 
-from peftsurgery import SurgeryError, hookimpl
+from peftsurgery import SurgeryError, hookimpl, read_adapter
 from peftsurgery.checks import integer
 from peftsurgery.rewrite import Prompt, text_ids
 
 __version__ = "1.0"
 INITS = ("random", "vocab", "text")
+PRETRAINED = "pretrained:"
 
 
 @dataclass
 class PromptTuningConfig:
     num_tokens: int = 20
-    init: str = "vocab"          # random | vocab (embeddings of sampled vocabulary tokens) | text
+    # random | vocab (embeddings of sampled vocabulary tokens) | text | pretrained:DIR (the vectors of a
+    # prompt-tuning adapter saved in DIR, e.g. by `peftsurgery pretrain-prompt`: PPT)
+    init: str = "vocab"
     text: str = ""               # token ids, comma-separated, for init=text (or pass init_ids from Python)
     seed: int = 0
 
     def __post_init__(self):
         integer("prompt-tuning", "num_tokens", self.num_tokens)
         integer("prompt-tuning", "seed", self.seed, least=None)
-        if self.init not in INITS:
-            raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if str(self.init).startswith(PRETRAINED):
+            if not self.init[len(PRETRAINED):]:
+                raise SurgeryError("prompt-tuning: init=pretrained:DIR needs the folder of a saved prompt-tuning "
+                                   "adapter")
+        elif self.init not in INITS:
+            raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)} or pretrained:DIR, got "
+                               f"{self.init!r}")
         if self.init == "text":
             try:
                 text_ids(self.text)
@@ -55,9 +63,20 @@ def peftsurgery_describe():
     return "Prompt tuning: trainable virtual tokens prepended at the input embedding"
 
 
+def pretrained(config, sites):
+    """init=pretrained:DIR: the saved adapter's vectors, checked against this model and num_tokens."""
+    directory = config.init[len(PRETRAINED):]
+    _, tensors = read_adapter(directory, "prompt-tuning", sites)
+    (w,) = tensors.values()
+    if w.shape[0] != config.num_tokens:
+        raise SurgeryError(f"{directory} holds {w.shape[0]} virtual tokens; set num_tokens={w.shape[0]}")
+    return lambda embedding, n: w.to(embedding.weight.device)
+
+
 @hookimpl
 def peftsurgery_rules(config, sites):
-    return [Prompt(config.num_tokens, initial(config))]
+    init = pretrained(config, sites) if config.init.startswith(PRETRAINED) else initial(config)
+    return [Prompt(config.num_tokens, init)]
 
 
 @hookimpl
