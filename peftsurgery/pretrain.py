@@ -17,24 +17,15 @@ from __future__ import annotations
 import random
 import re
 import string
-from dataclasses import dataclass
 
 from .errors import SurgeryError
 from .train import Example
 
-
-@dataclass(frozen=True)
-class Format:
-    template: str
-    words: dict            # label -> its word
-
-
-FORMATS = {
-    "pair": Format("{text}\n{text_b}\nDoes the second sentence follow the first?{answer}",
-                   {"next": " yes", "same": " maybe", "other": " no"}),
-    # the letters' words are filled in per number of options
-    "choice": Format("{text}\nWhich sentence comes next?\n{text_b}\nAnswer:{answer}", {}),
+FORMATS = {   # format -> its template
+    "pair": "{text}\n{text_b}\nDoes the second sentence follow the first?{answer}",
+    "choice": "{text}\nWhich sentence comes next?\n{text_b}\nAnswer:{answer}",
 }
+PAIR_WORDS = {"next": " yes", "same": " maybe", "other": " no"}   # choice: " A", " B", ...
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -60,6 +51,8 @@ def examples(docs: list[list[str]], fmt: str, n: int, options: int = 3, seed: in
     """n self-supervised examples in format `fmt` drawn (seeded) from the documents."""
     if fmt not in FORMATS:
         raise SurgeryError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "choice" and (not isinstance(options, int) or not 2 <= options <= 26):
+        raise SurgeryError(f"options must be an integer from 2 to 26, got {options!r}")
     if not isinstance(n, int) or n < 1:
         raise SurgeryError(f"the number of examples must be a positive integer, got {n!r}")
     # (document, sentence) pairs that have a next sentence
@@ -87,12 +80,19 @@ def examples(docs: list[list[str]], fmt: str, n: int, options: int = 3, seed: in
             out.append(Example(docs[d][i], label, docs[d][i + 1] if label == "next" else other(d)))
         rng.shuffle(out)
         return out
-    if not isinstance(options, int) or not 2 <= options <= 26:
-        raise SurgeryError(f"options must be an integer from 2 to 26, got {options!r}")
     out = []
     for _ in range(n):
         d, i = rng.choice(starts)
-        candidates = [docs[d][i + 1]] + [other(d) for _ in range(options - 1)]
+        candidates = [docs[d][i + 1]]
+        for _ in range(100 * options):   # distinct candidates
+            if len(candidates) == options:
+                break
+            c = other(d)
+            if c not in candidates:
+                candidates.append(c)
+        else:
+            raise SurgeryError(f"the other documents hold too few distinct sentences for {options} options; give "
+                               "more text or fewer --options")
         order = list(range(options))
         rng.shuffle(order)
         listed = "\n".join(f"{string.ascii_uppercase[k]}. {candidates[c]}" for k, c in enumerate(order))
@@ -103,12 +103,8 @@ def examples(docs: list[list[str]], fmt: str, n: int, options: int = 3, seed: in
 def task_for(tokenizer, fmt: str, kind: str, options: int = 3, max_length: int = 256):
     """The format's Task: its template and label words."""
     from .tasks import Task, Verbalizer
-    if fmt == "pair":
-        labels, words = list(FORMATS["pair"].words), FORMATS["pair"].words
-    else:
-        labels = list(string.ascii_uppercase[:options])
-        words = {c: " " + c for c in labels}
-    return Task(tokenizer, FORMATS[fmt].template, Verbalizer(labels, words), kind, max_length)
+    words = PAIR_WORDS if fmt == "pair" else {c: " " + c for c in string.ascii_uppercase[:options]}
+    return Task(tokenizer, FORMATS[fmt], Verbalizer(list(words), words), kind, max_length)
 
 
 def pretrain_prompt(model, tokenizer, path: str, fmt: str = "pair", n: int = 2000, options: int = 3,
@@ -117,15 +113,16 @@ def pretrain_prompt(model, tokenizer, path: str, fmt: str = "pair", n: int = 200
     """Attach a prompt-tuning adapter (options `config`: num_tokens, init, ...) and train it on n examples of
     format `fmt` built from the text file at `path`; the base stays frozen. Returns fit's result with the task,
     the learning rate and the examples' count; save the adapter with peftsurgery.save."""
+    import torch
+
     from .registry import Method
     from .surgery import apply
     from .tasks import kind_of
     from .train import fit
-    import torch
     method = Method("prompt-tuning")
     settings = method.config(config)      # bad options refused before the text is read
-    task = task_for(tokenizer, fmt, kind or kind_of(model) or "causal", options)
     data = examples(documents(path), fmt, n, options, seed)
+    task = task_for(tokenizer, fmt, kind or kind_of(model) or "causal", options)
     rate = lr if lr is not None else method.learning_rate(settings)
     torch.manual_seed(seed)
     apply(model, "prompt-tuning", **config)

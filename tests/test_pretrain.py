@@ -87,7 +87,7 @@ def test_choice_examples_put_the_next_sentence_at_the_label(tmp_path):
     assert {e.label for e in out} == set("ABCD")
     for e in out:
         lines = e.text_b.split("\n")
-        assert [x[:3] for x in lines] == ["A. ", "B. ", "C. ", "D. "]
+        assert [x[:3] for x in lines] == ["A. ", "B. ", "C. ", "D. "] and len({x[3:] for x in lines}) == 4
         d, i = where[e.text]
         for x in lines:
             dx, ix = where[x[3:]]
@@ -103,6 +103,7 @@ def test_text_that_cannot_make_a_format_is_refused(tmp_path):
     raises_one_line(lambda: examples(documents(str(short)), "pair", 5), "three or more sentences", "choice")
     assert len(examples(documents(str(short)), "choice", 5, options=2)) == 5
     raises_one_line(lambda: examples(documents(str(short)), "choice", 5, options=1), "options", "2 to 26")
+    raises_one_line(lambda: examples(documents(str(short)), "choice", 5, options=4), "too few distinct sentences")
     raises_one_line(lambda: examples(documents(str(short)), "cloze", 5), "unknown format", "pair, choice")
     raises_one_line(lambda: documents(str(tmp_path / "missing.txt")), "is not a file")
     bad = tmp_path / "bad.txt"
