@@ -150,6 +150,15 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--adapter", metavar="DIR", help="an adapter saved by train (its template and labels are used)")
     sp.add_argument("--data", required=True, metavar="FILE")
     _add_task(sp)
+    sp.add_argument("--shots", type=int, metavar="K", help="in-context learning: K demonstrations from --shots-from "
+                    "before each query, written with the template and the label's word")
+    sp.add_argument("--shots-from", metavar="FILE", help="labelled examples to draw demonstrations from")
+    sp.add_argument("--shot-selection", default="random", choices=("random", "balanced", "similar"),
+                    help="random, the labels in turn, or the nearest by the model's input embeddings "
+                         "(default: random)")
+    sp.add_argument("--shot-seed", type=int, default=0, help="draws and orders the demonstrations (default: 0)")
+    sp.add_argument("--calibrate", action="store_true", help="contextual calibration: scores relative to a "
+                    "content-free input's behind the same demonstrations")
     sp.set_defaults(run=cmd_eval)
 
     sp = sub.add_parser("demo", help="fine-tune a real model (SmolLM2-135M-Instruct, from PyPI) for sentiment on "
@@ -532,9 +541,18 @@ def cmd_eval(args):
                     saved = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SurgeryError(f"{task} is corrupted; train the adapter again") from None
+    if (args.shots is None) != (args.shots_from is None) or (args.calibrate and args.shots is None):
+        raise SurgeryError("in-context learning needs --shots K and --shots-from FILE together (--calibrate "
+                           "works with them)")
+    pool = read_examples(args.shots_from) if args.shots_from else None
+    if pool is not None and (saved or {}).get("ensemble"):
+        raise SurgeryError("--shots does not combine with an ensemble adapter; score one member (its folder) instead")
     model, tokenizer = load_model(args.model)
     model = _on_device(model, args.device)
     task = _task(args, examples, saved, model, tokenizer)
+    if pool is not None:
+        from .icl import InContext
+        task = InContext(task, pool, args.shots, args.shot_selection, args.shot_seed, args.calibrate, model)
     if args.adapter and (saved or {}).get("ensemble"):
         task = load_ensemble(model, task, args.adapter, saved["ensemble"], saved.get("combine", "mean"))
     elif args.adapter:

@@ -194,6 +194,7 @@ class Task:
         self.prefix, self.suffix = _specials(tokenizer)
         if kind == "causal":
             self.suffix = []   # the answer follows the prompt directly
+        self.context = None    # example -> text written before the template, never cut (icl.py's demonstrations)
 
     @property
     def labels(self) -> list[str]:
@@ -273,7 +274,7 @@ class Task:
         "answer" (mask tokens), or None (template text and special tokens). Runs of text between soft tokens are
         each tokenized as one string, so the tokens are those of the whole rendered text."""
         out = [(t, None) for t in self.prefix]
-        run = []
+        run = [] if self.context is None else [(self.context(e), None)]
         for i, (kind, value) in enumerate(self.template.parts + [("soft", 0)]):
             if kind == "lit":
                 run.append((value, None))
@@ -300,9 +301,10 @@ class Task:
         excess = len(tokens) - limit
         fixed = len(tokens) - sum(counts.values())
         if fixed > limit:
-            raise SurgeryError(f"the template with its special, soft and answer tokens takes "
+            demos = " and demonstrations" if self.context is not None else ""
+            raise SurgeryError(f"the template with its special, soft and answer tokens{demos} takes "
                                f"{fixed + self.max_length - limit} tokens, more than max_length {self.max_length}; "
-                               "shorten the template or raise --max-length")
+                               f"shorten the template{demos and ', give fewer --shots'} or raise --max-length")
         while excess > 0:
             longest = max(counts, key=lambda o: counts[o])
             counts[longest] -= 1

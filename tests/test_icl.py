@@ -1,0 +1,97 @@
+"""In-context learning (peftsurgery/icl.py, `peftsurgery eval --shots`): what the model reads is the
+demonstrations written with the template and then the query; the draw is per query (a row scores the same in any
+batch); balanced and similar selections pick what they say; calibration is log p - log p(content-free)."""
+
+import pytest
+import torch
+from test_train import TEMPLATE, WORDMAP, examples, tiny_model, tokenizer
+
+from conftest import raises_one_line
+from peftsurgery.cli import main
+from peftsurgery.icl import InContext
+from peftsurgery.tasks import Task, Verbalizer
+from peftsurgery.train import Example, evaluate, write_jsonl
+
+POOL = examples(40, seed=1)
+
+
+def task(**kw):
+    return Task(tokenizer(), TEMPLATE, Verbalizer(["pos", "neg"], WORDMAP), "causal", **kw)
+
+
+def test_the_model_reads_the_demonstrations_then_the_query():
+    icl = InContext(task(), POOL, shots=3, seed=5)
+    q = Example("the film was good", "pos")
+    demos = icl.demonstrations(q)
+    assert len(demos) == 3 and len(set(demos)) == 3 and all(d in POOL for d in demos)
+    text = "".join(f"Review: {d.text}\nSentiment:{WORDMAP[d.label]}\n\n" for d in demos) + \
+        "Review: the film was good\nSentiment:"
+    ids = icl.encode([q]).input_ids[0]
+    assert ids.tolist() == tokenizer().encode(text)
+    assert icl.demonstrations(q) == demos and InContext(task(), POOL, 3, seed=6).demonstrations(q) != demos
+
+
+def test_a_query_is_never_its_own_demonstration_and_scores_alike_in_any_batch():
+    model = tiny_model()
+    icl = InContext(task(), POOL, shots=4, seed=0)
+    assert all(POOL[0] not in icl.demonstrations(POOL[0]) for _ in range(3))
+    with torch.no_grad():
+        alone = icl.scores(model, icl.encode([POOL[3]]))
+        batch = icl.scores(model, icl.encode([POOL[7], POOL[3], Example("a", "neg")]))
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+
+
+def test_balanced_takes_the_labels_in_turn_and_similar_the_nearest():
+    model = tiny_model()
+    for k in (4, 5):
+        for q in POOL[:5]:
+            labels = [d.label for d in InContext(task(), POOL, k, "balanced").demonstrations(q)]
+            assert abs(labels.count("pos") - labels.count("neg")) <= 1
+    icl = InContext(task(), POOL, 3, "similar", model=model)
+    emb = model.get_input_embeddings().weight.detach()
+    vec = lambda t: torch.nn.functional.normalize(emb[tokenizer().encode(t)].mean(0), dim=0)
+    q = Example("good good film", "pos")
+    by_hand = sorted(POOL, key=lambda e: float(vec(e.text) @ vec(q.text)))[-3:]   # nearest last
+    assert icl.demonstrations(q) == by_hand
+
+
+def test_calibration_is_relative_to_the_content_free_input_behind_the_same_demonstrations():
+    model = tiny_model()
+    icl = InContext(task(), POOL, 2, seed=3, calibrate=True)
+    qs = [Example("the plot was awful", "neg"), Example("lovely acting", "pos")]
+    plain = InContext(task(), POOL, 2, seed=3)
+    t = task()
+    with torch.no_grad():
+        got = icl.scores(model, icl.encode(qs))
+        for i, q in enumerate(qs):
+            t.context = lambda e, q=q: plain.context(q)
+            s = t.scores(model, t.encode([q, Example("N/A", q.label)])).log_softmax(-1)
+            torch.testing.assert_close(got[i], s[0] - s[1], atol=1e-5, rtol=0)
+    assert evaluate(model, icl, POOL[:6]) in [i / 6 for i in range(7)]
+
+
+def test_mistakes_are_one_line():
+    raises_one_line(lambda: InContext(task(), POOL, 0), "--shots must be a positive integer")
+    raises_one_line(lambda: InContext(task(), POOL[:3], 3), "pool of at least 4", "fewer --shots")
+    raises_one_line(lambda: InContext(task(), POOL, 2, "nearest"), "unknown demonstration selection")
+    raises_one_line(lambda: InContext(task(), POOL, 2, "similar"), "need the model")
+    raises_one_line(lambda: InContext(task(), POOL + [Example("x", "meh")], 2), "label 'meh'")
+    icl = InContext(task(max_length=20), POOL, 8)
+    raises_one_line(lambda: icl.encode(POOL[:1]), "and demonstrations", "fewer --shots")
+
+
+@pytest.mark.parametrize("extra", [[], ["--calibrate", "--shot-selection", "balanced"]])
+def test_cli(tmp_path, capsys, extra):
+    from test_train import tiny_model as build
+    path = tmp_path / "model"
+    build().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    write_jsonl(POOL, str(tmp_path / "pool.jsonl"))
+    write_jsonl(examples(10, seed=2), str(tmp_path / "test.jsonl"))
+    common = [str(path), "--data", str(tmp_path / "test.jsonl"), "--template", TEMPLATE, "--label=pos=positive",
+              "--label=neg=negative", "--quiet"]
+    assert main(["eval", *common, "--shots", "2", "--shots-from", str(tmp_path / "pool.jsonl"), *extra]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", *common, "--shots", "2"]) == 2
+    assert main(["eval", *common, "--calibrate"]) == 2
+    assert "--shots K and --shots-from FILE together" in capsys.readouterr().err
