@@ -208,6 +208,8 @@ def _add_task(sp):
     sp.add_argument("--model-kind", choices=("causal", "masked", "seq2seq"),
                     help="where the answer is read (default: from the model)")
     sp.add_argument("--padding-side", choices=("left", "right"), help="(default: left)")
+    sp.add_argument("--chat", action="store_true", help="the template is the user's message of the tokenizer's chat "
+                    "template and the answer opens the assistant's turn (instruct models)")
     sp.add_argument("--max-length", type=int, metavar="N",
                     help="tokens per input; only the input fields are cut (default: 256)")
     sp.add_argument("--eval-batch-size", type=int, default=32)
@@ -396,7 +398,7 @@ def _task(args, examples, saved: dict | None, model, tokenizer):
                             pick(args.verbalizer_combine, "combine", "mean"))
     kind = pick(args.model_kind, "kind", None) or kind_of(model) or "causal"
     return Task(tokenizer, template, verbalizer, kind, pick(args.max_length, "max_length", 256),
-                pick(args.padding_side, "padding_side", "left"))
+                pick(args.padding_side, "padding_side", "left"), args.chat or saved.get("chat", False))
 
 
 def _on_device(model, device: str | None):

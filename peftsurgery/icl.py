@@ -55,6 +55,8 @@ class InContext:
         if len(pool) < shots + 1:   # + 1: a query found in the pool is left out of its own context
             raise SurgeryError(f"{shots} demonstrations need a pool of at least {shots + 1} examples, got "
                                f"{len(pool)}; give more or fewer --shots")
+        if getattr(task, "chat", False):
+            raise SurgeryError("demonstrations in a chat template are not built yet; leave --chat or --shots out")
         if selection == "similar" and model is None:
             raise SurgeryError("similar demonstrations need the model (its input embeddings)")
         self.task, self.pool, self.shots, self.selection = task, pool, shots, selection

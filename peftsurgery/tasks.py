@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import inspect
 import re
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class Task:
     every token a sequence holds (special, soft, answer tokens included)."""
 
     def __init__(self, tokenizer, template: str | Template, verbalizer: Verbalizer, kind: str = "causal",
-                 max_length: int = 256, padding_side: str = "left"):
+                 max_length: int = 256, padding_side: str = "left", chat: bool = False):
         if tokenizer is None:
             raise SurgeryError("a cloze classifier needs the model's tokenizer; give a model folder (or GGUF) "
                                "that holds one")
@@ -194,7 +195,28 @@ class Task:
         self.prefix, self.suffix = _specials(tokenizer)
         if kind == "causal":
             self.suffix = []   # the answer follows the prompt directly
+        self.chat = bool(chat)
+        if self.chat:
+            self._chat_parts()
         self.context = None    # example -> text written before the template, never cut (icl.py's demonstrations)
+
+    def _chat_parts(self):
+        """chat=True: the template is the user's message of the tokenizer's chat template and the answer opens the
+        assistant's turn, so the parts become (chat text before the message, the template without its answer slot,
+        the chat text after it up to the assistant's turn, the answer slot); the chat text holds the special tokens."""
+        if self.kind != "causal":
+            raise SurgeryError(f"chat templates are for causal (chat) models, not {self.kind} ones; leave --chat out")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SurgeryError("this tokenizer has no chat template; leave --chat out, or use a chat model's tokenizer")
+        mark = "\ue000peftsurgery\ue000"    # a private-use character run no template writes
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                                  add_generation_prompt=True)
+        if not isinstance(text, str) or text.count(mark) != 1:
+            raise SurgeryError("the tokenizer's chat template does not write the user's message once; leave --chat out")
+        before, after = text.split(mark)
+        self.template = copy.copy(self.template)
+        self.template.parts = [("lit", before), *self.template.parts[:-1], ("lit", after), ("answer", None)]
+        self.prefix, self.suffix = [], []    # the chat text has its own special tokens
 
     @property
     def labels(self) -> list[str]:
@@ -202,7 +224,7 @@ class Task:
 
     def to_json(self) -> dict:
         return {"template": self.template.text, **self.verbalizer.to_json(), "kind": self.kind,
-                "max_length": self.max_length, "padding_side": self.padding_side}
+                "max_length": self.max_length, "padding_side": self.padding_side, "chat": self.chat}
 
     # ---- encoding ---------------------------------------------------------------------------------------------
 

@@ -95,3 +95,39 @@ def test_cli(tmp_path, capsys, extra):
     assert main(["eval", *common, "--shots", "2"]) == 2
     assert main(["eval", *common, "--calibrate"]) == 2
     assert "--shots K and --shots-from FILE together" in capsys.readouterr().err
+
+
+# ---- instruction (chat) templates ------------------------------------------------------------------------------
+CHAT = ("{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_tokenizer():
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|end|>", "<|assistant|>"]})
+    tok.chat_template = CHAT
+    return tok
+
+
+def test_a_chat_task_writes_the_template_as_the_users_message_and_reads_the_assistants_answer():
+    tok = chat_tokenizer()
+    t = Task(tok, "Is this review positive or negative?\n{text}", Verbalizer(["pos", "neg"], WORDMAP), chat=True)
+    q = Example("the film was good", "pos")
+    want = tok.apply_chat_template([{"role": "user", "content": "Is this review positive or negative?\n"
+                                                                "the film was good"}],
+                                   add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    ids = t.encode([q]).input_ids[0].tolist()
+    assert ids == list(want) and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert t.to_json()["chat"] is True and t.template.text == "Is this review positive or negative?\n{text}"
+    long = Task(tok, "{text}", Verbalizer(["pos", "neg"], WORDMAP), max_length=8, chat=True)
+    cut = long.encode([Example("the film was good and the acting lovely", "pos")]).input_ids[0].tolist()
+    assert len(cut) == 8 and cut[0] == tok.convert_tokens_to_ids("<|user|>") and cut[-2:] == \
+        tok.convert_tokens_to_ids(["<|end|>", "<|assistant|>"])   # only the text is cut
+
+
+def test_chat_mistakes_are_one_line():
+    v = Verbalizer(["pos", "neg"], WORDMAP)
+    raises_one_line(lambda: Task(tokenizer(), "{text}", v, chat=True), "no chat template")
+    raises_one_line(lambda: Task(chat_tokenizer(), "{text}", v, "seq2seq", chat=True), "causal")
+    raises_one_line(lambda: InContext(Task(chat_tokenizer(), "{text}", v, chat=True), POOL, 2), "chat template")
