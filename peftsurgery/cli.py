@@ -159,6 +159,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shot-seed", type=int, default=0, help="draws and orders the demonstrations (default: 0)")
     sp.add_argument("--calibrate", action="store_true", help="contextual calibration: scores relative to a "
                     "content-free input's behind the same demonstrations")
+    sp.add_argument("--cot", action="store_true", help="zero-shot chain of thought: the model writes a rationale "
+                    "after \"Let's think step by step.\", then the labels are scored after it and \"Therefore, the "
+                    "answer is\" (causal models)")
+    sp.add_argument("--cot-tokens", type=int, default=64, metavar="N", help="rationale length limit (default: 64)")
     sp.set_defaults(run=cmd_eval)
 
     sp = sub.add_parser("demo", help="fine-tune a real model (SmolLM2-135M-Instruct, from PyPI) for sentiment on "
@@ -546,6 +550,8 @@ def cmd_eval(args):
     if (args.shots is None) != (args.shots_from is None) or (args.calibrate and args.shots is None):
         raise SurgeryError("in-context learning needs --shots K and --shots-from FILE together (--calibrate "
                            "works with them)")
+    if args.cot and args.shots is not None:
+        raise SurgeryError("--cot does not combine with --shots yet; give one of them")
     pool = read_examples(args.shots_from) if args.shots_from else None
     if pool is not None and (saved or {}).get("ensemble"):
         raise SurgeryError("--shots does not combine with an ensemble adapter; score one member (its folder) instead")
@@ -559,6 +565,17 @@ def cmd_eval(args):
         task = load_ensemble(model, task, args.adapter, saved["ensemble"], saved.get("combine", "mean"))
     elif args.adapter:
         load(model, args.adapter)
+    if args.cot:
+        from .cot import chain_of_thought
+        from .train import _known
+        _known(task, examples, "evaluation")
+        result = chain_of_thought(model, task, examples, args.cot_tokens, batch_size=args.eval_batch_size,
+                                  progress=not args.quiet)
+        for s in result["samples"]:
+            print(f"[{s['label']}] {s['text'][:80]}\n  rationale: {s['rationale'].strip()[:300]!r}")
+        _report(args, {"model": args.model, "adapter": args.adapter or "(none)", "examples": len(examples),
+                       "accuracy": result["accuracy"]})
+        return
     _report(args, {"model": args.model, "adapter": args.adapter or "(none)", "examples": len(examples),
                    **_accuracy(model, task, examples, args)})
 

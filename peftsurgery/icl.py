@@ -110,21 +110,10 @@ class InContext:
             out.append(emb[torch.tensor(ids, device=emb.device)].float().mean(0).cpu())
         return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
-    def render(self, e) -> str:
-        """Example e written with the template, its label's first word in the answer slot (soft tokens left out)."""
-        word = self.task.verbalizer.words[e.label][0]
-        text = ""
-        for kind, value in self.task.template.parts:
-            if kind == "lit":
-                text += value
-            elif kind == "field":
-                text += str(getattr(e, value))
-            elif kind == "answer":
-                text += word.lstrip() if text[-1:].isspace() else word
-        return text
-
     def context(self, query) -> str:
-        return "".join(self.render(d) + "\n\n" for d in self.demonstrations(query))
+        """The demonstrations, each written with the template and its label's first word, then a blank line."""
+        words = self.task.verbalizer.words
+        return "".join(self.task.render(d, words[d.label][0]) + "\n\n" for d in self.demonstrations(query))
 
     # ---- the task-like interface (encode / scores) -----------------------------------------------------------
 

@@ -222,6 +222,19 @@ class Task:
     def labels(self) -> list[str]:
         return self.verbalizer.labels
 
+    def render(self, e, answer: str = "") -> str:
+        """Example e written out as text (a chat task's chat text included), `answer` in the answer slot (a label
+        word's leading space dropped after white space); soft tokens are left out."""
+        text = ""
+        for kind, value in self.template.parts:
+            if kind == "lit":
+                text += value
+            elif kind == "field":
+                text += str(getattr(e, value))
+            elif kind == "answer":
+                text += answer.lstrip() if text[-1:].isspace() else answer
+        return text
+
     def to_json(self) -> dict:
         return {"template": self.template.text, **self.verbalizer.to_json(), "kind": self.kind,
                 "max_length": self.max_length, "padding_side": self.padding_side, "chat": self.chat}

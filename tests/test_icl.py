@@ -131,3 +131,36 @@ def test_chat_mistakes_are_one_line():
     raises_one_line(lambda: Task(tokenizer(), "{text}", v, chat=True), "no chat template")
     raises_one_line(lambda: Task(chat_tokenizer(), "{text}", v, "seq2seq", chat=True), "causal")
     raises_one_line(lambda: InContext(Task(chat_tokenizer(), "{text}", v, chat=True), POOL, 2), "chat template")
+
+
+# ---- chain of thought ------------------------------------------------------------------------------------------
+def test_chain_of_thought_scores_the_labels_after_the_models_own_rationale():
+    from peftsurgery.cot import CUE, TRIGGER, chain_of_thought, rationales
+    model, t = tiny_model(), task()
+    qs = [Example("the film was good", "pos"), Example("awful plot", "neg"), Example("a dull story", "neg")]
+    got = chain_of_thought(model, t, qs, max_new_tokens=5, batch_size=2)
+    prompts = [f"Review: {q.text}\nSentiment: {CUE}" for q in qs]
+    written = [s["rationale"] for s in got["samples"]]
+    for p, w in zip(prompts, written):   # in a left-padded batch, what greedy generation writes for it alone
+        ids = torch.tensor([tokenizer().encode(p)])
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=5, pad_token_id=t.pad_id)[0, ids.shape[1]:]
+        assert w == tokenizer().decode(new, skip_special_tokens=True) == rationales(model, t, [p], 5)[0]
+    answer = Task(tokenizer(), "{text}\n" + TRIGGER, t.verbalizer, "causal")
+    want = evaluate(model, answer, [Example(p + r, q.label) for p, r, q in zip(prompts, written, qs)])
+    assert got["accuracy"] == want and len(written) == 3 and all(written)
+    raises_one_line(lambda: chain_of_thought(model, t, qs, max_new_tokens=0), "--cot-tokens")
+
+
+def test_cli_cot(tmp_path, capsys):
+    path = tmp_path / "model"
+    tiny_model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    write_jsonl(examples(4, seed=2), str(tmp_path / "test.jsonl"))
+    common = [str(path), "--data", str(tmp_path / "test.jsonl"), "--template", TEMPLATE, "--label=pos=positive",
+              "--label=neg=negative", "--quiet"]
+    assert main(["eval", *common, "--cot", "--cot-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rationale:") == 3 and "accuracy" in out
+    assert main(["eval", *common, "--cot", "--shots", "2", "--shots-from", str(tmp_path / "test.jsonl")]) == 2
