@@ -1,5 +1,5 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, pretrain-prompt, eval, demo.
-Every user error ends as one line on stderr and exit status 2."""
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, pretrain-prompt, sft, eval,
+demo. Every user error ends as one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,29 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_pretrain_prompt)
+
+    sp = sub.add_parser("sft", help="instruction tuning with any method: the loss on response tokens only")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--plugin", required=True, metavar="NAME")
+    _add_set(sp)
+    sp.add_argument("--data", required=True, metavar="FILE",
+                    help="JSONL rows: instruction, response (optional input), or messages (role, content)")
+    sp.add_argument("--eval-data", metavar="FILE", help="held-out rows: their response loss, and responses "
+                    "generated for the first --samples")
+    sp.add_argument("--chat", action="store_true", help="write instruction rows with the tokenizer's chat template")
+    sp.add_argument("--max-length", type=int, default=512, metavar="N", help="tokens per row (default: 512)")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (default: the method's own)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--samples", type=int, default=3, metavar="N", help="held-out rows to answer (default: 3)")
+    sp.add_argument("--new-tokens", type=int, default=64, metavar="N", help="response length limit (default: 64)")
+    sp.add_argument("--threads", type=int, help="torch CPU threads")
+    sp.add_argument("--device", help="run on this torch device, e.g. cuda (default: cpu)")
+    sp.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_sft)
 
     sp = sub.add_parser("eval", help="accuracy of a cloze classifier (the base model, or with --adapter)")
     sp.add_argument("model", metavar="MODEL")
@@ -514,6 +537,53 @@ def cmd_pretrain_prompt(args):
                     batch_size=args.batch_size, seed=args.seed)
     _report(args, row)
     print(f"wrote {path}; start a prompt from it with: --plugin prompt-tuning --set init=pretrained:{path}")
+
+
+def cmd_sft(args):
+    import torch
+
+    from . import budget, save
+    from .registry import Method
+    from .sft import InstructionTask, held_out_loss, read_sft, respond
+    from .surgery import apply
+    from .train import fit
+    from .zoo import load_model
+    if min(args.epochs, args.batch_size, args.new_tokens) < 1 or args.samples < 0:
+        raise SurgeryError("--epochs, --batch-size and --new-tokens must be positive, --samples not negative")
+    rows = read_sft(args.data)
+    held = read_sft(args.eval_data) if args.eval_data else None
+    method = Method(args.plugin)
+    config = _options(args.options)
+    lr = args.lr if args.lr is not None else method.learning_rate(method.config(config))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    model = _on_device(model, args.device)
+    task = InstructionTask(tokenizer, args.max_length, args.chat)
+    for r in rows + (held or []):
+        task.tokens(r)    # every row checked before training
+    torch.manual_seed(args.seed)
+    apply(model, args.plugin, **config)
+    result = fit(model, task, rows, args.epochs, args.batch_size, lr, args.seed, progress=not args.quiet,
+                 desc=f"sft {args.plugin}")
+    row = {"method": args.plugin, "lr": lr, "trainable_params": budget(model)["trainable"], "steps": result["steps"],
+           "median_s_per_step": round(result["median_step_seconds"], 3),
+           "peak_memory_mb": round(result["peak_memory_bytes"] / 2**20), "final_loss": result["losses"][-1]}
+    samples = []
+    if held:
+        row["held_out_loss"] = held_out_loss(model, task, held, args.batch_size)
+        plain = [r for r in held if "messages" not in r][:args.samples]
+        for r, said in zip(plain, respond(model, task, plain, args.new_tokens)):
+            samples.append({"instruction": r["instruction"], "response": r["response"], "generated": said})
+            print(f"> {r['instruction'][:100]}\n  wanted:    {r['response'][:200]!r}\n  generated: {said[:200]!r}")
+    path = save(model, args.output)
+    with open(os.path.join(path, "sft.json.tmp"), "w") as f:
+        json.dump({"results": row, "losses": result["losses"], "samples": samples, "config": config,
+                   "data": args.data, "chat": args.chat, "max_length": args.max_length, "epochs": args.epochs,
+                   "batch_size": args.batch_size, "seed": args.seed}, f, indent=2)
+    os.replace(os.path.join(path, "sft.json.tmp"), os.path.join(path, "sft.json"))
+    _report(args, row)
+    print(f"wrote {path}")
 
 
 def _choose_lr(args, model, task, examples, config) -> dict:

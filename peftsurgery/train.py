@@ -169,7 +169,10 @@ def _known(task, examples, what: str) -> None:
 
 
 def loss_of(model, task, examples: list[Example]) -> torch.Tensor:
-    """Cross-entropy of the labels' scores against the examples' labels."""
+    """Cross-entropy of the labels' scores against the examples' labels (a task with its own `loss`, such as
+    sft.InstructionTask, gives it)."""
+    if hasattr(task, "loss"):
+        return task.loss(model, examples)
     _known(task, examples, "training")
     batch = task.encode(examples)
     s = task.scores(model, batch)

@@ -1,0 +1,103 @@
+"""Instruction tuning (peftsurgery/sft.py, `peftsurgery sft`): only response tokens (and the end of sequence)
+are trained, the loss is transformers' own on those labels, training lowers it, chat rows train the assistant's
+text only, and every mistake is one line."""
+import json
+
+import pytest
+import torch
+import transformers as tf
+from test_train import tokenizer as word_tokenizer
+
+from conftest import raises_one_line
+from peftsurgery import apply
+from peftsurgery.cli import main
+from peftsurgery.sft import InstructionTask, held_out_loss, read_sft
+from peftsurgery.train import fit
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+ROWS = [{"instruction": "Review the film", "response": "good acting very good"},
+        {"instruction": "Review the plot", "input": "the story", "response": "awful dull plot"},
+        {"instruction": "Review the movie", "response": "lovely fine film"}]
+
+
+def tokenizer():
+    tok = word_tokenizer()
+    tok.add_special_tokens({"eos_token": "</s>", "additional_special_tokens": [
+        "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]})
+    tok.chat_template = CHAT
+    return tok
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=1, attn_implementation="sdpa")
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_only_the_response_and_the_end_are_trained():
+    tok = tokenizer()
+    t = InstructionTask(tok)
+    ids, labels = t.tokens(ROWS[1])
+    prompt = tok.encode("Review the plot\n\nthe story\n\n")
+    response = tok.encode("awful dull plot", add_special_tokens=False)
+    assert ids == prompt + response + [tok.eos_token_id]
+    assert labels == [-100] * len(prompt) + response + [tok.eos_token_id]
+    ids, labels = InstructionTask(tok, chat=True).tokens(ROWS[0])
+    head = tok.encode("<|user|>Review the film<|end|><|assistant|>", add_special_tokens=False)
+    assert ids[:len(head)] == head and labels[:len(head)] == [-100] * len(head)
+    chat = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Review the film"},
+                         {"role": "assistant", "content": "good"}, {"role": "user", "content": "and the plot"},
+                         {"role": "assistant", "content": "dull"}]}
+    ids, labels = t.tokens(chat)
+    trained = [i for i, x in zip(ids, labels) if x != -100]
+    assert trained == tok.encode("good<|end|>dull<|end|></s>", add_special_tokens=False)
+    assert tok.decode(ids) == tok.decode(tok.encode(tok.apply_chat_template(chat["messages"], tokenize=False)
+                                                    + "</s>", add_special_tokens=False))
+
+
+def test_the_loss_is_transformers_own_on_those_labels_and_training_lowers_it():
+    m, t = model(), InstructionTask(tokenizer())
+    batch = t.encode(ROWS)
+    with torch.no_grad():
+        want = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        torch.testing.assert_close(t.loss(m, ROWS), want, atol=1e-6, rtol=1e-6)
+    before = held_out_loss(m, t, ROWS)
+    apply(m, "lora", r=4, targets="attn.q,attn.v,mlp.down")
+    fit(m, t, ROWS * 4, epochs=10, batch_size=4, lr=2e-2)
+    assert held_out_loss(m, t, ROWS) < before - 0.5
+
+
+def test_mistakes_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    for text, needle in [('{"instruction": "x"}\n', "needs instruction and response"), ("nope\n", "is not JSON"),
+                         ('{"messages": [{"role": "user", "content": "x"}]}\n', "assistant turn"), ("\n", "no rows")]:
+        bad.write_text(text)
+        raises_one_line(lambda: read_sft(str(bad)), needle)
+    raises_one_line(lambda: read_sft(str(tmp_path / "none.jsonl")), "is not a file")
+    raises_one_line(lambda: InstructionTask(tokenizer(), max_length=3).tokens(ROWS[1]), "leaves no response token")
+    raises_one_line(lambda: InstructionTask(word_tokenizer(), chat=True), "no chat template")
+    raises_one_line(lambda: InstructionTask(word_tokenizer()).tokens(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}), "chat template")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli(tmp_path, capsys, chat):
+    path = tmp_path / "model"
+    model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 3))
+    out = tmp_path / "adapter"
+    assert main(["sft", str(path), "--plugin", "lora", "--data", str(data), "--eval-data", str(data), "--epochs", "1",
+                 "--batch-size", "3", "--samples", "2", "--new-tokens", "4", "--quiet", "--json", "-o", str(out),
+                 *(["--chat"] if chat else [])]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("generated:") == 2 and "held_out_loss" in printed
+    record = json.loads((out / "sft.json").read_text())
+    assert record["results"]["steps"] == 3 and len(record["samples"]) == 2 and (out / "adapter.safetensors").exists()
+    assert main(["sft", str(path), "--plugin", "lora", "--data", str(tmp_path / "missing.jsonl"), "-o",
+                 str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
