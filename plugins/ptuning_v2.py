@@ -21,6 +21,7 @@ class PTuningV2Config:
     num_tokens: int = 20       # prompt length at every layer
     projection: int = 0        # hidden size of the reparameterisation MLP; 0 trains keys/values directly
     dropout: float = 0.1       # before the head's linear layer
+    pool: str = "auto"         # sequence: the token read, first | last | auto (last on a causal model, else first)
     targets: str = "attn"
 
     def __post_init__(self):
@@ -30,6 +31,8 @@ class PTuningV2Config:
         integer("p-tuning-v2", "num_tokens", self.num_tokens)
         integer("p-tuning-v2", "projection", self.projection, least=0)
         fraction("p-tuning-v2", "dropout", self.dropout)
+        if self.pool not in Head.pools:
+            raise SurgeryError(f"p-tuning-v2: pool must be one of {', '.join(Head.pools)}, got {self.pool!r}")
         selector("p-tuning-v2", "targets", self.targets)
 
 
@@ -46,7 +49,7 @@ def peftsurgery_describe():
 @hookimpl
 def peftsurgery_rules(config, sites):
     return [Prefix(config.targets, config.num_tokens, config.projection),
-            Head(config.task, config.labels, config.dropout)]
+            Head(config.task, config.labels, config.dropout, config.pool)]
 
 
 @hookimpl

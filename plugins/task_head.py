@@ -16,12 +16,15 @@ class TaskHeadConfig:
     task: str = "sequence"     # sequence: one label per row (first real token); token: one label per token
     labels: int = 2
     dropout: float = 0.1       # before the linear layer
+    pool: str = "auto"         # sequence: the token read, first | last | auto (last on a causal model, else first)
 
     def __post_init__(self):
         if self.task not in Head.tasks:
             raise SurgeryError(f"task-head: task must be one of {', '.join(Head.tasks)}, got {self.task!r}")
         integer("task-head", "labels", self.labels, least=2)
         fraction("task-head", "dropout", self.dropout)
+        if self.pool not in Head.pools:
+            raise SurgeryError(f"task-head: pool must be one of {', '.join(Head.pools)}, got {self.pool!r}")
 
 
 @hookimpl
@@ -36,7 +39,7 @@ def peftsurgery_describe():
 
 @hookimpl
 def peftsurgery_rules(config, sites):
-    return [Head(config.task, config.labels, config.dropout)]
+    return [Head(config.task, config.labels, config.dropout, config.pool)]
 
 
 @hookimpl

@@ -194,6 +194,45 @@ def test_prompt_tokens_never_shift_the_positions_the_head_reads(task, head_first
     assert (got - without).abs().max() > 1e-3   # the prompt acts
 
 
+def test_a_sequence_head_on_a_causal_model_reads_the_last_real_token(tmp_path):
+    """pool=auto: a causal model's first token has seen nothing else, so its head reads the last real token
+    (either padding side); pool=first stays available; a saved adapter keeps its pool, and one saved before the
+    option existed loads as first."""
+    from conftest import tiny_llama
+    ids = IDS % 100
+    model = perturb(ps.apply(tiny_llama(), "task-head", task="sequence", labels=3), seed=5)
+    assert "the last real token" in [r for r in ps.inspect(model) if r["rule"] == "Head"][0]["what"]
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        changed = ids.clone()
+        changed[:, 0] = (changed[:, 0] + 1) % 100
+        assert (model(input_ids=changed).logits - got).abs().max() > 1e-4   # the last token saw the first
+    for side in ("left", "right"):
+        pad, mask = padded(side)
+        with torch.no_grad():
+            rows = model(input_ids=pad % 100, attention_mask=mask).logits
+            for i in range(3):
+                alone = model(input_ids=(pad % 100)[i][mask[i].bool()][None]).logits[0]
+                torch.testing.assert_close(rows[i], alone, atol=1e-5, rtol=0)
+    first = perturb(ps.apply(tiny_llama(), "task-head", task="sequence", labels=3, pool="first"), seed=5)
+    with torch.no_grad():
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % 100
+        assert torch.equal(first(input_ids=changed).logits, first(input_ids=ids).logits)
+    ps.save(model, str(tmp_path / "a"))
+    again = ps.load(tiny_llama(), str(tmp_path / "a"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, got)
+    import json
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    assert meta["rules"] == [{"pool": "last"}]
+    meta["rules"] = [{}]
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    old = ps.load(tiny_llama(), str(tmp_path / "a"))
+    assert "the first real token" in [r for r in ps.inspect(old) if r["rule"] == "Head"][0]["what"]
+    raises_one_line(lambda: ps.apply(tiny_llama(), "task-head", pool="mean"), "pool must be one of")
+
+
 def test_lora_and_head_baseline_right_padding():
     model = tiny_bert()
     perturb(ps.apply(model, "lora", r=4))

@@ -1,5 +1,6 @@
-"""Rule: a trainable task head on the model's final hidden states, for sequence classification (the first real
-token) or token classification (every token the user gave). Used by p-tuning-v2 and task-head; stacks with any
+"""Rule: a trainable task head on the model's final hidden states, for sequence classification (one real token:
+`pool` first, last, or auto: the last on a causal model, whose first token has seen nothing else, else the first)
+or token classification (every token the user gave). Used by p-tuning-v2 and task-head; stacks with any
 other adapter (LoRA + task-head is the usual baseline).
 
 Where it reads, by data flow, decided by one probe forward on the example inputs the sites were found with: the
@@ -33,6 +34,7 @@ from .base import Hooked, Rule, Switch
 from .inputs import Layout
 
 TASKS = ("sequence", "token")
+POOLS = ("auto", "first", "last")   # the token a sequence head reads; auto: last on a causal model, else first
 
 
 class HeadOutput(dict):
@@ -89,8 +91,10 @@ class _Runner:
     """The hooks of one head: pre() on the model records the user's call and takes `labels` out, grab() keeps the
     hidden states at the source, post() on the model turns them into the output."""
 
-    def __init__(self, head: TaskHead, switch: Switch, task: str, mode: str, ids: str, params: list[str]):
+    def __init__(self, head: TaskHead, switch: Switch, task: str, mode: str, ids: str, params: list[str],
+                 pool: str = "first"):
         self.head, self.switch, self.task, self.mode, self.ids, self.params = head, switch, task, mode, ids, params
+        self.pool = pool
         self.calls: list = []   # one entry per running call of the model (None: the adapter was off)
 
     def pre(self, module, args, kwargs):
@@ -135,10 +139,14 @@ class _Runner:
         elif h.shape[1] < S:
             raise SurgeryError(f"task head: the model's hidden states have {h.shape[1]} positions for {S} input "
                                "tokens; it cannot label them")
-        if self.task == "sequence":
+        if self.task == "sequence" and self.pool == "first":
             first = (mask.cumsum(-1) == 0).sum(-1).clamp(max=S - 1) if mask is not None else \
                 torch.zeros(B, dtype=torch.long, device=h.device)
             h = h[torch.arange(B, device=h.device), first]
+        elif self.task == "sequence":   # the last position the mask keeps, either padding side
+            last = (S - 1 - mask.flip(-1).cumsum(-1).eq(0).sum(-1)).clamp(min=0) if mask is not None else \
+                torch.full((B,), S - 1, dtype=torch.long, device=h.device)
+            h = h[torch.arange(B, device=h.device), last.to(h.device)]
         logits = self.head(h)
         if call["labels"] is None:
             return HeadOutput(logits=logits)
@@ -169,12 +177,15 @@ class Head(Rule):
     kinds = ()
     phase = 3
     tasks = TASKS
+    pools = POOLS
 
-    def __init__(self, task: str, labels: int, dropout: float = 0.1):
+    def __init__(self, task: str, labels: int, dropout: float = 0.1, pool: str = "auto"):
         super().__init__("")
         if task not in TASKS:
             raise SurgeryError(f"task head: task must be one of {', '.join(TASKS)}, got {task!r}")
-        self.task, self.labels, self.dropout = task, labels, dropout
+        if pool not in POOLS:
+            raise SurgeryError(f"task head: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.task, self.labels, self.dropout, self.pool = task, labels, dropout, pool
         self.mode = "output"
 
     @staticmethod
@@ -200,6 +211,8 @@ class Head(Rule):
         if not Head.width(sitemap):
             raise SurgeryError("task head: no attention output projection or embedding tells the hidden width; "
                                "the head needs a transformer")
+        if self.pool == "auto":   # a causal model's first token has seen nothing else
+            self.pool = "last" if any(s.kind == "attention" and s.causal for s in sitemap) else "first"
         return [Site(path=sitemap.entry, kind="hidden", role="hidden", found_by="probe",
                      out_features=Head.width(sitemap))]
 
@@ -215,14 +228,22 @@ class Head(Rule):
         site = sites[0]
         params = list(inspect.signature(model.forward).parameters)
         ids = sitemap.token_input if sitemap.token_input in params else "input_ids"
-        run = _Runner(built[site.path], switch, self.task, self.mode, ids, params)
+        run = _Runner(built[site.path], switch, self.task, self.mode, ids, params, self.pool)
         yield _First(model, "", run.pre)
         yield Hooked(model, site.path, run.grab, pre=self.mode == "input", acts=False)
         yield Hooked(model, "", run.post, always_call=True)
 
+    def state(self, built):
+        tensors, _ = super().state(built)
+        return tensors, {"pool": self.pool}
+
+    def loading(self, settings):
+        # adapters saved before the pool existed read the first token
+        return Head(self.task, self.labels, self.dropout, settings.get("pool", "first"))
+
     def describe(self, site, built):
         where = "its output" if self.mode == "output" else "its input"
-        what = "the first real token" if self.task == "sequence" else "every token"
+        what = f"the {self.pool} real token" if self.task == "sequence" else "every token"
         return f"{self.task} classification head ({self.labels} labels) on {what}, reading {where}"
 
 
