@@ -1,5 +1,5 @@
-"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, pretrain-prompt, sft, eval,
-demo. Every user error ends as one line on stderr and exit status 2."""
+"""The `peftsurgery` command: plugins, locate, apply, inspect, merge, export, train, pretrain-prompt, pet, sft,
+eval, demo. Every user error ends as one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,32 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.add_argument("-o", "--output", required=True, metavar="DIR")
     sp.set_defaults(run=cmd_pretrain_prompt)
+
+    sp = sub.add_parser("pet", help="PET: one adapter per pattern, their ensemble's soft labels on unlabelled "
+                                    "texts, a task head distilled from them")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("--pattern", action="append", default=[], metavar="TEMPLATE", dest="patterns",
+                    help="a pattern (template, as --template), at least two")
+    sp.add_argument("--plugin", default="lora", metavar="NAME", help="each pattern's method (default: lora)")
+    _add_set(sp)
+    sp.add_argument("--data", required=True, metavar="FILE", help="the labelled examples")
+    sp.add_argument("--unlabelled", required=True, metavar="FILE",
+                    help="texts to label: .jsonl with text (and text_b), or .txt, one per line")
+    sp.add_argument("--eval-data", metavar="FILE", help="labelled test examples: each pattern's, the ensemble's "
+                    "and the final classifier's accuracy")
+    _add_task(sp)
+    sp.add_argument("--unweighted", action="store_true", help="equal pattern weights (default: each pattern's "
+                    "accuracy on the labelled set before training)")
+    sp.add_argument("--temperature", type=float, default=2.0, help="of the soft labels (default: 2)")
+    sp.add_argument("--final-plugin", metavar="NAME", help="an adapter trained beside the final task head")
+    sp.add_argument("--epochs", type=int, default=3)
+    sp.add_argument("--final-epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--lr", type=float, metavar="LR", help="the patterns' learning rate (default: the method's own)")
+    sp.add_argument("--final-lr", type=float, default=1e-3, metavar="LR")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    sp.set_defaults(run=cmd_pet)
 
     sp = sub.add_parser("sft", help="instruction tuning with any method: the loss on response tokens only")
     sp.add_argument("model", metavar="MODEL")
@@ -537,6 +563,44 @@ def cmd_pretrain_prompt(args):
                     batch_size=args.batch_size, seed=args.seed)
     _report(args, row)
     print(f"wrote {path}; start a prompt from it with: --plugin prompt-tuning --set init=pretrained:{path}")
+
+
+def cmd_pet(args):
+    from .pet import pet, read_texts
+    from .registry import Method
+    from .train import read_examples
+    from .zoo import load_model
+    if len(args.patterns) < 2 or args.template:
+        raise SurgeryError("PET needs two or more --pattern TEMPLATE options (not --template)")
+    if min(args.epochs, args.final_epochs, args.batch_size) < 1:
+        raise SurgeryError("--epochs, --final-epochs and --batch-size must be positive")
+    labelled, unlabelled = read_examples(args.data), read_texts(args.unlabelled)
+    test = read_examples(args.eval_data) if args.eval_data else None
+    config = _options(args.options)
+    Method(args.plugin).config(config)
+    if args.final_plugin:
+        Method(args.final_plugin).config({})
+    model, tokenizer = load_model(args.model)
+    model = _on_device(model, args.device)
+    tasks = []
+    for pattern in args.patterns:
+        args.template = pattern
+        tasks.append(_task(args, labelled, None, model, tokenizer))
+    report = pet(model, tokenizer, tasks, labelled, unlabelled, args.plugin, config, args.epochs, args.batch_size,
+                 args.lr, not args.unweighted, args.temperature, args.final_plugin, None, args.final_epochs,
+                 args.final_lr, test, args.output, args.seed, not args.quiet)
+    report.pop("soft_labels")
+    with open(os.path.join(args.output, "pet.json"), "w") as f:
+        json.dump({**report, "labels": tasks[0].labels, "plugin": args.plugin, "config": config}, f, indent=2)
+    rows = [[r["template"].replace("\n", "\\n"), f"{r['weight']:.3f}",
+             f"{r['accuracy']:.1%}" if "accuracy" in r else ""] for r in report["pvps"]]
+    if test:
+        rows += [["ensemble", "", f"{report['ensemble_accuracy']:.1%}"],
+                 ["final classifier", "", f"{report['final_accuracy']:.1%}"]]
+    print(_table(["pattern", "weight", "accuracy"], rows))
+    if args.json:
+        print(json.dumps(report))
+    print(f"wrote {args.output} (pvp-*, final{', final-adapter' if args.final_plugin else ''}, pet.json)")
 
 
 def cmd_sft(args):

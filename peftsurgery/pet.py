@@ -1,0 +1,176 @@
+"""PET (Schick and Schuetze, 2021): several pattern-verbalizer pairs (PVPs) for one task, one adapter trained per
+PVP on the small labelled set over one frozen base; their ensemble labels an unlabelled set with soft labels; a
+final classifier (a task head, optionally with an adapter of its own) is distilled from those soft labels and then
+classifies the plain text with no pattern. Beside the task layer (tasks.py) and the loop (train.py), which it uses;
+`peftsurgery pet` is its command.
+
+Soft labels: the PVPs' label scores averaged, each weighted by its accuracy on the labelled set before training
+(the paper's weighting; weighted=False: equal weights), then softmax(s / temperature) (the paper's T = 2). The
+final classifier reads the text (a pair as the tokenizer's pair encoding) and trains on the cross-entropy against
+the soft labels.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SurgeryError
+from .train import Example, _batches, evaluate, fit
+
+
+def read_texts(path: str) -> list[Example]:
+    """Unlabelled texts: JSONL objects with "text" (optionally "text_b"; any "label" is ignored), or a .txt file
+    with one text per line."""
+    if not os.path.isfile(path):
+        raise SurgeryError(f"{path} is not a file; give a .jsonl of texts or a .txt with one text per line")
+    out = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.lower().endswith((".jsonl", ".json")):
+                out.append(Example(line.strip(), ""))
+                continue
+            try:
+                row = json.loads(line)
+                b = row.get("text_b")
+                out.append(Example(str(row["text"]), "", None if b is None else str(b)))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise SurgeryError(f"{path}:{n} is not a JSON object with text") from None
+    if not out:
+        raise SurgeryError(f"{path} holds no texts")
+    return out
+
+
+def label_scores(model, task, examples: list[Example], batch_size: int = 32) -> torch.Tensor:
+    """(examples, labels) scores of `task` on the model as it is (no gradients)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([task.scores(model, task.encode(c)).float().cpu() for c in _batches(examples, batch_size)])
+    finally:
+        model.train(was)
+
+
+def soft_labels(scores: list[torch.Tensor], weights: list[float], temperature: float = 2.0) -> torch.Tensor:
+    """softmax of the weighted mean of the PVPs' scores, divided by the temperature."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    if not bool((w > 0).any()):
+        w = torch.ones_like(w)   # every PVP at 0 accuracy: equal weights rather than none
+    mean = sum(wi * s for wi, s in zip(w, scores)) / w.sum()
+    return (mean / temperature).softmax(-1)
+
+
+class Distill:
+    """The final classifier's task: rows are (Example, soft label) pairs; the model's forward returns the task
+    head's logits (batch, labels); loss() is the cross-entropy against the soft labels."""
+
+    def __init__(self, tokenizer, max_length: int = 256):
+        if getattr(tokenizer, "pad_token", None) is None:   # a copy that pads with its end-of-sequence token
+            if getattr(tokenizer, "eos_token", None) is None:
+                raise SurgeryError("the tokenizer has neither a padding nor an end-of-sequence token to pad with")
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def inputs(self, examples: list[Example], device) -> dict:
+        texts = [e.text for e in examples]
+        pairs = [e.text_b for e in examples] if any(e.text_b is not None for e in examples) else None
+        if pairs is not None and None in pairs:
+            raise SurgeryError("some examples have text_b and some not; give pairs for all or none")
+        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+    def logits(self, model, examples) -> torch.Tensor:
+        out = model(**self.inputs(examples, next(model.parameters()).device))
+        logits = out["logits"] if isinstance(out, dict) else out[0]
+        if logits.dim() != 2:
+            raise SurgeryError("the final classifier needs a sequence task head on the model (task-head)")
+        return logits.float()
+
+    def loss(self, model, rows) -> torch.Tensor:
+        q = torch.stack([t for _, t in rows]).to(next(model.parameters()).device)
+        return -(q * self.logits(model, [e for e, _ in rows]).log_softmax(-1)).sum(-1).mean()
+
+    def accuracy(self, model, examples: list[Example], labels: list[str], batch_size: int = 32) -> float:
+        was = model.training
+        model.eval()
+        right = 0
+        try:
+            with torch.no_grad():
+                for c in _batches(examples, batch_size):
+                    pred = self.logits(model, c).argmax(-1).cpu()
+                    right += int((pred == torch.tensor([labels.index(e.label) for e in c])).sum())
+        finally:
+            model.train(was)
+        return right / len(examples)
+
+
+def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list[Example], plugin: str = "lora",
+        config: dict | None = None, epochs: int = 3, batch_size: int = 16, lr: float | None = None,
+        weighted: bool = True, temperature: float = 2.0, final_plugin: str | None = None,
+        final_config: dict | None = None, final_epochs: int = 3, final_lr: float = 1e-3, test: list | None = None,
+        out: str | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """The whole pipeline over `tasks` (peftsurgery.tasks.Task objects with the same labels, one per PVP). Each
+    PVP's adapter is trained, scores the unlabelled set (and `test`), is saved under out/pvp-J when `out` is given,
+    and is removed; then the final classifier (task-head, with `final_plugin` beside it when given) is attached as
+    adapters "final" (and "final-adapter") and distilled. Returns the accuracies and the soft labels."""
+    from .registry import Method
+    from .surgery import apply, remove, set_active
+    labels = tasks[0].labels if tasks else []
+    if len(tasks) < 2:
+        raise SurgeryError(f"PET needs at least 2 patterns, got {len(tasks)}")
+    if any(t.labels != labels for t in tasks):
+        raise SurgeryError("every pattern needs the same labels in the same order")
+    if not temperature > 0:
+        raise SurgeryError(f"the temperature must be above 0, got {temperature!r}")
+    config = dict(config or {})
+    rate = lr if lr is not None else Method(plugin).learning_rate(Method(plugin).config(config))
+    report, scores, test_scores, weights = {"pvps": []}, [], [], []
+    for j, task in enumerate(tasks):
+        name = f"pvp-{j}"
+        weight = evaluate(model, task, labelled) if weighted else 1.0
+        torch.manual_seed(seed + j)
+        apply(model, plugin, name=name, **config)
+        try:
+            set_active(model, [name])
+            fit(model, task, labelled, epochs, batch_size, rate, seed + j, progress=progress, desc=f"train {name}")
+            scores.append(label_scores(model, task, unlabelled))
+            row = {"template": task.template.text, "weight": weight}
+            if test:
+                test_scores.append(label_scores(model, task, test))
+                row["accuracy"] = evaluate(model, task, test)
+            if out:
+                from .io import save
+                save(model, os.path.join(out, name), name=name)
+            report["pvps"].append(row)
+            weights.append(weight)
+        finally:
+            remove(model, name)
+    q = soft_labels(scores, weights, temperature)
+    if test:
+        target = torch.tensor([labels.index(e.label) for e in test])
+        ens = soft_labels(test_scores, weights, 1.0)
+        report["ensemble_accuracy"] = float((ens.argmax(-1) == target).float().mean())
+        report["mean_pvp_accuracy"] = sum(r["accuracy"] for r in report["pvps"]) / len(tasks)
+    torch.manual_seed(seed)
+    apply(model, "task-head", name="final", task="sequence", labels=len(labels))
+    if final_plugin:
+        apply(model, final_plugin, name="final-adapter", **dict(final_config or {}))
+    distill = Distill(tokenizer, tasks[0].max_length)
+    fit(model, distill, list(zip(unlabelled, q)), final_epochs, batch_size, final_lr, seed, progress=progress,
+        desc="distill")
+    if test:
+        report["final_accuracy"] = distill.accuracy(model, test, labels)
+    if out:
+        from .io import save
+        for name in ["final"] + (["final-adapter"] if final_plugin else []):
+            save(model, os.path.join(out, name), name=name)
+    report["soft_labels"] = q
+    return report
