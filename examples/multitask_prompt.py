@@ -93,19 +93,27 @@ def accuracy(model, enc, rows, adapter) -> float:
     with torch.no_grad():
         for i in range(0, len(rows), 32):
             chunk = rows[i:i + 32]
-            names = [f"{adapter}:{r[1]}" if adapter else None for r in chunk]
+            names = [None if not adapter else f"{adapter}{r[1]}" if adapter.endswith("-") else f"{adapter}:{r[1]}"
+                     for r in chunk]
             right += int((enc.scores(model, chunk, names).argmax(-1) == torch.tensor([r[2] for r in chunk])).sum())
     return right / len(rows)
 
 
-def train(model, enc, batches, adapter, lr):
-    """AdamW on the adapter over these batches (lists of rows); returns the losses."""
+def train(model, enc, batches, adapter, lr, distill=0.0):
+    """AdamW on the adapter over these batches (lists of rows); returns the losses. `adapter` is a multitask
+    adapter (rows routed to ADAPTER:TASK) or, given as "NAME-", a prompt per task named NAME-TASK; distill > 0
+    adds that weight times the KL from each row's teacher prompt ("teacher-TASK") to the student's scores."""
+    name = (lambda r: f"{adapter}{r[1]}") if adapter.endswith("-") else (lambda r: f"{adapter}:{r[1]}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     model.train()
     for rows in batches:
-        s = enc.scores(model, rows, [f"{adapter}:{r[1]}" for r in rows])
+        s = enc.scores(model, rows, [name(r) for r in rows])
         loss = F.cross_entropy(s.float(), torch.tensor([r[2] for r in rows]))
+        if distill:
+            with torch.no_grad():
+                teacher = enc.scores(model, rows, [f"teacher-{r[1]}" for r in rows])
+            loss = loss + distill * mpt.distillation_loss(s, teacher)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,6 +134,9 @@ def main():
     p.add_argument("--target-batch", type=int, default=8)
     p.add_argument("--test", type=int, default=400, help="balanced test examples per task")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="the paper's distillation: first train one prompt-tuning teacher per source task, then add W "
+                        "times the KL from each row's teacher to the source loss (default: 0, off)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -148,11 +159,20 @@ def main():
     print("zero-shot:", result["zero_shot"], flush=True)
 
     # source training: one adapter, two tasks, every batch mixing them (half and half), rows routed to their task
-    ps.apply(model, METHOD, name="source", tasks=",".join(SOURCES), num_tokens=args.num_tokens, seed=0)
     rng = random.Random(0)
     half = args.source_batch // 2
     batches = [[r for t in SOURCES for r in rng.sample(splits[t][0], half)] for _ in range(args.source_steps)]
-    losses = train(model, enc, batches, "source", lr)
+    if args.distill:   # single-task teachers first, on the same mixed batches (each row routed to its task's)
+        for t in SOURCES:
+            ps.apply(model, "prompt-tuning", name=f"teacher-{t}", num_tokens=args.num_tokens, seed=0)
+        train(model, enc, batches, "teacher-", Method("prompt-tuning").learning_rate(Method("prompt-tuning").config({})))
+        for n, p_ in model.named_parameters():   # the teachers stay as trained
+            if n.startswith("_peftsurgery.teacher-"):
+                p_.requires_grad_(False)
+        result["teachers"] = {t: accuracy(model, enc, splits[t][1], "teacher-") for t in SOURCES}
+        print("teachers:", result["teachers"], flush=True)
+    ps.apply(model, METHOD, name="source", tasks=",".join(SOURCES), num_tokens=args.num_tokens, seed=0)
+    losses = train(model, enc, batches, "source", lr, args.distill)
     result["source"] = {"steps": len(batches), "loss_first_last": [losses[0], statistics.fmean(losses[-5:])],
                         "accuracy": {t: accuracy(model, enc, splits[t][1], "source") for t in SOURCES}}
     print("source tasks after training:", result["source"], flush=True)

@@ -16,7 +16,6 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .train import Example, _batches, evaluate, fit

@@ -13,7 +13,10 @@ and, with `factors=average` (the paper's choice, the default), every new task's 
 source tasks' u and v; `factors=fresh` starts them at u v^T = 1 (the task prompt is P* itself), `factors=TASK`
 from that source task's. P* and the factors all train, as in the paper.
 
-Missing: the paper's distillation from single-task teacher prompts into the source training.
+Distillation from single-task teacher prompts into the source training (the paper's option): distillation_loss()
+is KL(teacher || student) on the same rows' scores; the teachers are prompt-tuning adapters on the same model,
+routed per row beside the student's "ADAPTER:TASK" rows (examples/multitask_prompt.py --distill). The paper's
+second term, a mean squared error on hidden states, is not built.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import peftsurgery as ps
@@ -224,6 +228,21 @@ def set_task(model, name: str, task: str) -> None:
     """Rows outside route() use task `task` of multitask adapter `name`."""
     m = _module(model, name)
     m.task = m.index(str(task))
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) between two score sets for the same rows (class scores or vocabulary logits, over
+    the last dimension), both divided by `temperature`, times its square (the gradient's scale then does not
+    shrink with it), averaged over rows. The teacher gets no gradient."""
+    if student.shape != teacher.shape:
+        raise SurgeryError(f"student scores {tuple(student.shape)} and teacher scores {tuple(teacher.shape)} differ; "
+                           "score the same rows with the same labels")
+    if not temperature > 0:
+        raise SurgeryError(f"the temperature must be above 0, got {temperature!r}")
+    t = (teacher.detach().float() / temperature).log_softmax(-1)
+    s = (student.float() / temperature).log_softmax(-1)
+    return F.kl_div(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True,
+                    reduction="batchmean") * temperature ** 2
 
 
 @contextlib.contextmanager

@@ -234,6 +234,33 @@ def test_refusals_are_one_line_and_leave_the_model_as_it_was(tmp_path):
     assert module(model).rows is None
 
 
+def test_distillation_from_teacher_prompts_routed_beside_the_students_rows():
+    """KL(teacher || student) by hand; the teachers (prompt-tuning adapters) and the student's task rows share one
+    routed batch; the loss reaches the student's P* and factors only, never a teacher."""
+    import torch.nn.functional as F
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    want = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(mpt.distillation_loss(s, t), want)
+    torch.testing.assert_close(mpt.distillation_loss(s, t, 2.0),
+                               4 * F.kl_div((s / 2).log_softmax(-1), (t / 2).log_softmax(-1), log_target=True,
+                                            reduction="batchmean"))
+    assert float(mpt.distillation_loss(t, t)) == 0.0
+    raises_one_line(lambda: mpt.distillation_loss(s, t[:, :2]), "differ")
+    model = tiny_llama()
+    ps.apply(model, METHOD, name="mt", tasks="a,b", num_tokens=3)
+    for task in ("a", "b"):
+        ps.apply(model, "prompt-tuning", name=f"teacher-{task}", num_tokens=3, init="random", seed=len(task))
+    ids = torch.randint(3, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    rows = ["a", "b", "b", "a"]
+    with torch.no_grad(), mpt.route(model, [f"teacher-{r}" for r in rows]):
+        teacher = model(input_ids=ids).logits[:, -1]
+    with mpt.route(model, [f"mt:{r}" for r in rows]):
+        student = model(input_ids=ids).logits[:, -1]
+    mpt.distillation_loss(student, teacher).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".mt." in n for n in grads), grads
+
+
 # ---------------------------------------------------------------- PEFT
 peft = pytest.importorskip("peft")
 
