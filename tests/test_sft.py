@@ -67,7 +67,7 @@ def test_the_loss_is_transformers_own_on_those_labels_and_training_lowers_it():
     before = held_out_loss(m, t, ROWS)
     apply(m, "lora", r=4, targets="attn.q,attn.v,mlp.down")
     fit(m, t, ROWS * 4, epochs=10, batch_size=4, lr=2e-2)
-    assert held_out_loss(m, t, ROWS) < before - 0.5
+    assert held_out_loss(m, t, ROWS) < before - 0.3   # 3.38 -> 2.85 here
 
 
 def test_mistakes_are_one_line(tmp_path):
