@@ -83,6 +83,9 @@ class InContext:
         rng = random.Random(f"{self.seed}\0{_key(query)}")
         keep = [i for i, e in enumerate(self.pool) if _key(e) != _key(query)]
         pool = [self.pool[i] for i in keep]
+        if len(pool) < self.shots:
+            raise SurgeryError(f"the pool holds {len(pool)} examples other than the query {query.text[:40]!r}; give "
+                               "more examples or fewer --shots")
         if self.selection == "random":
             return rng.sample(pool, self.shots)
         if self.selection == "balanced":

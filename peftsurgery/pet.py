@@ -121,7 +121,10 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
     and is removed; then the final classifier (task-head, with `final_plugin` beside it when given) is attached as
     adapters "final" (and "final-adapter") and distilled. Returns the accuracies and the soft labels."""
     from .registry import Method
-    from .surgery import apply, remove, set_active
+    from .surgery import adapters, apply, remove
+    if adapters(model):
+        raise SurgeryError(f"PET trains its own adapters on a bare model, and this one has {', '.join(adapters(model))}"
+                           "; remove them first")
     labels = tasks[0].labels if tasks else []
     if len(tasks) < 2:
         raise SurgeryError(f"PET needs at least 2 patterns, got {len(tasks)}")
@@ -138,7 +141,6 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         torch.manual_seed(seed + j)
         apply(model, plugin, name=name, **config)
         try:
-            set_active(model, [name])
             fit(model, task, labelled, epochs, batch_size, rate, seed + j, progress=progress, desc=f"train {name}")
             scores.append(label_scores(model, task, unlabelled))
             row = {"template": task.template.text, "weight": weight}

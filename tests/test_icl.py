@@ -76,6 +76,8 @@ def test_mistakes_are_one_line():
     raises_one_line(lambda: InContext(task(), POOL, 2, "nearest"), "unknown demonstration selection")
     raises_one_line(lambda: InContext(task(), POOL, 2, "similar"), "need the model")
     raises_one_line(lambda: InContext(task(), POOL + [Example("x", "meh")], 2), "label 'meh'")
+    dup = [Example("good film", "pos")] * 3 + POOL[:1]
+    raises_one_line(lambda: InContext(task(), dup, 2).demonstrations(dup[0]), "other than the query")
     icl = InContext(task(max_length=20), POOL, 8)
     raises_one_line(lambda: icl.encode(POOL[:1]), "and demonstrations", "fewer --shots")
 

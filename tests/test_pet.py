@@ -61,6 +61,8 @@ def test_the_pipeline(tmp_path):
 
 def test_mistakes(tmp_path):
     raises_one_line(lambda: pet(tiny_model(), tokenizer(), tasks()[:1], examples(4), examples(4)), "at least 2")
+    raises_one_line(lambda: pet(ps.apply(tiny_model(), "lora"), tokenizer(), tasks(), examples(4), examples(4)),
+                    "bare model", "default")
     other = Task(tokenizer(), "{text}", Verbalizer(["neg", "pos"], WORDMAP))
     raises_one_line(lambda: pet(tiny_model(), tokenizer(), [tasks()[0], other], examples(4), examples(4)),
                     "same labels")
