@@ -207,7 +207,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "(default: random)")
     sp.add_argument("--shot-seed", type=int, default=0, help="draws and orders the demonstrations (default: 0)")
     sp.add_argument("--calibrate", action="store_true", help="contextual calibration: scores relative to a "
-                    "content-free input's behind the same demonstrations")
+                    "content-free input's (behind the same demonstrations with --shots)")
     sp.add_argument("--cot", action="store_true", help="zero-shot chain of thought: the model writes a rationale "
                     "after \"Let's think step by step.\", then the labels are scored after it and \"Therefore, the "
                     "answer is\" (causal models)")
@@ -681,12 +681,11 @@ def cmd_eval(args):
                     saved = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SurgeryError(f"{task} is corrupted; train the adapter again") from None
-    if (args.shots is None) != (args.shots_from is None) or (args.calibrate and args.shots is None):
-        raise SurgeryError("in-context learning needs --shots K and --shots-from FILE together (--calibrate "
-                           "works with them)")
-    if args.cot and args.shots is not None:
-        raise SurgeryError("--cot does not combine with --shots yet; give one of them")
-    pool = read_examples(args.shots_from) if args.shots_from else None
+    if (args.shots is None) != (args.shots_from is None):
+        raise SurgeryError("in-context learning needs --shots K and --shots-from FILE together")
+    if args.cot and (args.shots is not None or args.calibrate):
+        raise SurgeryError("--cot does not combine with --shots or --calibrate yet; give one of them")
+    pool = read_examples(args.shots_from) if args.shots_from else [] if args.calibrate else None
     if pool is not None and (saved or {}).get("ensemble"):
         raise SurgeryError("--shots does not combine with an ensemble adapter; score one member (its folder) instead")
     model, tokenizer = load_model(args.model)
@@ -694,7 +693,7 @@ def cmd_eval(args):
     task = _task(args, examples, saved, model, tokenizer)
     if pool is not None:
         from .icl import InContext
-        task = InContext(task, pool, args.shots, args.shot_selection, args.shot_seed, args.calibrate, model)
+        task = InContext(task, pool, args.shots or 0, args.shot_selection, args.shot_seed, args.calibrate, model)
     if args.adapter and (saved or {}).get("ensemble"):
         task = load_ensemble(model, task, args.adapter, saved["ensemble"], saved.get("combine", "mean"))
     elif args.adapter:

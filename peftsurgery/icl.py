@@ -11,7 +11,7 @@ vectors of their text tokens, the nearest closest to the query). The demonstrati
 seed and the query's text, so a query sees the same context in any batch or order. Demonstrations are never cut:
 the query's fields are (the task's truncation); when the context leaves no room the error says so.
 
-Contextual calibration (Zhao et al., 2021): each query is scored a second time with its fields replaced by a
+Contextual calibration (Zhao et al., 2021; with shots=0 too: zero-shot): each query is scored a second time with its fields replaced by a
 content-free "N/A" behind the same demonstrations, and its label log-probabilities are taken relative to that
 input's (log p - log p_cf, the diagonal calibration with no bias).
 """
@@ -43,8 +43,8 @@ def _key(e) -> tuple:
 class InContext:
     def __init__(self, task, pool, shots: int, selection: str = "random", seed: int = 0, calibrate: bool = False,
                  model=None):
-        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-            raise SurgeryError(f"--shots must be a positive integer, got {shots!r}")
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0 or (shots == 0 and not calibrate):
+            raise SurgeryError(f"--shots must be a positive integer (0 only with calibration), got {shots!r}")
         if selection not in SELECTIONS:
             raise SurgeryError(f"unknown demonstration selection {selection!r}; use one of {', '.join(SELECTIONS)}")
         pool = list(pool)
@@ -52,7 +52,7 @@ class InContext:
         if unknown:
             raise SurgeryError(f"demonstration label {unknown[0]!r} has no label word (known: "
                                f"{', '.join(task.labels)})")
-        if len(pool) < shots + 1:   # + 1: a query found in the pool is left out of its own context
+        if shots and len(pool) < shots + 1:   # + 1: a query found in the pool is left out of its own context
             raise SurgeryError(f"{shots} demonstrations need a pool of at least {shots + 1} examples, got "
                                f"{len(pool)}; give more or fewer --shots")
         if getattr(task, "chat", False):
@@ -115,6 +115,8 @@ class InContext:
 
     def context(self, query) -> str:
         """The demonstrations, each written with the template and its label's first word, then a blank line."""
+        if not self.shots:
+            return ""
         words = self.task.verbalizer.words
         return "".join(self.task.render(d, words[d.label][0]) + "\n\n" for d in self.demonstrations(query))
 

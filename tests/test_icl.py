@@ -72,6 +72,10 @@ def test_calibration_is_relative_to_the_content_free_input_behind_the_same_demon
 
 def test_mistakes_are_one_line():
     raises_one_line(lambda: InContext(task(), POOL, 0), "--shots must be a positive integer")
+    zero = InContext(task(), [], 0, calibrate=True)   # zero-shot calibration: no context, the N/A twin
+    q = Example("good film", "pos")
+    both = zero.encode([q]).inner
+    assert both.input_ids[0][both.attention_mask[0].bool()].tolist() == task().encode([q]).input_ids[0].tolist()
     raises_one_line(lambda: InContext(task(), POOL[:3], 3), "pool of at least 4", "fewer --shots")
     raises_one_line(lambda: InContext(task(), POOL, 2, "nearest"), "unknown demonstration selection")
     raises_one_line(lambda: InContext(task(), POOL, 2, "similar"), "need the model")
@@ -95,8 +99,8 @@ def test_cli(tmp_path, capsys, extra):
     assert main(["eval", *common, "--shots", "2", "--shots-from", str(tmp_path / "pool.jsonl"), *extra]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert main(["eval", *common, "--shots", "2"]) == 2
-    assert main(["eval", *common, "--calibrate"]) == 2
     assert "--shots K and --shots-from FILE together" in capsys.readouterr().err
+    assert main(["eval", *common, "--calibrate"]) == 0   # zero-shot calibration
 
 
 # ---- instruction (chat) templates ------------------------------------------------------------------------------
