@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .errors import SurgeryError
-from .train import Example, _bar, _batches, evaluate
+from .train import Example, _bar, _batches, evaluate, evaluating
 
 CUE = "Let's think step by step."
 TRIGGER = "Therefore, the answer is"
@@ -21,27 +21,24 @@ def rationales(model, task, prompts: list[str], max_new_tokens: int = 64, batch_
     dev = next(model.parameters()).device
     out = []
     bar = _bar(len(prompts), "reasoning", progress)
-    was = model.training
-    model.eval()
     try:
-        for chunk in _batches(prompts, batch_size):
-            rows = [task.prefix + tok.encode(p, add_special_tokens=False) for p in chunk]
-            L = max(map(len, rows))
-            ids = torch.full((len(rows), L), task.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), L), dtype=torch.long)
-            for i, r in enumerate(rows):   # left padding: every row's continuation starts at column L
-                ids[i, L - len(r):] = torch.tensor(r)
-                mask[i, L - len(r):] = 1
-            with torch.no_grad():
+        with evaluating(model):
+            for chunk in _batches(prompts, batch_size):
+                rows = [task.prefix + tok.encode(p, add_special_tokens=False) for p in chunk]
+                L = max(map(len, rows))
+                ids = torch.full((len(rows), L), task.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), L), dtype=torch.long)
+                for i, r in enumerate(rows):   # left padding: every row's continuation starts at column L
+                    ids[i, L - len(r):] = torch.tensor(r)
+                    mask[i, L - len(r):] = 1
                 new = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=task.pad_id)[:, L:]
-            eos = getattr(tok, "eos_token_id", None)
-            for row in new.tolist():
-                out.append(tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
-            bar.update(len(chunk))
+                eos = getattr(tok, "eos_token_id", None)
+                for row in new.tolist():
+                    out.append(tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
+                bar.update(len(chunk))
     finally:
         bar.close()
-        model.train(was)
     return out
 
 

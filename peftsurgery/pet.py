@@ -18,7 +18,7 @@ import os
 import torch
 
 from .errors import SurgeryError
-from .train import Example, _batches, evaluate, fit
+from .train import Example, _batches, _known, evaluate, evaluating, fit
 
 
 def read_texts(path: str) -> list[Example]:
@@ -47,13 +47,8 @@ def read_texts(path: str) -> list[Example]:
 
 def label_scores(model, task, examples: list[Example], batch_size: int = 32) -> torch.Tensor:
     """(examples, labels) scores of `task` on the model as it is (no gradients)."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([task.scores(model, task.encode(c)).float().cpu() for c in _batches(examples, batch_size)])
-    finally:
-        model.train(was)
+    with evaluating(model):
+        return torch.cat([task.scores(model, task.encode(c)).float().cpu() for c in _batches(examples, batch_size)])
 
 
 def soft_labels(scores: list[torch.Tensor], weights: list[float], temperature: float = 2.0) -> torch.Tensor:
@@ -98,16 +93,11 @@ class Distill:
         return -(q * self.logits(model, [e for e, _ in rows]).log_softmax(-1)).sum(-1).mean()
 
     def accuracy(self, model, examples: list[Example], labels: list[str], batch_size: int = 32) -> float:
-        was = model.training
-        model.eval()
         right = 0
-        try:
-            with torch.no_grad():
-                for c in _batches(examples, batch_size):
-                    pred = self.logits(model, c).argmax(-1).cpu()
-                    right += int((pred == torch.tensor([labels.index(e.label) for e in c])).sum())
-        finally:
-            model.train(was)
+        with evaluating(model):
+            for c in _batches(examples, batch_size):
+                pred = self.logits(model, c).argmax(-1).cpu()
+                right += int((pred == torch.tensor([labels.index(e.label) for e in c])).sum())
         return right / len(examples)
 
 
@@ -132,9 +122,12 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         raise SurgeryError("every pattern needs the same labels in the same order")
     if not temperature > 0:
         raise SurgeryError(f"the temperature must be above 0, got {temperature!r}")
+    if test:
+        _known(tasks[0], test, "evaluation")
     config = dict(config or {})
     rate = lr if lr is not None else Method(plugin).learning_rate(Method(plugin).config(config))
     report, scores, test_scores, weights = {"pvps": []}, [], [], []
+    target = torch.tensor([labels.index(e.label) for e in test]) if test else None
     for j, task in enumerate(tasks):
         name = f"pvp-{j}"
         weight = evaluate(model, task, labelled) if weighted else 1.0
@@ -146,7 +139,7 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
             row = {"template": task.template.text, "weight": weight}
             if test:
                 test_scores.append(label_scores(model, task, test))
-                row["accuracy"] = evaluate(model, task, test)
+                row["accuracy"] = float((test_scores[-1].argmax(-1) == target).float().mean())
             if out:
                 from .io import save
                 save(model, os.path.join(out, name), name=name)
@@ -156,7 +149,6 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
             remove(model, name)
     q = soft_labels(scores, weights, temperature)
     if test:
-        target = torch.tensor([labels.index(e.label) for e in test])
         ens = soft_labels(test_scores, weights, 1.0)
         report["ensemble_accuracy"] = float((ens.argmax(-1) == target).float().mean())
         report["mean_pvp_accuracy"] = sum(r["accuracy"] for r in report["pvps"]) / len(tasks)

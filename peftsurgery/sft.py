@@ -124,45 +124,41 @@ class InstructionTask:
 
     def loss(self, model, rows: list[dict]) -> torch.Tensor:
         """Mean next-token cross-entropy over the response tokens of `rows`."""
+        total, count = self.summed_loss(model, rows)
+        return total / count
+
+    def summed_loss(self, model, rows: list[dict]) -> tuple[torch.Tensor, int]:
+        """(summed next-token cross-entropy over the response tokens of `rows`, their number)."""
         batch = self.encode(rows)
         dev = next(model.parameters()).device
         out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
         logits = (out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out[0])
         target = batch["labels"][:, 1:].to(dev)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 target.reshape(-1), ignore_index=-100)
+        total = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                  target.reshape(-1), ignore_index=-100, reduction="sum")
+        return total, int((target != -100).sum())
 
 
 def held_out_loss(model, task: InstructionTask, rows: list[dict], batch_size: int = 8) -> float:
     """Mean response-token loss over `rows` (weighted by their response tokens)."""
+    from .train import evaluating
     total, count = 0.0, 0
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i:i + batch_size]
-                n = int((task.encode(chunk)["labels"][:, 1:] != -100).sum())
-                total += float(task.loss(model, chunk)) * n
-                count += n
-    finally:
-        model.train(was)
+    with evaluating(model):
+        for i in range(0, len(rows), batch_size):
+            s, n = task.summed_loss(model, rows[i:i + batch_size])
+            total, count = total + float(s), count + n
     return total / count
 
 
 def respond(model, task: InstructionTask, rows: list[dict], max_new_tokens: int = 64) -> list[str]:
     """Greedy responses to plain rows' prompts (their responses unused)."""
     tok, dev = task.tokenizer, next(model.parameters()).device
+    from .train import evaluating
     out = []
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for row in rows:
             ids = torch.tensor([tok.encode(task.prompt(row), add_special_tokens=not task.chat)], device=dev)
-            with torch.no_grad():
-                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=task.pad)[0, ids.shape[1]:]
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=task.pad)[0, ids.shape[1]:]
             out.append(tok.decode(new, skip_special_tokens=True))
-    finally:
-        model.train(was)
     return out

@@ -12,6 +12,7 @@ import os
 import random
 import resource
 import statistics
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -140,15 +141,25 @@ def evaluate(model, task, examples: list[Example], batch_size: int = 32, progres
     return _score(model, task, examples, batch_size, progress, desc)[0]
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode without gradients, its training mode restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
+
+
 def _score(model, task, examples, batch_size=32, progress=False, desc="eval") -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over `examples`."""
     _known(task, examples, "evaluation")
-    was = model.training
-    model.eval()
     correct, loss = 0, 0.0
     bar = _bar(len(examples), desc, progress)
     try:
-        with torch.no_grad():
+        with evaluating(model):
             for chunk in _batches(examples, batch_size):
                 batch = task.encode(chunk)
                 s = task.scores(model, batch).float().cpu()
@@ -157,7 +168,6 @@ def _score(model, task, examples, batch_size=32, progress=False, desc="eval") ->
                 bar.update(len(chunk))
     finally:
         bar.close()
-        model.train(was)
     return correct / len(examples), loss / len(examples)
 
 
