@@ -566,7 +566,7 @@ def cmd_pretrain_prompt(args):
 
 
 def cmd_pet(args):
-    from .pet import pet, read_texts
+    from .pet import pet
     from .registry import Method
     from .train import read_examples
     from .zoo import load_model
@@ -574,7 +574,7 @@ def cmd_pet(args):
         raise SurgeryError("PET needs two or more --pattern TEMPLATE options (not --template)")
     if min(args.epochs, args.final_epochs, args.batch_size) < 1:
         raise SurgeryError("--epochs, --final-epochs and --batch-size must be positive")
-    labelled, unlabelled = read_examples(args.data), read_texts(args.unlabelled)
+    labelled, unlabelled = read_examples(args.data), read_examples(args.unlabelled, labelled=False)
     test = read_examples(args.eval_data) if args.eval_data else None
     config = _options(args.options)
     Method(args.plugin).config(config)

@@ -17,6 +17,7 @@ import torch
 from .errors import SurgeryError
 from .registry import Method
 from .surgery import apply, remove, route
+from .train import _known, evaluating
 
 COMBINES = ("mean", "vote")
 
@@ -84,34 +85,23 @@ class Ensemble:
 
     def predict(self, model, examples, how: str | None = None) -> torch.Tensor:
         """The label index predicted for each example."""
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return self.combine(self.scores(model, self.encode(examples)), how).argmax(-1).cpu()
-        finally:
-            model.train(was)
+        with evaluating(model):
+            return self.combine(self.scores(model, self.encode(examples)), how).argmax(-1).cpu()
 
 
 def evaluate_ensemble(model, ens: Ensemble, examples, batch_size: int = 32) -> dict:
     """Accuracy of the mean of probabilities ("accuracy"), of the majority vote, and of each member alone."""
-    from .train import _known
     _known(ens.task, examples, "evaluation")
     k = len(ens.names)
     right = {"mean": 0, "vote": 0, "members": torch.zeros(k, dtype=torch.long)}
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(examples), batch_size):
-                chunk = examples[i:i + batch_size]
-                targets = torch.tensor([ens.labels.index(e.label) for e in chunk])
-                s = ens.scores(model, ens.encode(chunk)).cpu()
-                for how in COMBINES:
-                    right[how] += int((ens.combine(s, how).argmax(-1) == targets).sum())
-                right["members"] += (s.argmax(-1).view(-1, k) == targets[:, None]).sum(0)
-    finally:
-        model.train(was)
+    with evaluating(model):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            targets = torch.tensor([ens.labels.index(e.label) for e in chunk])
+            s = ens.scores(model, ens.encode(chunk)).cpu()
+            for how in COMBINES:
+                right[how] += int((ens.combine(s, how).argmax(-1) == targets).sum())
+            right["members"] += (s.argmax(-1).view(-1, k) == targets[:, None]).sum(0)
     n = len(examples)
     return {"accuracy": right["mean"] / n, "accuracy_vote": right["vote"] / n,
             "member_accuracy": [int(c) / n for c in right["members"]]}

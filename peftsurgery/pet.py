@@ -12,37 +12,12 @@ the soft labels.
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 
 from .errors import SurgeryError
 from .train import Example, _batches, _known, evaluate, evaluating, fit
-
-
-def read_texts(path: str) -> list[Example]:
-    """Unlabelled texts: JSONL objects with "text" (optionally "text_b"; any "label" is ignored), or a .txt file
-    with one text per line."""
-    if not os.path.isfile(path):
-        raise SurgeryError(f"{path} is not a file; give a .jsonl of texts or a .txt with one text per line")
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not path.lower().endswith((".jsonl", ".json")):
-                out.append(Example(line.strip(), ""))
-                continue
-            try:
-                row = json.loads(line)
-                b = row.get("text_b")
-                out.append(Example(str(row["text"]), "", None if b is None else str(b)))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise SurgeryError(f"{path}:{n} is not a JSON object with text") from None
-    if not out:
-        raise SurgeryError(f"{path} holds no texts")
-    return out
 
 
 def label_scores(model, task, examples: list[Example], batch_size: int = 32) -> torch.Tensor:
@@ -110,6 +85,7 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
     PVP's adapter is trained, scores the unlabelled set (and `test`), is saved under out/pvp-J when `out` is given,
     and is removed; then the final classifier (task-head, with `final_plugin` beside it when given) is attached as
     adapters "final" (and "final-adapter") and distilled. Returns the accuracies and the soft labels."""
+    from .io import save
     from .registry import Method
     from .surgery import adapters, apply, remove
     if adapters(model):
@@ -141,7 +117,6 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
                 test_scores.append(label_scores(model, task, test))
                 row["accuracy"] = float((test_scores[-1].argmax(-1) == target).float().mean())
             if out:
-                from .io import save
                 save(model, os.path.join(out, name), name=name)
             report["pvps"].append(row)
             weights.append(weight)
@@ -153,17 +128,23 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         report["ensemble_accuracy"] = float((ens.argmax(-1) == target).float().mean())
         report["mean_pvp_accuracy"] = sum(r["accuracy"] for r in report["pvps"]) / len(tasks)
     torch.manual_seed(seed)
-    apply(model, "task-head", name="final", task="sequence", labels=len(labels))
-    if final_plugin:
-        apply(model, final_plugin, name="final-adapter", **dict(final_config or {}))
-    distill = Distill(tokenizer, tasks[0].max_length)
-    fit(model, distill, list(zip(unlabelled, q)), final_epochs, batch_size, final_lr, seed, progress=progress,
-        desc="distill")
+    finals = ["final"] + (["final-adapter"] if final_plugin else [])
+    try:   # all or nothing: a failure here leaves the model bare, as it came
+        apply(model, "task-head", name="final", task="sequence", labels=len(labels))
+        if final_plugin:
+            apply(model, final_plugin, name="final-adapter", **dict(final_config or {}))
+        distill = Distill(tokenizer, tasks[0].max_length)
+        fit(model, distill, list(zip(unlabelled, q)), final_epochs, batch_size, final_lr, seed, progress=progress,
+            desc="distill")
+    except BaseException:
+        for name in finals:
+            if name in adapters(model):
+                remove(model, name)
+        raise
     if test:
         report["final_accuracy"] = distill.accuracy(model, test, labels)
     if out:
-        from .io import save
-        for name in ["final"] + (["final-adapter"] if final_plugin else []):
+        for name in finals:
             save(model, os.path.join(out, name), name=name)
     report["soft_labels"] = q
     return report

@@ -36,14 +36,17 @@ class Example:
 
 # ---- data -----------------------------------------------------------------------------------------------------
 
-def read_examples(path: str) -> list[Example]:
+def read_examples(path: str, labelled: bool = True) -> list[Example]:
     """Examples from JSONL (objects with "text" and "label", optionally "text_b" for pairs) or CSV (a header
     naming text and label columns, optionally text_b, or, without one, two columns label,text as in the Pang & Lee
-    polarity files). Labels are kept as strings."""
+    polarity files). Labels are kept as strings. With labelled=False: texts only (label ""; any label ignored),
+    from JSONL or from a .txt file with one text per line."""
+    kinds = ".jsonl or .csv of text and label" if labelled else ".jsonl of texts or a .txt with one text per line"
     if not os.path.isfile(path):
-        raise SurgeryError(f"{path} is not a file; give a .jsonl or .csv of text and label")
+        raise SurgeryError(f"{path} is not a file; give a {kinds}")
+    low = path.lower()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.lower().endswith((".jsonl", ".json")):
+        if low.endswith((".jsonl", ".json")):
             out = []
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -51,16 +54,20 @@ def read_examples(path: str) -> list[Example]:
                 try:
                     row = json.loads(line)
                     b = row.get("text_b")
-                    out.append(Example(str(row["text"]), str(row["label"]), None if b is None else str(b)))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SurgeryError(f"{path}:{n} is not a JSON object with text and label") from None
-        elif path.lower().endswith((".csv", ".tsv")):
-            rows = list(csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ","))
+                    label = str(row["label"]) if labelled else ""
+                    out.append(Example(str(row["text"]), label, None if b is None else str(b)))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise SurgeryError(f"{path}:{n} is not a JSON object with text"
+                                       + (" and label" if labelled else "")) from None
+        elif labelled and low.endswith((".csv", ".tsv")):
+            rows = list(csv.reader(f, delimiter="\t" if low.endswith(".tsv") else ","))
             out = _csv_examples(path, rows)
+        elif not labelled and low.endswith(".txt"):
+            out = [Example(line.strip(), "") for line in f if line.strip()]
         else:
-            raise SurgeryError(f"{path}: give a .jsonl or .csv file")
+            raise SurgeryError(f"{path}: give a {kinds}")
     if not out:
-        raise SurgeryError(f"{path} holds no examples")
+        raise SurgeryError(f"{path} holds no {'examples' if labelled else 'texts'}")
     return out
 
 

@@ -10,9 +10,9 @@ from test_train import WORDMAP, examples, tiny_model, tokenizer
 from conftest import raises_one_line
 import peftsurgery as ps
 from peftsurgery.cli import main
-from peftsurgery.pet import Distill, label_scores, pet, read_texts, soft_labels
+from peftsurgery.pet import Distill, label_scores, pet, soft_labels
 from peftsurgery.tasks import Task, Verbalizer
-from peftsurgery.train import evaluate, write_jsonl
+from peftsurgery.train import evaluate, read_examples, write_jsonl
 
 PATTERNS = ["Review: {text}\nSentiment:", "{text}\nSentiment:"]
 
@@ -59,6 +59,17 @@ def test_the_pipeline(tmp_path):
         assert float(distill.loss(model, rows)) < float(distill.loss(fresh, rows)) - 0.03   # 0.62 against 0.69
 
 
+def test_a_failed_final_stage_leaves_the_model_bare():
+    model = tiny_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ps.SurgeryError, match="r"):   # the final adapter's option is refused after the head is on
+        pet(model, tokenizer(), tasks(), examples(8), examples(4), "lora", {"r": 2}, epochs=1, batch_size=8,
+            final_plugin="lora", final_config={"r": 0})
+    assert not ps.adapters(model)
+    assert model.state_dict().keys() == base.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
+
+
 def test_mistakes(tmp_path):
     raises_one_line(lambda: pet(tiny_model(), tokenizer(), tasks()[:1], examples(4), examples(4)), "at least 2")
     raises_one_line(lambda: pet(ps.apply(tiny_model(), "lora"), tokenizer(), tasks(), examples(4), examples(4)),
@@ -67,9 +78,11 @@ def test_mistakes(tmp_path):
     raises_one_line(lambda: pet(tiny_model(), tokenizer(), [tasks()[0], other], examples(4), examples(4)),
                     "same labels")
     (tmp_path / "u.jsonl").write_text('{"txt": 1}\n')
-    raises_one_line(lambda: read_texts(str(tmp_path / "u.jsonl")), "JSON object with text")
+    raises_one_line(lambda: read_examples(str(tmp_path / "u.jsonl"), labelled=False), "JSON object with text")
     (tmp_path / "u.txt").write_text("good film\n\nawful plot\n")
-    assert [e.text for e in read_texts(str(tmp_path / "u.txt"))] == ["good film", "awful plot"]
+    assert [e.text for e in read_examples(str(tmp_path / "u.txt"), labelled=False)] == ["good film", "awful plot"]
+    (tmp_path / "u.csv").write_text("text\ngood film\n")    # a CSV's lines are not texts: refused, not read raw
+    raises_one_line(lambda: read_examples(str(tmp_path / "u.csv"), labelled=False), "give a .jsonl of texts")
 
 
 def test_cli(tmp_path, capsys):
