@@ -46,6 +46,12 @@ METHODS = {   # method -> options; learning rates are the plugins' own defaults
 # method -> its own template: P-tuning's hybrid prompt, soft tokens among the anchors of TEMPLATE (PEFT's P-tuning
 # gets TEMPLATE with its 12 virtual tokens in front)
 TEMPLATES = {"p-tuning": "{soft:8}Review: {text}{soft:2}\\nSentiment:{soft:2}"}
+# prompting rows (--prompting; nothing trained): k demonstrations from the training sentences, label-balanced,
+# before each test query; and the instruct model asked through its chat template
+INSTRUCTION = "Is this movie review positive or negative?\\n{text}"
+PROMPTING = {"4-shot": ["--shots", 4, "--shot-selection", "balanced"],
+             "8-shot": ["--shots", 8, "--shot-selection", "balanced", "--max-length", 512],
+             "instruction": ["--chat", "--template", INSTRUCTION]}
 # the methods Hugging Face PEFT also has
 PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora", "ia3", "dora", "adalora", "p-tuning")
 
@@ -100,7 +106,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for method, runs in out.items():
         accs = [r["accuracy"] for r in runs]
         row = {**runs[0], "accuracy": statistics.fmean(accs), "accuracies": accs}
-        if method != "zero-shot":
+        if "median_s_per_step" in row:
             row["median_s_per_step"] = statistics.median(r["median_s_per_step"] for r in runs)
             row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in runs)
         summary.append(row)
@@ -115,8 +121,9 @@ def table(rows: list[dict]) -> str:
     zero = rows[0]["accuracy"]
     for r in rows:
         each = f" {' / '.join(f'{100 * a:.1f}' for a in r['accuracies'])} |" if seeds > 1 else ""
-        if r["method"] == "zero-shot":
-            lines.append(f"| zero-shot | {100 * r['accuracy']:.1f}% | |{' |' if seeds > 1 else ''} 0 | | | |")
+        if "lr" not in r:   # zero-shot and the prompting rows: nothing trained
+            vs = "" if r is rows[0] else f"{100 * (r['accuracy'] - zero):+.1f}"
+            lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {vs} |{each} 0 | | | |")
             continue
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - zero):+.1f} |{each} "
                      f"{r['trainable_params']:,} | {r['lr']:g} | {r['median_s_per_step']:.2f} | "
@@ -128,18 +135,20 @@ def chart(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    trained = [r for r in rows if r["method"] != "zero-shot"]
+    shown = rows[1:]
+    trained = [r for r in shown if "lr" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
-    names = [r["method"] for r in trained]
-    colours = ["tab:orange" if r["method"].startswith("PEFT") else "tab:blue" for r in trained]
-    a.bar(names, [100 * r["accuracy"] for r in trained], color=colours)
+    colour = {True: "tab:orange", False: "tab:blue"}
+    a.bar([r["method"] for r in shown], [100 * r["accuracy"] for r in shown],
+          color=[colour[r["method"].startswith("PEFT")] if "lr" in r else "tab:gray" for r in shown])
     a.axhline(100 * rows[0]["accuracy"], color="tab:red", ls="--", label=f"zero-shot {100 * rows[0]['accuracy']:.1f}%")
     a.set_ylim(40, 100)
     a.set_ylabel("test accuracy (%)")
     a.legend(loc="upper right")
-    for i, r in enumerate(trained):
+    for i, r in enumerate(shown):
         a.text(i, 100 * r["accuracy"] + 0.5, f"{100 * r['accuracy']:.1f}", ha="center", fontsize=9)
-    b.bar(names, [r["median_s_per_step"] for r in trained], color=colours)
+    b.bar([r["method"] for r in trained], [r["median_s_per_step"] for r in trained],
+          color=[colour[r["method"].startswith("PEFT")] for r in trained])
     b.set_ylabel("median seconds per step")
     for ax in (a, b):
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
@@ -156,14 +165,14 @@ def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=No
                   *(["--template", TEMPLATES[name]] if name in TEMPLATES else []), "-o", out), "seed": seed}
 
 
-def tune(args, model, examples, used, train_file, common, bottleneck) -> None:
+def tune(args, methods, model, examples, used, train_file, common, bottleneck) -> None:
     """Validation accuracy per method and learning rate, on balanced sentences outside train and test (seed 1)."""
     seen = {e.text for e in used}
     val, _ = balanced_split([e for e in examples if e.text not in seen], args.validation, 0, seed=1)
     val_file = os.path.join(args.out, "validation.jsonl")
     write_jsonl(val, val_file)
     rows = []
-    for name in args.methods.split(","):
+    for name in methods:
         for lr in args.tune_lr.split(","):
             for seed in args.seeds:
                 print(f"\n{name} lr={lr} seed {seed}", flush=True)
@@ -212,6 +221,8 @@ def main():
     p.add_argument("--peer", action="store_true",
                    help=f"also run Hugging Face PEFT's {', '.join(PEER)} on the same split, seeds, loop and "
                         "learning rates (examples/sentiment_peft.py; needs peft)")
+    p.add_argument("--prompting", action="store_true",
+                   help="also rows with nothing trained: 4- and 8-shot in-context learning, the chat instruction")
     p.add_argument("--device", help="train and score on this torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
     model = args.model or smollm2_gguf()
@@ -226,12 +237,20 @@ def main():
     common += ["--device", args.device] if args.device else []
     if args.peer and importlib.util.find_spec("peft") is None:
         sys.exit("--peer needs Hugging Face PEFT: pip install peft==0.21.2")
+    methods = [m for m in args.methods.split(",") if m]   # --methods "" with --prompting: the prompting rows only
+    if set(methods) - set(METHODS):
+        sys.exit(f"unknown --methods {', '.join(sorted(set(methods) - set(METHODS)))}; use some of {', '.join(METHODS)}")
     if args.tune_lr:
-        return tune(args, model, examples, train + test, train_file, common, bottleneck)
+        return tune(args, methods, model, examples, train + test, train_file, common, bottleneck)
 
     print("zero-shot", flush=True)
     runs = [{"method": "zero-shot", **cli("eval", model, "--data", test_file, *common)}]
-    for name in args.methods.split(","):
+    for name, options in PROMPTING.items() if args.prompting else ():
+        for seed in args.seeds if "--shots" in options else args.seeds[:1]:   # the seed draws the demonstrations
+            print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)
+            shots = ["--shots-from", train_file, "--shot-seed", seed] if "--shots" in options else []
+            runs.append({"method": name, **cli("eval", model, "--data", test_file, *common, *options, *shots)})
+    for name in methods:
         for seed in args.seeds:
             print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)
             suffix = f"-{seed}" if len(args.seeds) > 1 else ""

@@ -521,3 +521,22 @@ def test_gguf_without_the_gguf_package_is_a_one_line_error(tmp_path, monkeypatch
     assert main(["locate", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr()[1]
     assert "pip install gguf==" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sentiment_table_shows_untrained_rows_against_zero_shot():
+    """examples/sentiment.py: the prompting rows (nothing trained) sit in the same table as the trained methods."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        from sentiment import summarize, table
+    finally:
+        sys.path.pop(0)
+    runs = [{"method": "zero-shot", "accuracy": 0.75}, {"method": "4-shot", "accuracy": 0.8},
+            {"method": "lora", "accuracy": 0.84, "lr": 1e-3, "trainable_params": 10, "median_s_per_step": 2.0,
+             "peak_memory_mb": 100}, {"method": "lora", "accuracy": 0.82, "lr": 1e-3, "trainable_params": 10,
+                                      "median_s_per_step": 4.0, "peak_memory_mb": 120}]
+    rows = summarize(runs)
+    assert [r["method"] for r in rows] == ["zero-shot", "4-shot", "lora"]
+    assert rows[2]["median_s_per_step"] == 3.0 and rows[2]["peak_memory_mb"] == 120
+    lines = table(rows).splitlines()
+    assert lines[2].startswith("| zero-shot | 75.0% |  |") and lines[3].startswith("| 4-shot | 80.0% | +5.0 |")
+    assert lines[4].startswith("| lora | 83.0% | +8.0 |")
