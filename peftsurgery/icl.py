@@ -1,5 +1,6 @@
 """In-context learning: k demonstrations from a pool of labelled examples placed before each query, written with
-the task's own template and the label's (first) word in the answer slot, then the query as the task scores it.
+the task's own template and the label's (first) word in the answer slot, then the query as the task scores it. In a
+chat task (Task(chat=True)) each demonstration is an earlier turn: the user's message, the word as the answer.
 Beside the task layer (tasks.py), which it wraps; `peftsurgery eval --shots K` uses it.
 
     icl = InContext(task, pool, shots=4, selection="balanced", seed=0, calibrate=True, model=model)
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import SurgeryError
+from .tasks import chat_around
 
 SELECTIONS = ("random", "balanced", "similar")
 CONTENT_FREE = "N/A"
@@ -55,13 +57,18 @@ class InContext:
         if shots and len(pool) < shots + 1:   # + 1: a query found in the pool is left out of its own context
             raise SurgeryError(f"{shots} demonstrations need a pool of at least {shots + 1} examples, got "
                                f"{len(pool)}; give more or fewer --shots")
-        if getattr(task, "chat", False):
-            raise SurgeryError("demonstrations in a chat template are not built yet; leave --chat or --shots out")
         if selection == "similar" and model is None:
             raise SurgeryError("similar demonstrations need the model (its input embeddings)")
         self.task, self.pool, self.shots, self.selection = task, pool, shots, selection
         self.seed, self.calibrate = seed, calibrate
         self.inner = copy.copy(task)
+        self.chat = getattr(task, "chat", False)
+        if self.chat:   # the demonstrations are earlier turns: the chat text before the query's message is the context
+            self.inner.template = copy.copy(task.template)
+            self.inner.template.parts = task.template.parts[1:]
+            self.message = copy.copy(task)    # renders a user message: the template without chat text or answer
+            self.message.template = copy.copy(task.template)
+            self.message.template.parts = task.template.parts[1:-2]
         self.contexts = {}    # id(example) -> its demonstrations' text, while a batch is encoded
         self.inner.context = lambda e: self.contexts[id(e)]
         if selection == "similar":
@@ -114,11 +121,15 @@ class InContext:
         return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
     def context(self, query) -> str:
-        """The demonstrations, each written with the template and its label's first word, then a blank line."""
-        if not self.shots:
-            return ""
+        """The demonstrations, each written with the template and its label's first word, then a blank line; in a
+        chat, each as a user's message and the word as the assistant's answer, before the query's message."""
+        demos = self.demonstrations(query) if self.shots else []
         words = self.task.verbalizer.words
-        return "".join(self.task.render(d, words[d.label][0]) + "\n\n" for d in self.demonstrations(query))
+        if self.chat:
+            turns = [m for d in demos for m in ({"role": "user", "content": self.message.render(d)},
+                                                {"role": "assistant", "content": words[d.label][0].lstrip()})]
+            return chat_around(self.task.tokenizer, turns)[0]
+        return "".join(self.task.render(d, words[d.label][0]) + "\n\n" for d in demos)
 
     # ---- the task-like interface (encode / scores) -----------------------------------------------------------
 

@@ -150,6 +150,18 @@ class Batch:
         return [row.nonzero().flatten().tolist() for row in self.soft]
 
 
+def chat_around(tokenizer, turns: list[dict] = ()) -> tuple[str, str]:
+    """(chat text before, after) the user's last message, written after `turns` (earlier user / assistant turns)
+    by the tokenizer's chat template up to the assistant's answer."""
+    mark = "\ue000peftsurgery\ue000"    # a private-use character run no template writes
+    text = tokenizer.apply_chat_template([*turns, {"role": "user", "content": mark}], tokenize=False,
+                                         add_generation_prompt=True)
+    if not isinstance(text, str) or text.count(mark) != 1:
+        raise SurgeryError("the tokenizer's chat template does not write the user's message once; leave --chat out")
+    before, after = text.split(mark)
+    return before, after
+
+
 class Task:
     """A template and a verbalizer over a tokenizer, for one kind of model: "causal", "masked" (BERT/RoBERTa
     style: the answer slot is mask tokens) or "seq2seq" (the answer is the decoder's output). max_length counts
@@ -208,12 +220,7 @@ class Task:
             raise SurgeryError(f"chat templates are for causal (chat) models, not {self.kind} ones; leave --chat out")
         if not getattr(self.tokenizer, "chat_template", None):
             raise SurgeryError("this tokenizer has no chat template; leave --chat out, or use a chat model's tokenizer")
-        mark = "\ue000peftsurgery\ue000"    # a private-use character run no template writes
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
-                                                  add_generation_prompt=True)
-        if not isinstance(text, str) or text.count(mark) != 1:
-            raise SurgeryError("the tokenizer's chat template does not write the user's message once; leave --chat out")
-        before, after = text.split(mark)
+        before, after = chat_around(self.tokenizer)
         self.template = copy.copy(self.template)
         self.template.parts = [("lit", before), *self.template.parts[:-1], ("lit", after), ("answer", None)]
         self.prefix, self.suffix = [], []    # the chat text has its own special tokens

@@ -136,7 +136,30 @@ def test_chat_mistakes_are_one_line():
     v = Verbalizer(["pos", "neg"], WORDMAP)
     raises_one_line(lambda: Task(tokenizer(), "{text}", v, chat=True), "no chat template")
     raises_one_line(lambda: Task(chat_tokenizer(), "{text}", v, "seq2seq", chat=True), "causal")
-    raises_one_line(lambda: InContext(Task(chat_tokenizer(), "{text}", v, chat=True), POOL, 2), "chat template")
+
+
+def test_chat_demonstrations_are_earlier_turns_answered_by_the_assistant():
+    tok = chat_tokenizer()
+    t = Task(tok, "Is this review positive or negative?\n{text}", Verbalizer(["pos", "neg"], WORDMAP), chat=True)
+    icl = InContext(t, POOL, shots=2, seed=1, calibrate=True)
+    q = Example("the film was good", "pos")
+    turns = [m for d in icl.demonstrations(q) for m in (
+        {"role": "user", "content": f"Is this review positive or negative?\n{d.text}"},
+        {"role": "assistant", "content": WORDMAP[d.label].lstrip()})]
+    for text, row in (("the film was good", 0), ("N/A", 1)):   # the query, then its content-free twin
+        want = tok.apply_chat_template(turns + [{"role": "user", "content": f"Is this review positive or "
+                                                 f"negative?\n{text}"}], add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        batch = icl.encode([q]).inner
+        assert batch.input_ids[row][batch.attention_mask[row].bool()].tolist() == list(want)
+    zero = InContext(t, POOL, 0, calibrate=True)   # zero-shot calibration in a chat: the chat text stays
+    assert zero.encode([q]).inner.input_ids[0].tolist() == t.encode([q]).input_ids[0].tolist()
+    model = tiny_model()
+    model.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        alone = icl.scores(model, icl.encode([q]))
+        batch = icl.scores(model, icl.encode([POOL[5], q]))
+    torch.testing.assert_close(batch[1:], alone, atol=1e-5, rtol=0)
 
 
 # ---- chain of thought ------------------------------------------------------------------------------------------
