@@ -181,6 +181,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "generated for the first --samples")
     sp.add_argument("--chat", action="store_true", help="write instruction rows with the tokenizer's chat template")
     sp.add_argument("--max-length", type=int, default=512, metavar="N", help="tokens per row (default: 512)")
+    sp.add_argument("--packing", action="store_true", help="lay a batch's rows into as few sequences of "
+                    "--max-length as hold them, each row attending to itself only (same loss, less padding)")
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (default: the method's own)")
@@ -623,7 +625,7 @@ def cmd_sft(args):
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     model = _on_device(model, args.device)
-    task = InstructionTask(tokenizer, args.max_length, args.chat)
+    task = InstructionTask(tokenizer, args.max_length, args.chat, args.packing)
     for r in rows + (held or []):
         task.tokens(r)    # every row checked before training
     torch.manual_seed(args.seed)
@@ -643,7 +645,8 @@ def cmd_sft(args):
     path = save(model, args.output)
     with open(os.path.join(path, "sft.json.tmp"), "w") as f:
         json.dump({"results": row, "losses": result["losses"], "samples": samples, "config": config,
-                   "data": args.data, "chat": args.chat, "max_length": args.max_length, "epochs": args.epochs,
+                   "data": args.data, "chat": args.chat, "max_length": args.max_length, "packing": args.packing,
+                   "epochs": args.epochs,
                    "batch_size": args.batch_size, "seed": args.seed}, f, indent=2)
     os.replace(os.path.join(path, "sft.json.tmp"), os.path.join(path, "sft.json"))
     _report(args, row)

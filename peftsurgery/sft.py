@@ -9,6 +9,12 @@ response, or, with chat=True, as a user turn and an assistant turn of the chat t
 the tokenizer's end-of-sequence token (trained, so the model learns to stop). Sequences longer than max_length lose
 their end (a response cut short is still trained on what is left); a prompt that leaves no response token is an
 error naming the row.
+
+Packing (packing=True, `--packing`): the rows of a batch are laid first-fit, longest first, into as few sequences
+of max_length as hold them; each row attends to its own tokens only (a block-diagonal causal 4-D mask) and its
+positions restart at 0, so the loss and gradients are those of the rows unpacked, with less padding computed. The
+first batch is scored both ways once: a model that mixes packed rows (it ignores a 4-D mask or position ids) is
+an error, not a silently different loss.
 """
 from __future__ import annotations
 
@@ -52,14 +58,15 @@ class InstructionTask:
     """Encodes instruction rows for a causal LM and gives the response-only loss (peftsurgery.train.fit calls
     loss(model, rows))."""
 
-    def __init__(self, tokenizer, max_length: int = 512, chat: bool = False):
+    def __init__(self, tokenizer, max_length: int = 512, chat: bool = False, packing: bool = False):
         if tokenizer is None:
             raise SurgeryError("instruction tuning needs the model's tokenizer; give a model folder (or GGUF) with one")
         if not isinstance(max_length, int) or max_length < 2:
             raise SurgeryError(f"max_length must be an integer of at least 2, got {max_length!r}")
         if chat and not getattr(tokenizer, "chat_template", None):
             raise SurgeryError("this tokenizer has no chat template; leave --chat out")
-        self.tokenizer, self.max_length, self.chat = tokenizer, max_length, chat
+        self.tokenizer, self.max_length, self.chat, self.packing = tokenizer, max_length, chat, packing
+        self.checked = False    # packing: the first batch was scored packed and unpacked alike
         self.eos = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(pad if pad is not None else self.eos if self.eos is not None else 0)
@@ -111,9 +118,12 @@ class InstructionTask:
                                f"({str(row)[:60]}...); raise --max-length or shorten it")
         return ids, labels
 
-    def encode(self, rows: list[dict]) -> dict:
-        """Right-padded input_ids, attention_mask and labels."""
+    def encode(self, rows: list[dict], packing: bool | None = None) -> dict:
+        """Right-padded input_ids, attention_mask and labels; packed (see the module's docstring): input_ids,
+        labels, position_ids and a boolean (sequences, length, length) mask of what each token attends to."""
         seqs = [self.tokens(r) for r in rows]
+        if self.packing if packing is None else packing:
+            return self._packed(seqs)
         L = max(len(i) for i, _ in seqs)
         ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -122,6 +132,35 @@ class InstructionTask:
             ids[s, :len(i)], mask[s, :len(i)], labels[s, :len(i)] = torch.tensor(i), 1, torch.tensor(lab)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def _packed(self, seqs: list[tuple[list[int], list[int]]]) -> dict:
+        room, bins = [], []   # first fit, longest first
+        for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+            n = len(seqs[i][0])
+            j = next((j for j, r in enumerate(room) if r >= n), None)
+            if j is None:
+                room.append(self.max_length)
+                bins.append([])
+                j = len(bins) - 1
+            room[j] -= n
+            bins[j].append(i)
+        S, L = len(bins), self.max_length - min(room)
+        ids = torch.full((S, L), self.pad, dtype=torch.long)
+        labels = torch.full((S, L), -100, dtype=torch.long)
+        pos = torch.zeros((S, L), dtype=torch.long)
+        seg = torch.full((S, L), -1, dtype=torch.long)
+        for s, b in enumerate(bins):
+            at = 0
+            for k, i in enumerate(b):
+                tok, lab = seqs[i]
+                n = len(tok)
+                ids[s, at:at + n], labels[s, at:at + n] = torch.tensor(tok), torch.tensor(lab)
+                labels[s, at] = -100    # a row's first token is no target (unpacked, nothing precedes it)
+                pos[s, at:at + n], seg[s, at:at + n] = torch.arange(n), k
+                at += n
+        allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(L, L, dtype=torch.bool).tril()
+        allowed |= torch.eye(L, dtype=torch.bool)    # padding attends to itself: no empty softmax row
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "attends": allowed}
+
     def loss(self, model, rows: list[dict]) -> torch.Tensor:
         """Mean next-token cross-entropy over the response tokens of `rows`."""
         total, count = self.summed_loss(model, rows)
@@ -129,14 +168,47 @@ class InstructionTask:
 
     def summed_loss(self, model, rows: list[dict]) -> tuple[torch.Tensor, int]:
         """(summed next-token cross-entropy over the response tokens of `rows`, their number)."""
-        batch = self.encode(rows)
+        if self.packing and not self.checked:
+            self._check_packing(model, rows)
+        return self._summed_loss(model, self.encode(rows))
+
+    def _summed_loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         dev = next(model.parameters()).device
-        out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
+        if "attends" in batch:
+            dtype = _dtype(model)
+            mask = torch.zeros(batch["attends"].shape, dtype=dtype).masked_fill(~batch["attends"],
+                                                                                   torch.finfo(dtype).min)
+            out = model(input_ids=batch["input_ids"].to(dev), attention_mask=mask[:, None].to(dev),
+                        position_ids=batch["position_ids"].to(dev))
+        else:
+            out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
         logits = (out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out[0])
         target = batch["labels"][:, 1:].to(dev)
         total = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                   target.reshape(-1), ignore_index=-100, reduction="sum")
         return total, int((target != -100).sum())
+
+    def _check_packing(self, model, rows: list[dict]) -> None:
+        from .tasks import _params
+        from .train import evaluating
+        if "position_ids" not in _params(model):
+            raise SurgeryError(f"{type(model).__name__}.forward takes no position_ids, so packed rows cannot restart "
+                               "their positions; leave --packing out")
+        with evaluating(model):
+            packed, n = self._summed_loss(model, self.encode(rows, packing=True))
+            plain, m = self._summed_loss(model, self.encode(rows, packing=False))
+        tol = 1e-3 if _dtype(model) == torch.float32 else 2e-2
+        if n != m or not abs(float(packed) - float(plain)) <= tol * max(1.0, abs(float(plain))):
+            raise SurgeryError(f"{type(model).__name__} mixes packed rows (summed loss {float(packed):.4f} packed, "
+                               f"{float(plain):.4f} apart): it ignores a 4-D attention mask; leave --packing out")
+        self.checked = True
+
+
+def _dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its input embedding's), float32 where it has none."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    return w.dtype if w is not None and w.is_floating_point() else torch.float32
 
 
 def held_out_loss(model, task: InstructionTask, rows: list[dict], batch_size: int = 8) -> float:

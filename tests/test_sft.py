@@ -70,6 +70,45 @@ def test_the_loss_is_transformers_own_on_those_labels_and_training_lowers_it():
     assert held_out_loss(m, t, ROWS) < before - 0.3   # 3.38 -> 2.85 here
 
 
+MESSAGES = {"messages": [{"role": "assistant", "content": "good film"}, {"role": "user", "content": "and"},
+                         {"role": "assistant", "content": "lovely"}]}   # opens with a trained turn
+
+
+def test_packing_gives_the_unpacked_loss_and_gradients_in_fewer_sequences():
+    rows = ROWS * 2 + [MESSAGES]
+    packed, plain = InstructionTask(tokenizer(), 40, packing=True), InstructionTask(tokenizer(), 40)
+    batch = packed.encode(rows)
+    assert batch["input_ids"].shape[0] < len(rows) and batch["input_ids"].shape[1] <= 40   # 7 rows in 3 here
+    assert int((batch["labels"] != -100).sum()) == sum(sum(x != -100 for x in lab[1:])
+                                                       for lab in (plain.tokens(r)[1] for r in rows))
+    grads = []
+    for t in (packed, plain):
+        m = apply(model(), "lora", r=4, targets="attn.q,attn.v")
+        for p in m.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)    # B != 0: the adapter acts, so its gradients mean something
+        loss = t.loss(m, rows)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert packed.checked
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class Unmasked(tf.LlamaForCausalLM):
+    """A model that drops the attention mask: packed rows would see each other."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
+        return super().forward(input_ids=input_ids, position_ids=position_ids, **kw)
+
+
+def test_packing_refuses_a_model_that_mixes_the_rows():
+    torch.manual_seed(0)
+    m = Unmasked(model().config).eval()
+    raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(m, ROWS), "mixes packed rows",
+                    "leave --packing out")
+
+
 def test_mistakes_are_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for text, needle in [('{"instruction": "x"}\n', "needs instruction and response"), ("nope\n", "is not JSON"),
@@ -93,11 +132,12 @@ def test_cli(tmp_path, capsys, chat):
     out = tmp_path / "adapter"
     assert main(["sft", str(path), "--plugin", "lora", "--data", str(data), "--eval-data", str(data), "--epochs", "1",
                  "--batch-size", "3", "--samples", "2", "--new-tokens", "4", "--quiet", "--json", "-o", str(out),
-                 *(["--chat"] if chat else [])]) == 0
+                 *(["--chat", "--packing"] if chat else [])]) == 0
     printed = capsys.readouterr().out
     assert printed.count("generated:") == 2 and "held_out_loss" in printed
     record = json.loads((out / "sft.json").read_text())
     assert record["results"]["steps"] == 3 and len(record["samples"]) == 2 and (out / "adapter.safetensors").exists()
+    assert record["packing"] is chat
     assert main(["sft", str(path), "--plugin", "lora", "--data", str(tmp_path / "missing.jsonl"), "-o",
                  str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
