@@ -74,7 +74,22 @@ MESSAGES = {"messages": [{"role": "assistant", "content": "good film"}, {"role":
                          {"role": "assistant", "content": "lovely"}]}   # opens with a trained turn
 
 
-def test_packing_gives_the_unpacked_loss_and_gradients_in_fewer_sequences():
+def gpt2(impl):
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tokenizer()), n_embd=32, n_layer=2, n_head=4,
+                                            bos_token_id=0, eos_token_id=0, attn_implementation=impl)).eval()
+
+
+def qwen2(impl):
+    torch.manual_seed(0)
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=len(tokenizer()), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              attn_implementation=impl)).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: model(), lambda: gpt2("sdpa"), lambda: gpt2("eager"),
+                                   lambda: qwen2("eager")], ids=["llama", "gpt2", "gpt2-eager", "qwen2-eager"])
+def test_packing_gives_the_unpacked_loss_and_gradients_in_fewer_sequences(build):
     rows = ROWS * 2 + [MESSAGES]
     packed, plain = InstructionTask(tokenizer(), 40, packing=True), InstructionTask(tokenizer(), 40)
     batch = packed.encode(rows)
@@ -83,7 +98,7 @@ def test_packing_gives_the_unpacked_loss_and_gradients_in_fewer_sequences():
                                                        for lab in (plain.tokens(r)[1] for r in rows))
     grads = []
     for t in (packed, plain):
-        m = apply(model(), "lora", r=4, targets="attn.q,attn.v")
+        m = apply(build(), "lora", r=4, targets="attn.q,attn.v")
         for p in m.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, std=0.1)    # B != 0: the adapter acts, so its gradients mean something
