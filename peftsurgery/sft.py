@@ -195,12 +195,17 @@ class InstructionTask:
             raise SurgeryError(f"{type(model).__name__}.forward takes no position_ids, so packed rows cannot restart "
                                "their positions; leave --packing out")
         with evaluating(model):
-            packed, n = self._summed_loss(model, self.encode(rows, packing=True))
+            try:
+                packed, n = self._summed_loss(model, self.encode(rows, packing=True))
+            except RuntimeError as e:   # e.g. an adapter that adds tokens to each sequence (prompt tuning)
+                raise SurgeryError(f"this model with its adapters cannot run packed rows ({str(e).splitlines()[0]}"
+                                   "); leave --packing out") from None
             plain, m = self._summed_loss(model, self.encode(rows, packing=False))
         tol = 1e-3 if _dtype(model) == torch.float32 else 2e-2
         if n != m or not abs(float(packed) - float(plain)) <= tol * max(1.0, abs(float(plain))):
             raise SurgeryError(f"{type(model).__name__} mixes packed rows (summed loss {float(packed):.4f} packed, "
-                               f"{float(plain):.4f} apart): it ignores a 4-D attention mask; leave --packing out")
+                               f"{float(plain):.4f} apart): it or an adapter on it ignores a 4-D attention mask; "
+                               "leave --packing out")
         self.checked = True
 
 

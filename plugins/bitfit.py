@@ -41,3 +41,10 @@ def peftsurgery_rules(config, sites):
 @hookimpl
 def peftsurgery_budget(config, sites):
     return sum(s.out_features for s in sites.select(config.selected, BaseTensors.kinds))
+
+
+@hookimpl
+def peftsurgery_learning_rate(config):
+    # chosen on the sentiment example's validation sentences, one seed, as norm tuning (SmolLM2 has no biases):
+    # 82.8% at 1e-3, 81.0% at 3e-3, 66.0% at 1e-2 (README, "Real model example")
+    return 1e-3

@@ -122,6 +122,12 @@ def test_packing_refuses_a_model_that_mixes_the_rows():
     m = Unmasked(model().config).eval()
     raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(m, ROWS), "mixes packed rows",
                     "leave --packing out")
+    prompt = apply(model(), "prompt-tuning", num_tokens=3, init="random")   # its tokens widen every sequence
+    raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(prompt, ROWS), "cannot run packed",
+                    "leave --packing out")
+    prefix = apply(model(), "prefix-tuning", num_tokens=3, init="random")   # its keys are every row's: packs
+    torch.testing.assert_close(InstructionTask(tokenizer(), 64, packing=True).loss(prefix, ROWS),
+                               InstructionTask(tokenizer(), 64).loss(prefix, ROWS), atol=1e-5, rtol=1e-5)
 
 
 def test_mistakes_are_one_line(tmp_path):
