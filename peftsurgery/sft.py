@@ -24,6 +24,8 @@ import os
 import torch
 
 from .errors import SurgeryError
+from .tasks import _params
+from .train import evaluating
 
 
 def read_sft(path: str) -> list[dict]:
@@ -66,7 +68,7 @@ class InstructionTask:
         if chat and not getattr(tokenizer, "chat_template", None):
             raise SurgeryError("this tokenizer has no chat template; leave --chat out")
         self.tokenizer, self.max_length, self.chat, self.packing = tokenizer, max_length, chat, packing
-        self.checked = False    # packing: the first batch was scored packed and unpacked alike
+        self.checked = None    # packing: id of the model whose first batch scored packed as unpacked
         self.eos = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(pad if pad is not None else self.eos if self.eos is not None else 0)
@@ -168,7 +170,7 @@ class InstructionTask:
 
     def summed_loss(self, model, rows: list[dict]) -> tuple[torch.Tensor, int]:
         """(summed next-token cross-entropy over the response tokens of `rows`, their number)."""
-        if self.packing and not self.checked:
+        if self.packing and self.checked != id(model):
             self._check_packing(model, rows)
         return self._summed_loss(model, self.encode(rows))
 
@@ -189,8 +191,6 @@ class InstructionTask:
         return total, int((target != -100).sum())
 
     def _check_packing(self, model, rows: list[dict]) -> None:
-        from .tasks import _params
-        from .train import evaluating
         if "position_ids" not in _params(model):
             raise SurgeryError(f"{type(model).__name__}.forward takes no position_ids, so packed rows cannot restart "
                                "their positions; leave --packing out")
@@ -206,7 +206,7 @@ class InstructionTask:
             raise SurgeryError(f"{type(model).__name__} mixes packed rows (summed loss {float(packed):.4f} packed, "
                                f"{float(plain):.4f} apart): it or an adapter on it ignores a 4-D attention mask; "
                                "leave --packing out")
-        self.checked = True
+        self.checked = id(model)
 
 
 def _dtype(model) -> torch.dtype:
@@ -218,7 +218,6 @@ def _dtype(model) -> torch.dtype:
 
 def held_out_loss(model, task: InstructionTask, rows: list[dict], batch_size: int = 8) -> float:
     """Mean response-token loss over `rows` (weighted by their response tokens)."""
-    from .train import evaluating
     total, count = 0.0, 0
     with evaluating(model):
         for i in range(0, len(rows), batch_size):
@@ -230,7 +229,6 @@ def held_out_loss(model, task: InstructionTask, rows: list[dict], batch_size: in
 def respond(model, task: InstructionTask, rows: list[dict], max_new_tokens: int = 64) -> list[str]:
     """Greedy responses to plain rows' prompts (their responses unused)."""
     tok, dev = task.tokenizer, next(model.parameters()).device
-    from .train import evaluating
     out = []
     with evaluating(model):
         for row in rows:

@@ -6,13 +6,13 @@ cross-entropy over them and the prediction their argmax.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import random
 import resource
 import statistics
-import contextlib
 import time
 from dataclasses import dataclass
 

@@ -105,7 +105,7 @@ def test_packing_gives_the_unpacked_loss_and_gradients_in_fewer_sequences(build)
         loss = t.loss(m, rows)
         loss.backward()
         grads.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
-    assert packed.checked
+    assert packed.checked is not None   # the first batch was checked both ways
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -122,6 +122,9 @@ def test_packing_refuses_a_model_that_mixes_the_rows():
     m = Unmasked(model().config).eval()
     raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(m, ROWS), "mixes packed rows",
                     "leave --packing out")
+    task = InstructionTask(tokenizer(), 64, packing=True)
+    task.loss(model(), ROWS)                       # checked on a model that keeps rows apart ...
+    raises_one_line(lambda: task.loss(m, ROWS), "mixes packed rows")   # ... and again on another one
     prompt = apply(model(), "prompt-tuning", num_tokens=3, init="random")   # its tokens widen every sequence
     raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(prompt, ROWS), "cannot run packed",
                     "leave --packing out")
