@@ -15,6 +15,7 @@ fixed here before any run (20 tokens, steps, batch sizes, splits). Writes result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -73,18 +74,17 @@ class Encoder:
         text = self.tok.decode(self.tok.encode(e.text, add_special_tokens=False)[:MAX_TEXT])
         return self.tok.encode(TASKS[task][1].format(text=text)), task, self.labels[task].index(e.label)
 
-    def scores(self, model, rows, names):
-        """(B, 2) logits of each row's own label words at its last position; names: route() name per row."""
+    def scores(self, model, rows, names, hidden=False):
+        """(B, 2) logits of each row's own label words at its last position; names: route() name per row. With
+        hidden: also the last layer's hidden states (B, S, width) and the attention mask (B, S)."""
         S = max(len(r[0]) for r in rows)
         ids = torch.tensor([[0] * (S - len(r[0])) + r[0] for r in rows])
         mask = torch.tensor([[0] * (S - len(r[0])) + [1] * len(r[0]) for r in rows])
-        if any(names):
-            with mpt.route(model, names):
-                last = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-        else:
-            last = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        with mpt.route(model, names) if any(names) else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
         words = torch.tensor([[w[0] for w in self.words[r[1]]] for r in rows])
-        return last.gather(1, words)
+        scores = out.logits[:, -1].gather(1, words)
+        return (scores, out.hidden_states[-1], mask) if hidden else scores
 
 
 def accuracy(model, enc, rows, adapter) -> float:
@@ -102,18 +102,20 @@ def accuracy(model, enc, rows, adapter) -> float:
 def train(model, enc, batches, adapter, lr, distill=0.0):
     """AdamW on the adapter over these batches (lists of rows); returns the losses. `adapter` is a multitask
     adapter (rows routed to ADAPTER:TASK) or, given as "NAME-", a prompt per task named NAME-TASK; distill > 0
-    adds that weight times the KL from each row's teacher prompt ("teacher-TASK") to the student's scores."""
+    adds that weight times the paper's two terms from each row's teacher prompt ("teacher-TASK"): the KL on the
+    label scores and the mean squared error on the last layer's hidden states."""
     name = (lambda r: f"{adapter}{r[1]}") if adapter.endswith("-") else (lambda r: f"{adapter}:{r[1]}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     model.train()
     for rows in batches:
-        s = enc.scores(model, rows, [name(r) for r in rows])
+        out = enc.scores(model, rows, [name(r) for r in rows], hidden=bool(distill))
+        s, hidden, mask = out if distill else (out, None, None)
         loss = F.cross_entropy(s.float(), torch.tensor([r[2] for r in rows]))
         if distill:
             with torch.no_grad():
-                teacher = enc.scores(model, rows, [f"teacher-{r[1]}" for r in rows])
-            loss = loss + distill * mpt.distillation_loss(s, teacher)
+                t, t_hidden, _ = enc.scores(model, rows, [f"teacher-{r[1]}" for r in rows], hidden=True)
+            loss = loss + distill * (mpt.distillation_loss(s, t) + mpt.hidden_state_loss(hidden, t_hidden, mask))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -136,7 +138,8 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="the paper's distillation: first train one prompt-tuning teacher per source task, then add W "
-                        "times the KL from each row's teacher to the source loss (default: 0, off)")
+                        "times the KL on the scores plus the MSE on the last hidden states from each row's teacher "
+                        "to the source loss (default: 0, off)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -15,8 +15,9 @@ from that source task's. P* and the factors all train, as in the paper.
 
 Distillation from single-task teacher prompts into the source training (the paper's option): distillation_loss()
 is KL(teacher || student) on the same rows' scores; the teachers are prompt-tuning adapters on the same model,
-routed per row beside the student's "ADAPTER:TASK" rows (examples/multitask_prompt.py --distill). The paper's
-second term, a mean squared error on hidden states, is not built.
+routed per row beside the student's "ADAPTER:TASK" rows (examples/multitask_prompt.py --distill); the paper's
+second term, hidden_state_loss(), is the mean squared error between the same rows' hidden states (the prompt's
+positions are already out of a model's outputs, so both line up with the user's tokens).
 """
 from __future__ import annotations
 
@@ -243,6 +244,25 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     s = (student.float() / temperature).log_softmax(-1)
     return F.kl_div(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), log_target=True,
                     reduction="batchmean") * temperature ** 2
+
+
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between two hidden-state tensors for the same rows, (batch, positions, width), averaged
+    over the positions where `mask` (batch, positions; e.g. the attention mask) is nonzero and over the width. The
+    teacher gets no gradient."""
+    if student.shape != teacher.shape:
+        raise SurgeryError(f"student hidden states {tuple(student.shape)} and teacher hidden states "
+                           f"{tuple(teacher.shape)} differ; take both from the same rows and layer")
+    err = (student.float() - teacher.detach().float()).pow(2).mean(-1)
+    if mask is None:
+        return err.mean()
+    if mask.shape != err.shape:
+        raise SurgeryError(f"mask {tuple(mask.shape)} does not match the hidden states' (batch, positions) "
+                           f"{tuple(err.shape)}; pass the attention mask of the same batch")
+    keep = mask.to(err.dtype)
+    if not keep.sum() > 0:
+        raise SurgeryError("the mask keeps no position; pass the attention mask of the same batch")
+    return (err * keep).sum() / keep.sum()
 
 
 @contextlib.contextmanager

@@ -261,6 +261,36 @@ def test_distillation_from_teacher_prompts_routed_beside_the_students_rows():
     assert grads and all(".mt." in n for n in grads), grads
 
 
+def test_hidden_state_distillation_term():
+    """The paper's second term: MSE of the same rows' hidden states over the mask's positions, by hand; on a routed
+    left-padded batch the prompt positions are out of the hidden states, so teacher and student line up with the
+    user's tokens, and the term's gradient reaches the student only."""
+    s, t = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    torch.testing.assert_close(mpt.hidden_state_loss(s, t), ((s - t) ** 2).mean())
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    want = sum(((s[b, i] - t[b, i]) ** 2).mean() for b in range(2) for i in range(3) if mask[b, i]) / 5
+    torch.testing.assert_close(mpt.hidden_state_loss(s, t, mask), want)
+    assert float(mpt.hidden_state_loss(t, t, mask)) == 0.0
+    raises_one_line(lambda: mpt.hidden_state_loss(s, t[:, :2]), "differ")
+    raises_one_line(lambda: mpt.hidden_state_loss(s, t, mask[:, :2]), "does not match")
+    raises_one_line(lambda: mpt.hidden_state_loss(s, t, torch.zeros_like(mask)), "keeps no position")
+    model = tiny_llama()
+    ps.apply(model, METHOD, name="mt", tasks="a,b", num_tokens=3)
+    for task in ("a", "b"):
+        ps.apply(model, "prompt-tuning", name=f"teacher-{task}", num_tokens=2 + len(task), init="random", seed=1)
+    ids = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    rows = ["a", "b", "a"]
+    with torch.no_grad(), mpt.route(model, [f"teacher-{r}" for r in rows]):
+        teacher = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    with mpt.route(model, [f"mt:{r}" for r in rows]):
+        student = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert student.shape == teacher.shape == (3, 5, model.config.hidden_size)
+    mpt.hidden_state_loss(student, teacher, mask).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".mt." in n for n in grads), grads
+
+
 # ---------------------------------------------------------------- PEFT
 peft = pytest.importorskip("peft")
 
