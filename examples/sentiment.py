@@ -52,6 +52,10 @@ INSTRUCTION = "Is this movie review positive or negative?\\n{text}"
 PROMPTING = {"4-shot": ["--shots", 4, "--shot-selection", "balanced"],
              "8-shot": ["--shots", 8, "--shot-selection", "balanced", "--max-length", 512],
              "instruction": ["--chat", "--template", INSTRUCTION]}
+# PET (--pet): two patterns fixed before any run, each trained as a LoRA adapter (the plugin's defaults, those of
+# the lora row); their ensemble labels --unlabelled sentences outside train and test; a task head with a LoRA
+# adapter of its own (--final-plugin lora) is distilled from those soft labels and classifies without a pattern
+PATTERNS = [TEMPLATE, "{text}\\nQuestion: is this review positive or negative?\\nAnswer:"]
 # the methods Hugging Face PEFT also has
 PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora", "ia3", "dora", "adalora", "p-tuning")
 
@@ -121,9 +125,9 @@ def table(rows: list[dict]) -> str:
     zero = rows[0]["accuracy"]
     for r in rows:
         each = f" {' / '.join(f'{100 * a:.1f}' for a in r['accuracies'])} |" if seeds > 1 else ""
-        if "lr" not in r:   # zero-shot and the prompting rows: nothing trained
+        if "lr" not in r:   # zero-shot and the prompting rows: nothing trained; PET's: what they trained
             vs = "" if r is rows[0] else f"{100 * (r['accuracy'] - zero):+.1f}"
-            lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {vs} |{each} 0 | | | |")
+            lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {vs} |{each} {r.get('trained', 0)} | | | |")
             continue
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f}% | {100 * (r['accuracy'] - zero):+.1f} |{each} "
                      f"{r['trainable_params']:,} | {r['lr']:g} | {r['median_s_per_step']:.2f} | "
@@ -163,6 +167,23 @@ def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=No
     return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
                   "--epochs", 3, "--batch-size", 16, "--seed", seed, *common,
                   *(["--template", TEMPLATES[name]] if name in TEMPLATES else []), "-o", out), "seed": seed}
+
+
+def pet_rows(model, examples, used, train_file, test_file, common, args) -> list[dict]:
+    """PET's rows: each pattern's test accuracy, the ensemble's and the distilled classifier's."""
+    seen = {e.text for e in used}
+    texts, _ = balanced_split([e for e in examples if e.text not in seen], args.unlabelled, 0, seed=2)
+    path = os.path.join(args.out, "unlabelled.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(e.text.replace("\n", " ") + "\n" for e in texts)
+    patterns = [a for t in PATTERNS for a in ("--pattern", t)]
+    common = [a for a in common if a != TEMPLATE and a != "--template"]
+    r = cli("pet", model, *patterns, "--data", train_file, "--unlabelled", path, "--eval-data", test_file,
+            "--final-plugin", "lora", *common, "-o", os.path.join(args.out, "pet"))
+    rows = [{"method": f"PET pattern {j + 1}", "accuracy": p["accuracy"], "trained": "LoRA"}
+            for j, p in enumerate(r["pvps"])]
+    return rows + [{"method": "PET ensemble", "accuracy": r["ensemble_accuracy"], "trained": "the patterns'"},
+                   {"method": "PET distilled", "accuracy": r["final_accuracy"], "trained": "head + LoRA"}]
 
 
 def tune(args, methods, model, examples, used, train_file, common, bottleneck) -> None:
@@ -223,6 +244,10 @@ def main():
                         "learning rates (examples/sentiment_peft.py; needs peft)")
     p.add_argument("--prompting", action="store_true",
                    help="also rows with nothing trained: 4- and 8-shot in-context learning, the chat instruction")
+    p.add_argument("--pet", action="store_true",
+                   help="also PET's rows: each of two patterns (a LoRA adapter each), their ensemble and a task head "
+                        "distilled from the ensemble's soft labels on --unlabelled other sentences")
+    p.add_argument("--unlabelled", type=int, default=500)
     p.add_argument("--device", help="train and score on this torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
     model = args.model or smollm2_gguf()
@@ -250,6 +275,7 @@ def main():
             print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)
             shots = ["--shots-from", train_file, "--shot-seed", seed] if "--shots" in options else []
             runs.append({"method": name, **cli("eval", model, "--data", test_file, *common, *options, *shots)})
+    runs += pet_rows(model, examples, train + test, train_file, test_file, common, args) if args.pet else []
     for name in methods:
         for seed in args.seeds:
             print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)

@@ -525,7 +525,8 @@ def test_gguf_without_the_gguf_package_is_a_one_line_error(tmp_path, monkeypatch
 
 
 def test_sentiment_table_shows_untrained_rows_against_zero_shot():
-    """examples/sentiment.py: the prompting rows (nothing trained) sit in the same table as the trained methods."""
+    """examples/sentiment.py: the prompting rows (nothing trained) sit in the same table as the trained methods, and
+    PET's rows say what they trained."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     try:
         from sentiment import summarize, table
@@ -534,10 +535,12 @@ def test_sentiment_table_shows_untrained_rows_against_zero_shot():
     runs = [{"method": "zero-shot", "accuracy": 0.75}, {"method": "4-shot", "accuracy": 0.8},
             {"method": "lora", "accuracy": 0.84, "lr": 1e-3, "trainable_params": 10, "median_s_per_step": 2.0,
              "peak_memory_mb": 100}, {"method": "lora", "accuracy": 0.82, "lr": 1e-3, "trainable_params": 10,
-                                      "median_s_per_step": 4.0, "peak_memory_mb": 120}]
+                                      "median_s_per_step": 4.0, "peak_memory_mb": 120},
+            {"method": "PET distilled", "accuracy": 0.81, "trained": "head + LoRA"}]
     rows = summarize(runs)
-    assert [r["method"] for r in rows] == ["zero-shot", "4-shot", "lora"]
+    assert [r["method"] for r in rows] == ["zero-shot", "4-shot", "lora", "PET distilled"]
     assert rows[2]["median_s_per_step"] == 3.0 and rows[2]["peak_memory_mb"] == 120
     lines = table(rows).splitlines()
     assert lines[2].startswith("| zero-shot | 75.0% |  |") and lines[3].startswith("| 4-shot | 80.0% | +5.0 |")
     assert lines[4].startswith("| lora | 83.0% | +8.0 |")
+    assert lines[3].endswith("| 0 | | | |") and lines[5] == "| PET distilled | 81.0% | +6.0 | 81.0 | head + LoRA | | | |"
