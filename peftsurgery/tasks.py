@@ -187,20 +187,6 @@ class Task:
         self.mask_id = getattr(tokenizer, "mask_token_id", None)
         if kind == "masked" and (self.mask_id is None or not getattr(tokenizer, "mask_token", None)):
             raise SurgeryError("a masked LM task needs a tokenizer with a mask token; this one has none")
-        self.words, label_of = [], []   # every word of every label: token ids, and its label's index
-        seen = {}
-        for i, lab in enumerate(verbalizer.labels):
-            for w in verbalizer.words[lab]:
-                ids = tuple(tokenizer.encode(w, add_special_tokens=False))
-                if not ids:
-                    raise SurgeryError(f"label word {w!r} of {lab!r} is no token in this tokenizer; pick another")
-                if ids in seen and seen[ids] != lab:
-                    raise SurgeryError(f"labels {seen[ids]!r} and {lab!r} have the same word tokens {list(ids)}")
-                seen[ids] = lab
-                self.words.append(ids)
-                label_of.append(i)
-        self.label_of = torch.tensor(label_of)
-        self.single = all(len(w) == 1 for w in self.words)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
         self.pad_id = 0 if pad is None else int(pad)
@@ -210,6 +196,24 @@ class Task:
         self.chat = bool(chat)
         if self.chat:
             self._chat_parts()
+        # a causal LM reads a word where the text goes on: after white space (a template ending in a newline, a chat's
+        # assistant turn) without the word's leading space, as render() writes it and as the text would tokenize
+        parts = self.template.parts
+        bare = kind == "causal" and len(parts) > 1 and parts[-2][0] == "lit" and parts[-2][1][-1:].isspace()
+        self.words, label_of = [], []   # every word of every label: token ids, and its label's index
+        seen = {}
+        for i, lab in enumerate(verbalizer.labels):
+            for w in verbalizer.words[lab]:
+                ids = tuple(tokenizer.encode(w.lstrip() if bare else w, add_special_tokens=False))
+                if not ids:
+                    raise SurgeryError(f"label word {w!r} of {lab!r} is no token in this tokenizer; pick another")
+                if ids in seen and seen[ids] != lab:
+                    raise SurgeryError(f"labels {seen[ids]!r} and {lab!r} have the same word tokens {list(ids)}")
+                seen[ids] = lab
+                self.words.append(ids)
+                label_of.append(i)
+        self.label_of = torch.tensor(label_of)
+        self.single = all(len(w) == 1 for w in self.words)
         self.context = None    # example -> text written before the template, never cut (icl.py's demonstrations)
 
     def _chat_parts(self):

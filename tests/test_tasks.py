@@ -215,6 +215,26 @@ def test_bpe_tokens_are_those_of_the_whole_text_and_truncation_keeps_the_templat
     assert task.encode([e]).input_ids.tolist() == [short]
 
 
+def test_a_causal_word_is_read_as_the_text_goes_on_after_the_template():
+    """After "Sentiment:" a word keeps its leading space; after white space (a template ending in a newline, a chat's
+    assistant turn, a trailing space) it loses it: prompt ids and word ids decode to the rendered text, and where the
+    text's ids start with the prompt's, the word's are the rest."""
+    tok = bpe()
+    v = Verbalizer(["pos", "neg"], {"pos": " positive", "neg": " negative"})
+    e = Example("the film was very good", "pos")
+    for template in (CAUSAL, "Review: {text}\nSentiment:\n", "Review: {text}\nSentiment: "):
+        task = Task(tok, template, v)
+        prompt, whole = tok.encode(task.render(e)), tok.encode(task.render(e, " positive"))
+        assert tok.decode(prompt + list(task.words[0])) == task.render(e, " positive"), template
+        assert whole[:len(prompt)] != prompt or task.words[0] == tuple(whole[len(prompt):]), template
+    assert Task(tok, CAUSAL, v).words[0] == tuple(tok.encode(" positive"))
+    assert Task(tok, "Review: {text}\nSentiment:\n", v).words[0] == tuple(tok.encode("positive"))
+    assert Task(tok, "Review: {text}\nSentiment: ", v).words[0] == tuple(tok.encode("positive"))
+    chat = bpe()
+    chat.chat_template = "{% for m in messages %}{{ 'User: ' + m['content'] + '\\n' }}{% endfor %}{{ 'Assistant:\\n' }}"
+    assert Task(chat, "{text}", v, chat=True).words[0] == tuple(tok.encode("positive"))
+
+
 def test_truncation_cuts_fields_longest_first_never_the_template():
     v = Verbalizer(["pos"], {"pos": " good"})
     pair = Example("the film was very good", "pos", "a plot")   # 5 and 2 tokens
