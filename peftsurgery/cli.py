@@ -162,6 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "accuracy on the labelled set before training)")
     sp.add_argument("--temperature", type=float, default=2.0, help="of the soft labels (default: 2)")
     sp.add_argument("--final-plugin", metavar="NAME", help="an adapter trained beside the final task head")
+    sp.add_argument("--final-labelled", action="store_true", help="the final classifier also learns the labelled "
+                    "examples' own labels (default: the soft labels of the unlabelled texts only, as the paper)")
     sp.add_argument("--epochs", type=int, default=3)
     sp.add_argument("--final-epochs", type=int, default=3)
     sp.add_argument("--batch-size", type=int, default=16)
@@ -590,7 +592,7 @@ def cmd_pet(args):
         tasks.append(_task(args, labelled, None, model, tokenizer))
     report = pet(model, tokenizer, tasks, labelled, unlabelled, args.plugin, config, args.epochs, args.batch_size,
                  args.lr, not args.unweighted, args.temperature, args.final_plugin, None, args.final_epochs,
-                 args.final_lr, test, args.output, args.seed, not args.quiet)
+                 args.final_lr, test, args.output, args.seed, not args.quiet, args.final_labelled)
     report.pop("soft_labels")
     with open(os.path.join(args.output, "pet.json"), "w") as f:
         json.dump({**report, "labels": tasks[0].labels, "plugin": args.plugin, "config": config}, f, indent=2)

@@ -7,7 +7,8 @@ classifies the plain text with no pattern. Beside the task layer (tasks.py) and 
 Soft labels: the PVPs' label scores averaged, each weighted by its accuracy on the labelled set before training
 (the paper's weighting; weighted=False: equal weights), then softmax(s / temperature) (the paper's T = 2). The
 final classifier reads the text (a pair as the tokenizer's pair encoding) and trains on the cross-entropy against
-the soft labels.
+the soft labels (the paper's); final_labelled=True adds the labelled examples with their own labels (one-hot), the
+merged set the seed document describes.
 """
 from __future__ import annotations
 
@@ -80,11 +81,12 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         config: dict | None = None, epochs: int = 3, batch_size: int = 16, lr: float | None = None,
         weighted: bool = True, temperature: float = 2.0, final_plugin: str | None = None,
         final_config: dict | None = None, final_epochs: int = 3, final_lr: float = 1e-3, test: list | None = None,
-        out: str | None = None, seed: int = 0, progress: bool = False) -> dict:
+        out: str | None = None, seed: int = 0, progress: bool = False, final_labelled: bool = False) -> dict:
     """The whole pipeline over `tasks` (peftsurgery.tasks.Task objects with the same labels, one per PVP). Each
     PVP's adapter is trained, scores the unlabelled set (and `test`), is saved under out/pvp-J when `out` is given,
     and is removed; then the final classifier (task-head, with `final_plugin` beside it when given) is attached as
-    adapters "final" (and "final-adapter") and distilled. Returns the accuracies and the soft labels."""
+    adapters "final" (and "final-adapter") and distilled from the soft labels (final_labelled: the labelled examples
+    too, their own labels as one-hot targets). Returns the accuracies and the soft labels."""
     from .io import save
     from .registry import Method
     from .surgery import adapters, apply, remove
@@ -134,8 +136,10 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         if final_plugin:
             apply(model, final_plugin, name="final-adapter", **dict(final_config or {}))
         distill = Distill(tokenizer, tasks[0].max_length)
-        fit(model, distill, list(zip(unlabelled, q)), final_epochs, batch_size, final_lr, seed, progress=progress,
-            desc="distill")
+        rows = list(zip(unlabelled, q))
+        if final_labelled:
+            rows += [(e, torch.eye(len(labels))[labels.index(e.label)]) for e in labelled]
+        fit(model, distill, rows, final_epochs, batch_size, final_lr, seed, progress=progress, desc="distill")
     except BaseException:
         for name in finals:
             if name in adapters(model):

@@ -59,6 +59,24 @@ def test_the_pipeline(tmp_path):
         assert float(distill.loss(model, rows)) < float(distill.loss(fresh, rows)) - 0.03   # 0.62 against 0.69
 
 
+def test_the_final_classifier_learns_the_labelled_examples_too_when_asked(monkeypatch):
+    """final_labelled: the distillation rows are the unlabelled texts with their soft labels, then the labelled
+    examples with their own labels one-hot; without it the soft-labelled texts only (the paper's)."""
+    import peftsurgery.pet as pet_module
+    seen, real = [], pet_module.fit
+    monkeypatch.setattr(pet_module, "fit", lambda model, task, rows, *a, **k: (
+        seen.append(list(rows)) if isinstance(task, Distill) else None, real(model, task, rows, *a, **k))[1])
+    labelled, unlabelled = examples(8, seed=1), examples(6, seed=2)
+    for flag, n in ((False, 6), (True, 14)):
+        report = pet(tiny_model(), tokenizer(), tasks(), labelled, unlabelled, "lora", {"r": 2}, epochs=1,
+                     batch_size=8, final_epochs=1, final_labelled=flag)
+        rows = seen[-1]
+        assert len(rows) == n and [e for e, _ in rows[:6]] == unlabelled
+        torch.testing.assert_close(torch.stack([t for _, t in rows[:6]]), report["soft_labels"])
+        assert [e for e, _ in rows[6:]] == (labelled if flag else [])
+        assert all(t.tolist() == [float(lab == e.label) for lab in ("pos", "neg")] for e, t in rows[6:])
+
+
 def test_a_failed_final_stage_leaves_the_model_bare():
     model = tiny_model()
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -95,7 +113,7 @@ def test_cli(tmp_path, capsys):
     common = [str(path), "--data", str(tmp_path / "train.jsonl"), "--unlabelled", str(tmp_path / "u.txt"),
               "--label=pos=positive", "--label=neg=negative", "--quiet", "--epochs", "1", "--final-epochs", "1"]
     assert main(["pet", *common, *sum([["--pattern", p] for p in PATTERNS], []), "--eval-data",
-                 str(tmp_path / "test.jsonl"), "--final-plugin", "lora", "-o", str(tmp_path / "pet")]) == 0
+                 str(tmp_path / "test.jsonl"), "--final-plugin", "lora", "--final-labelled", "-o", str(tmp_path / "pet")]) == 0
     out = capsys.readouterr().out
     assert "ensemble" in out and "final classifier" in out
     record = json.loads((tmp_path / "pet" / "pet.json").read_text())
