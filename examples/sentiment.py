@@ -161,8 +161,8 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0) -> dict:
-    options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else [])
+def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0, extra=()) -> dict:
+    options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else []) + list(extra)
     options += ["--lr", lr] if lr is not None else []
     return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
                   "--epochs", 3, "--batch-size", 16, "--seed", seed, *common,
@@ -184,6 +184,19 @@ def pet_rows(model, examples, used, train_file, test_file, common, args) -> list
             for j, p in enumerate(r["pvps"])]
     return rows + [{"method": "PET ensemble", "accuracy": r["ensemble_accuracy"], "trained": "the patterns'"},
                    {"method": "PET distilled", "accuracy": r["final_accuracy"], "trained": "head + LoRA"}]
+
+
+def ensemble_rows(model, bottleneck, train_file, test_file, common, args) -> list[dict]:
+    """Prompt ensembling (train --ensemble K): each member's test accuracy and the ensemble's, seed 0."""
+    k = args.ensemble
+    print(f"\nprompt-tuning ensemble of {k}", flush=True)
+    r = train_run(model, "prompt-tuning", bottleneck, train_file, test_file, common,
+                  os.path.join(args.out, "adapters", f"ensemble-{k}"), extra=["--ensemble", k])
+    member = {**r, "trainable_params": r["trainable_params"] // k}
+    return [{**member, "method": f"prompt-tuning member {j + 1}", "accuracy": a}
+            for j, a in enumerate(r["member_accuracy"])] + [
+        {**r, "method": f"prompt-tuning x{k} (mean)"},
+        {**r, "method": f"prompt-tuning x{k} (vote)", "accuracy": r["accuracy_vote"]}]
 
 
 def tune(args, methods, model, examples, used, train_file, common, bottleneck) -> None:
@@ -248,6 +261,9 @@ def main():
                    help="also PET's rows: each of two patterns (a LoRA adapter each), their ensemble and a task head "
                         "distilled from the ensemble's soft labels on --unlabelled other sentences")
     p.add_argument("--unlabelled", type=int, default=500)
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="also prompt ensembling: K prompt-tuning prompts trained in one batch, each member's row and "
+                        "the ensemble's (mean of probabilities, majority vote)")
     p.add_argument("--device", help="train and score on this torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
     model = args.model or smollm2_gguf()
@@ -285,6 +301,7 @@ def main():
             if args.peer and name in PEER:
                 print(f"\nPEFT {name}", flush=True)
                 runs.append({**peer_run(model, name, runs[-1]["lr"], seed, args.out, args), "seed": seed})
+    runs += ensemble_rows(model, bottleneck, train_file, test_file, common, args) if args.ensemble else []
     rows = summarize(runs)
     text = table(rows)
     print("\n" + text)
