@@ -206,4 +206,4 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    return 1e-3
+    return 1e-3   # the sentiment task's validation sentences: 81.4% at 1e-3, 78.8% at 3e-3 (seed 0)
