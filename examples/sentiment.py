@@ -260,7 +260,8 @@ def main():
     p.add_argument("--pet", action="store_true",
                    help="also PET's rows: each of two patterns (a LoRA adapter each), their ensemble and a task head "
                         "distilled from the ensemble's soft labels on --unlabelled other sentences")
-    p.add_argument("--unlabelled", type=int, default=500)
+    p.add_argument("--unlabelled", type=int, default=500, help="with --pet: how many other sentences the patterns "
+                   "label for the distillation (default: 500)")
     p.add_argument("--ensemble", type=int, default=0, metavar="K",
                    help="also prompt ensembling: K prompt-tuning prompts trained in one batch, each member's row and "
                         "the ensemble's (mean of probabilities, majority vote)")
