@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
 import torch
 
@@ -68,7 +69,7 @@ class InstructionTask:
         if chat and not getattr(tokenizer, "chat_template", None):
             raise SurgeryError("this tokenizer has no chat template; leave --chat out")
         self.tokenizer, self.max_length, self.chat, self.packing = tokenizer, max_length, chat, packing
-        self.checked = None    # packing: id of the model whose first batch scored packed as unpacked
+        self.checked = None    # packing: (the model, its adapters) whose first batch scored packed as unpacked
         self.eos = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(pad if pad is not None else self.eos if self.eos is not None else 0)
@@ -170,7 +171,7 @@ class InstructionTask:
 
     def summed_loss(self, model, rows: list[dict]) -> tuple[torch.Tensor, int]:
         """(summed next-token cross-entropy over the response tokens of `rows`, their number)."""
-        if self.packing and self.checked != id(model):
+        if self.packing and self.checked != _packing_key(model):
             self._check_packing(model, rows)
         return self._summed_loss(model, self.encode(rows))
 
@@ -206,7 +207,14 @@ class InstructionTask:
             raise SurgeryError(f"{type(model).__name__} mixes packed rows (summed loss {float(packed):.4f} packed, "
                                f"{float(plain):.4f} apart): it or an adapter on it ignores a 4-D attention mask; "
                                "leave --packing out")
-        self.checked = id(model)
+        self.checked = _packing_key(model)
+
+
+def _packing_key(model) -> tuple:
+    """What a packing check holds for: this model object (a weak reference, so a new model at a freed address is
+    checked again) with these adapters attached (an adapter added later may ignore the 4-D mask)."""
+    from .surgery import adapters
+    return weakref.ref(model), tuple(adapters(model))
 
 
 def _dtype(model) -> torch.dtype:

@@ -128,6 +128,10 @@ def test_packing_refuses_a_model_that_mixes_the_rows():
     prompt = apply(model(), "prompt-tuning", num_tokens=3, init="random")   # its tokens widen every sequence
     raises_one_line(lambda: InstructionTask(tokenizer(), 64, packing=True).loss(prompt, ROWS), "cannot run packed",
                     "leave --packing out")
+    same = model()
+    task.loss(same, ROWS)                          # checked on this model as it is ...
+    apply(same, "prompt-tuning", num_tokens=3, init="random")
+    raises_one_line(lambda: task.loss(same, ROWS), "cannot run packed")   # ... and again once an adapter is added
     prefix = apply(model(), "prefix-tuning", num_tokens=3, init="random")   # its keys are every row's: packs
     torch.testing.assert_close(InstructionTask(tokenizer(), 64, packing=True).loss(prefix, ROWS),
                                InstructionTask(tokenizer(), 64).loss(prefix, ROWS), atol=1e-5, rtol=1e-5)
