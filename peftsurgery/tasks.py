@@ -198,8 +198,11 @@ class Task:
             self._chat_parts()
         # a causal LM reads a word where the text goes on: after white space (a template ending in a newline, a chat's
         # assistant turn) without the word's leading space, as render() writes it and as the text would tokenize
+        # (and a field right before the answer loses its trailing white space, so the word reads the same after
+        # any example's text)
         parts = self.template.parts
         bare = kind == "causal" and len(parts) > 1 and parts[-2][0] == "lit" and parts[-2][1][-1:].isspace()
+        self.trimmed = len(parts) - 2 if kind == "causal" and len(parts) > 1 and parts[-2][0] == "field" else None
         self.words, label_of = [], []   # every word of every label: token ids, and its label's index
         seen = {}
         for i, lab in enumerate(verbalizer.labels):
@@ -237,11 +240,11 @@ class Task:
         """Example e written out as text (a chat task's chat text included), `answer` in the answer slot (a label
         word's leading space dropped after white space); soft tokens are left out."""
         text = ""
-        for kind, value in self.template.parts:
+        for i, (kind, value) in enumerate(self.template.parts):
             if kind == "lit":
                 text += value
             elif kind == "field":
-                text += str(getattr(e, value))
+                text += self._field(e, i, value)
             elif kind == "answer":
                 text += answer.lstrip() if text[-1:].isspace() else answer
         return text
@@ -325,11 +328,7 @@ class Task:
             if kind == "lit":
                 run.append((value, None))
             elif kind == "field":
-                text = getattr(e, value, None)
-                if text is None:
-                    raise SurgeryError(f"the template uses {{{value}}} but an example has no {value}; give "
-                                       f"examples with a {value!r} field")
-                run.append((str(text), i))
+                run.append((self._field(e, i, value), i))
             elif kind == "answer" and masks:
                 run.append((self.tokenizer.mask_token * masks, "answer"))
             elif kind == "soft":
@@ -337,6 +336,14 @@ class Task:
                 out += [(self.pad_id, "soft")] * value
                 run = []
         return out + [(t, None) for t in self.suffix]
+
+    def _field(self, e, i: int, name: str) -> str:
+        """Field `name` (template part i) of example e as written into the prompt."""
+        text = getattr(e, name, None)
+        if text is None:
+            raise SurgeryError(f"the template uses {{{name}}} but an example has no {name}; give examples with a "
+                               f"{name!r} field")
+        return str(text).rstrip() if i == self.trimmed else str(text)
 
     def _keep(self, tokens, limit: int) -> dict:
         """How many tokens each field keeps so that `tokens` fit in `limit`: the longest field is cut first."""

@@ -233,6 +233,13 @@ def test_a_causal_word_is_read_as_the_text_goes_on_after_the_template():
     chat = bpe()
     chat.chat_template = "{% for m in messages %}{{ 'User: ' + m['content'] + '\\n' }}{% endfor %}{{ 'Assistant:\\n' }}"
     assert Task(chat, "{text}", v, chat=True).words[0] == tuple(tok.encode("positive"))
+    # a field right before the answer: its trailing white space goes, so the word reads the same after any text
+    task = Task(tok, "Review: {text}", v)
+    for text in ("a dull plot", "a dull plot ", "a dull plot\n"):
+        e = Example(text, "neg")
+        assert task.render(e, " negative") == "Review: a dull plot negative"
+        assert task.encode([e]).input_ids.tolist() == [tok.encode("Review: a dull plot")]
+    assert task.words[1] == tuple(tok.encode(" negative"))
 
 
 def test_truncation_cuts_fields_longest_first_never_the_template():
