@@ -161,7 +161,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--unweighted", action="store_true", help="equal pattern weights (default: each pattern's "
                     "accuracy on the labelled set before training)")
     sp.add_argument("--temperature", type=float, default=2.0, help="of the soft labels (default: 2)")
-    sp.add_argument("--final-plugin", metavar="NAME", help="an adapter trained beside the final task head")
+    sp.add_argument("--final-head", default="task-head", metavar="NAME", help="the final classifier's head plugin "
+                    "(default: task-head; p-tuning-v2: the head with deep prompts)")
+    sp.add_argument("--final-plugin", metavar="NAME", help="an adapter trained beside the final head")
     sp.add_argument("--final-labelled", action="store_true", help="the final classifier also learns the labelled "
                     "examples' own labels (default: the soft labels of the unlabelled texts only, as the paper)")
     sp.add_argument("--epochs", type=int, default=3)
@@ -570,7 +572,7 @@ def cmd_pretrain_prompt(args):
 
 
 def cmd_pet(args):
-    from .pet import pet
+    from .pet import head_options, pet
     from .registry import Method
     from .train import read_examples
     from .zoo import load_model
@@ -582,6 +584,7 @@ def cmd_pet(args):
     test = read_examples(args.eval_data) if args.eval_data else None
     config = _options(args.options)
     Method(args.plugin).config(config)
+    head_options(args.final_head, 2)
     if args.final_plugin:
         Method(args.final_plugin).config({})
     model, tokenizer = load_model(args.model)
@@ -592,7 +595,7 @@ def cmd_pet(args):
         tasks.append(_task(args, labelled, None, model, tokenizer))
     report = pet(model, tokenizer, tasks, labelled, unlabelled, args.plugin, config, args.epochs, args.batch_size,
                  args.lr, not args.unweighted, args.temperature, args.final_plugin, None, args.final_epochs,
-                 args.final_lr, test, args.output, args.seed, not args.quiet, args.final_labelled)
+                 args.final_lr, test, args.output, args.seed, not args.quiet, args.final_labelled, args.final_head)
     report.pop("soft_labels")
     with open(os.path.join(args.output, "pet.json"), "w") as f:
         json.dump({**report, "labels": tasks[0].labels, "plugin": args.plugin, "config": config}, f, indent=2)

@@ -61,7 +61,8 @@ class Distill:
         out = model(**self.inputs(examples, next(model.parameters()).device))
         logits = out["logits"] if isinstance(out, dict) else out[0]
         if logits.dim() != 2:
-            raise SurgeryError("the final classifier needs a sequence task head on the model (task-head)")
+            raise SurgeryError("the final classifier's head gives no (batch, labels) logits; give a sequence-task "
+                                "head plugin (task-head, p-tuning-v2)")
         return logits.float()
 
     def loss(self, model, rows) -> torch.Tensor:
@@ -77,16 +78,31 @@ class Distill:
         return right / len(examples)
 
 
+def head_options(head: str, labels: int, config: dict | None = None) -> dict:
+    """The final head's options (task="sequence", labels, then `config`), checked: a plugin that is no sequence
+    head is refused in one line."""
+    from .registry import Method
+    options = {"task": "sequence", "labels": labels, **dict(config or {})}
+    try:
+        Method(head).config(options)
+    except SurgeryError as e:
+        raise SurgeryError(f"the final head {head!r} does not take these options ({e}); give a sequence-task head "
+                           "plugin such as task-head or p-tuning-v2") from None
+    return options
+
+
 def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list[Example], plugin: str = "lora",
         config: dict | None = None, epochs: int = 3, batch_size: int = 16, lr: float | None = None,
         weighted: bool = True, temperature: float = 2.0, final_plugin: str | None = None,
         final_config: dict | None = None, final_epochs: int = 3, final_lr: float = 1e-3, test: list | None = None,
-        out: str | None = None, seed: int = 0, progress: bool = False, final_labelled: bool = False) -> dict:
+        out: str | None = None, seed: int = 0, progress: bool = False, final_labelled: bool = False,
+        head: str = "task-head", head_config: dict | None = None) -> dict:
     """The whole pipeline over `tasks` (peftsurgery.tasks.Task objects with the same labels, one per PVP). Each
     PVP's adapter is trained, scores the unlabelled set (and `test`), is saved under out/pvp-J when `out` is given,
-    and is removed; then the final classifier (task-head, with `final_plugin` beside it when given) is attached as
-    adapters "final" (and "final-adapter") and distilled from the soft labels (final_labelled: the labelled examples
-    too, their own labels as one-hot targets). Returns the accuracies and the soft labels."""
+    and is removed; then the final classifier (plugin `head` with task="sequence", labels=the number of labels and
+    `head_config`: task-head, or p-tuning-v2 whose head comes with deep prompts; `final_plugin` beside it when given)
+    is attached as adapters "final" (and "final-adapter") and distilled from the soft labels (final_labelled: the
+    labelled examples too, their own labels as one-hot targets). Returns the accuracies and the soft labels."""
     from .io import save
     from .registry import Method
     from .surgery import adapters, apply, remove
@@ -102,6 +118,7 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
         raise SurgeryError(f"the temperature must be above 0, got {temperature!r}")
     if test:
         _known(tasks[0], test, "evaluation")
+    head_config = head_options(head, len(labels), head_config)   # before any training: a bad head costs nothing
     config = dict(config or {})
     rate = lr if lr is not None else Method(plugin).learning_rate(Method(plugin).config(config))
     report, scores, test_scores, weights = {"pvps": []}, [], [], []
@@ -132,7 +149,7 @@ def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list
     torch.manual_seed(seed)
     finals = ["final"] + (["final-adapter"] if final_plugin else [])
     try:   # all or nothing: a failure here leaves the model bare, as it came
-        apply(model, "task-head", name="final", task="sequence", labels=len(labels))
+        apply(model, head, name="final", **head_config)
         if final_plugin:
             apply(model, final_plugin, name="final-adapter", **dict(final_config or {}))
         distill = Distill(tokenizer, tasks[0].max_length)

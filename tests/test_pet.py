@@ -88,6 +88,26 @@ def test_a_failed_final_stage_leaves_the_model_bare():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
 
 
+def test_the_final_head_is_any_sequence_head_plugin(tmp_path):
+    """head="p-tuning-v2": the final classifier is P-tuning v2's head with its deep prompts, saved as that method
+    and giving the same logits when loaded; a head plugin without a sequence task is refused before any change."""
+    model = tiny_model()
+    test = examples(8, seed=3)
+    report = pet(model, tokenizer(), tasks(), examples(8), examples(8, seed=2), "lora", {"r": 2}, epochs=1,
+                 batch_size=8, final_epochs=1, test=test, out=str(tmp_path), head="p-tuning-v2",
+                 head_config={"num_tokens": 3})
+    assert sorted(ps.adapters(model)) == ["final"] and ps.adapters(model)["final"].method == "p-tuning-v2"
+    assert json.loads((tmp_path / "final" / "adapter.json").read_text())["config"]["num_tokens"] == 3
+    again, distill = ps.load(tiny_model(), str(tmp_path / "final")), Distill(tokenizer())
+    assert report["final_accuracy"] == distill.accuracy(again, test, ["pos", "neg"])
+    with torch.no_grad():
+        torch.testing.assert_close(distill.logits(again, test), distill.logits(model, test))
+    bare = tiny_model()
+    raises_one_line(lambda: pet(bare, tokenizer(), tasks(), examples(8), examples(4), "lora", {"r": 2}, epochs=1,
+                                batch_size=8, head="lora"), "final head 'lora'", "task-head or p-tuning-v2")
+    assert not ps.adapters(bare)
+
+
 def test_mistakes(tmp_path):
     raises_one_line(lambda: pet(tiny_model(), tokenizer(), tasks()[:1], examples(4), examples(4)), "at least 2")
     raises_one_line(lambda: pet(ps.apply(tiny_model(), "lora"), tokenizer(), tasks(), examples(4), examples(4)),
@@ -122,3 +142,6 @@ def test_cli(tmp_path, capsys):
                                                                      "pvp-0", "pvp-1"]
     assert main(["pet", *common, "--pattern", PATTERNS[0], "-o", str(tmp_path / "x")]) == 2
     assert "two or more --pattern" in capsys.readouterr().err
+    assert main(["pet", *common, *sum([["--pattern", p] for p in PATTERNS], []), "--final-head", "lora",
+                 "-o", str(tmp_path / "y")]) == 2
+    assert "final head 'lora'" in capsys.readouterr().err and not (tmp_path / "y").exists()
