@@ -598,7 +598,8 @@ def cmd_pet(args):
                  args.final_lr, test, args.output, args.seed, not args.quiet, args.final_labelled, args.final_head)
     report.pop("soft_labels")
     with open(os.path.join(args.output, "pet.json"), "w") as f:
-        json.dump({**report, "labels": tasks[0].labels, "plugin": args.plugin, "config": config}, f, indent=2)
+        json.dump({**report, "labels": tasks[0].labels, "plugin": args.plugin, "config": config,
+                   "final_head": args.final_head}, f, indent=2)
     rows = [[r["template"].replace("\n", "\\n"), f"{r['weight']:.3f}",
              f"{r['accuracy']:.1%}" if "accuracy" in r else ""] for r in report["pvps"]]
     if test:

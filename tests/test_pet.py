@@ -137,7 +137,7 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ensemble" in out and "final classifier" in out
     record = json.loads((tmp_path / "pet" / "pet.json").read_text())
-    assert len(record["pvps"]) == 2 and 0 <= record["final_accuracy"] <= 1
+    assert len(record["pvps"]) == 2 and 0 <= record["final_accuracy"] <= 1 and record["final_head"] == "task-head"
     assert sorted(p.name for p in (tmp_path / "pet").iterdir()) == ["final", "final-adapter", "pet.json",
                                                                      "pvp-0", "pvp-1"]
     assert main(["pet", *common, "--pattern", PATTERNS[0], "-o", str(tmp_path / "x")]) == 2
