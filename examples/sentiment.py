@@ -185,9 +185,11 @@ def chart(rows: list[dict], path: str) -> None:
 
 
 def train_run(model, name, bottleneck, train_file, eval_file, common, out, lr=None, seed=0, extra=(),
-              task="polarity") -> dict:
+              task="polarity", options=None) -> dict:
+    """`peftsurgery train` with the method's options of METHODS (or `options`), then `extra`."""
     _, template, _, init_text = TASKS[task]
-    options = [o.replace(INIT_TEXT, init_text) for o in METHODS[name]] + list(extra)
+    options = [o.replace(INIT_TEXT, init_text) for o in METHODS[name]] if options is None else list(options)
+    options += list(extra)
     options += ["--set", f"bottleneck={bottleneck}"] if name == "adapter" else []
     options += ["--lr", lr] if lr is not None else []
     return {**cli("train", model, "--plugin", name, *options, "--data", train_file, "--eval-data", eval_file,
@@ -213,11 +215,14 @@ def pet_rows(model, examples, used, train_file, test_file, common, args) -> list
 
 
 def ensemble_rows(model, bottleneck, train_file, test_file, common, args) -> list[dict]:
-    """Prompt ensembling (train --ensemble K): each member's test accuracy and the ensemble's, seed 0."""
+    """Prompt ensembling (train --ensemble K): each member's test accuracy and the ensemble's, seed 0. Members start
+    from vocabulary vectors drawn with seeds 0 .. K-1 (the prompt-tuning row's text start is the same for every
+    seed: its members would train into one prompt, which train refuses)."""
     k = args.ensemble
     print(f"\nprompt-tuning ensemble of {k}", flush=True)
     r = train_run(model, "prompt-tuning", bottleneck, train_file, test_file, common,
-                  os.path.join(args.out, "adapters", f"ensemble-{k}"), extra=["--ensemble", k], task=args.task)
+                  os.path.join(args.out, "adapters", f"ensemble-{k}"), extra=["--ensemble", k],
+                  task=args.task, options=["--set", "num_tokens=20", "--set", "init=vocab"])
     member = {**r, "trainable_params": r["trainable_params"] // k}
     return [{**member, "method": f"prompt-tuning member {j + 1}", "accuracy": a}
             for j, a in enumerate(r["member_accuracy"])] + [

@@ -16,7 +16,7 @@ import torch
 
 from .errors import SurgeryError
 from .registry import Method
-from .surgery import apply, remove, route
+from .surgery import adapters, apply, remove, route
 from .train import _known, evaluating
 
 COMBINES = ("mean", "vote")
@@ -28,7 +28,9 @@ def members(name: str, k: int) -> list[str]:
 
 def apply_ensemble(model, plugin: str, k: int, name: str = "ensemble", **config) -> list[str]:
     """Attach k adapters of `plugin` named name-0 .. name-(k-1) and return their names. A method with a `seed`
-    option gets seed, seed + 1, ... (members must start apart). All or nothing: a failure removes those attached."""
+    option gets seed, seed + 1, ... Members must start apart: trained on the same replicated batches, members that
+    start identical stay identical (an ensemble of one), which is refused. All or nothing: a failure removes those
+    attached."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise SurgeryError(f"an ensemble needs at least 2 members, got {k!r}")
     seeded = "seed" in {f.name for f in dataclasses.fields(Method(plugin).config_class)}
@@ -38,11 +40,23 @@ def apply_ensemble(model, plugin: str, k: int, name: str = "ensemble", **config)
         for i, n in enumerate(members(name, k)):
             apply(model, plugin, name=n, **config, **({} if seed is None else {"seed": seed + i}))
             done.append(n)
+        start = [_start(model, n) for n in done]
+        if all(len(s) == len(start[0]) and all(torch.equal(a, b) for a, b in zip(s, start[0])) for s in start[1:]):
+            given = ", ".join(f"{k}={v}" for k, v in config.items()) or "its defaults"
+            raise SurgeryError(f"the {k} {plugin} members start identical ({given}), so training would make them "
+                               "one adapter; use an initialisation drawn from the seed (prompt methods: init=vocab "
+                               "or init=random)")
     except BaseException:
         for n in reversed(done):
             remove(model, n)
         raise
     return done
+
+
+def _start(model, name: str) -> list[torch.Tensor]:
+    """The member's trainable tensors as built."""
+    return [p for r in adapters(model)[name].records for m in r.built.values() for p in m.parameters()
+            if p.requires_grad]
 
 
 class Ensemble:

@@ -81,6 +81,17 @@ def test_apply_ensemble_is_all_or_nothing():
     assert list(ps.adapters(model)) == ["ensemble-1"]
 
 
+def test_members_that_start_identical_are_refused():
+    """init=text does not depend on the seed: every member would start from the same prompt and, trained on the
+    same replicated batches, stay that prompt. Refused in one line, nothing left attached."""
+    model = tiny_model()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    raises_one_line(lambda: apply_ensemble(model, "prompt-tuning", 3, num_tokens=2, init="text", text="5,6"),
+                    "start identical")
+    assert ps.adapters(model) == {}
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
 def test_cli_train_ensemble_then_eval(tmp_path, capsys):
     model_dir = tmp_path / "model"
     tiny_model().save_pretrained(model_dir)
