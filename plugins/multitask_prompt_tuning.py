@@ -32,7 +32,7 @@ from torch import nn
 import peftsurgery as ps
 from peftsurgery import SurgeryError, hookimpl
 from peftsurgery.checks import integer
-from peftsurgery.rewrite import Prompt, text_ids
+from peftsurgery.rewrite import Prompt, check_text_init
 from peftsurgery.rewrite.inputs import routed_entry
 
 from .prompt_tuning import INITS, initial
@@ -76,11 +76,7 @@ class MultitaskPromptTuningConfig:
             if self.init not in INITS:
                 raise SurgeryError(f"{METHOD}: init must be one of {', '.join(INITS)} or {PRETRAINED}DIR, got "
                                    f"{self.init!r}")
-            if self.init == "text":
-                try:
-                    text_ids(self.text)
-                except SurgeryError as e:
-                    raise SurgeryError(f"{METHOD}: {e}") from None
+            check_text_init(METHOD, self.init, self.text)
             if self.factors != "average":
                 raise SurgeryError(f"{METHOD}: factors={self.factors!r} needs init={PRETRAINED}DIR (fresh factors "
                                    "start every task prompt at P* anyway)")

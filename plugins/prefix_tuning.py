@@ -6,7 +6,7 @@ import torch
 
 from peftsurgery import SurgeryError, hookimpl
 from peftsurgery.checks import integer, one_line, selector
-from peftsurgery.rewrite import Prefix, record_kv, text_ids
+from peftsurgery.rewrite import Prefix, check_text_init, record_kv, text_ids
 
 __version__ = "1.0"
 INITS = ("random", "vocab", "text")
@@ -28,11 +28,7 @@ class PrefixTuningConfig:
         selector("prefix-tuning", "targets", self.targets)
         if self.init not in INITS:
             raise SurgeryError(f"prefix-tuning: init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.init == "text":
-            try:
-                text_ids(self.text)
-            except SurgeryError as e:
-                raise SurgeryError(f"prefix-tuning: {e}") from None
+        check_text_init("prefix-tuning", self.init, self.text)
 
 
 def model_inputs(sitemap, ids: torch.Tensor) -> dict:

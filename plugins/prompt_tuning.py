@@ -5,7 +5,7 @@ import torch
 
 from peftsurgery import SurgeryError, hookimpl, read_adapter
 from peftsurgery.checks import integer
-from peftsurgery.rewrite import Prompt, text_ids
+from peftsurgery.rewrite import Prompt, check_text_init, text_ids
 
 __version__ = "1.0"
 INITS = ("random", "vocab", "text")
@@ -31,11 +31,7 @@ class PromptTuningConfig:
         elif self.init not in INITS:
             raise SurgeryError(f"prompt-tuning: init must be one of {', '.join(INITS)} or pretrained:DIR, got "
                                f"{self.init!r}")
-        if self.init == "text":
-            try:
-                text_ids(self.text)
-            except SurgeryError as e:
-                raise SurgeryError(f"prompt-tuning: {e}") from None
+        check_text_init("prompt-tuning", self.init, self.text)
 
 
 def initial(config):

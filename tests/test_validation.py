@@ -39,6 +39,11 @@ from conftest import raises_one_line as one_line, tiny_llama
     ("prefix-tuning", {"num_tokens": True}, ["num_tokens", "positive integer"]),
     ("prefix-tuning", {"projection": True}, ["projection", "0 or a positive integer"]),
     ("prefix-tuning", {"seed": 1.5}, ["seed", "an integer"]),
+    # text would be ignored by any init but text
+    ("prompt-tuning", {"init": "vocab", "text": "5,6"}, ["prompt-tuning", "init=text", "not init=vocab"]),
+    ("prefix-tuning", {"init": "random", "text": "5"}, ["prefix-tuning", "init=text", "not init=random"]),
+    ("multitask-prompt-tuning", {"init": "vocab", "text": "5"}, ["multitask-prompt-tuning", "init=text"]),
+    ("prompt-tuning", {"init": "text", "text": ""}, ["prompt-tuning", "init=text needs text"]),
     # strings as the command line passes them: converted to the field's type, then checked
     ("lora", {"alpha": "nan"}, ["alpha", "nan"]),
     ("lora", {"alpha": "inf"}, ["alpha", "inf"]),

@@ -23,6 +23,19 @@ def text_ids(text: str, n: int | None = None, vocab: int | None = None) -> torch
     return ids if n is None else ids.repeat((n + len(ids) - 1) // len(ids))[:n]
 
 
+def check_text_init(method: str, init: str, text: str) -> None:
+    """A config's init and text together: init=text needs well-formed ids; text with another init would be
+    ignored, so it is refused (one-line SurgeryError naming the method)."""
+    if init == "text":
+        try:
+            text_ids(text)
+        except SurgeryError as e:
+            raise SurgeryError(f"{method}: {e}") from None
+    elif str(text).strip():
+        raise SurgeryError(f"{method}: text is read only with init=text, not init={init}; leave text out or set "
+                           "init=text")
+
+
 class PromptEmbedding(nn.Module):
     """num_tokens trainable vectors; an optional encoder (e.g. P-tuning's) maps them before use."""
 
