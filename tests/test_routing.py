@@ -123,6 +123,27 @@ def test_route_errors_name_the_problem():
     _check_rows(model, tiny_llama, ids, ["a", None], out)  # the reference for "a" has only "a" on
 
 
+def test_one_token_rows_from_a_larger_pool_dense_or_gathered(monkeypatch):
+    """Decoding rows of a pool of adapters: the dense path computes only the slots the rows use (a new set of rows
+    in a later route() call is not served the last call's factors); more distinct slots than DENSE_SLOTS gather
+    each row's factors instead. Every row still gets only its own adapter."""
+    from peftsurgery.rewrite import lowrank
+    monkeypatch.setattr(lowrank, "DENSE_SLOTS", 2)
+    dense = []
+    used_stacks = lowrank._Routed.used_stacks
+    monkeypatch.setattr(lowrank._Routed, "used_stacks", lambda self, A, B: dense.append(1) or used_stacks(self, A, B))
+    model = _with_adapters(tiny_llama(), ["a", "b", "c", "d", "e"], ranks=[2, 4, 3, 1, 5])
+    for rows, dense_path in ((["b", "e", "b"], True), (["d", "a", "a"], True), (["c", "a", None], False),
+                             (["e", "b", "e"], True)):
+        dense.clear()
+        ids = torch.randint(0, 128, (len(rows), 1), generator=torch.Generator().manual_seed(len(dense)))
+        with torch.no_grad():
+            with peftsurgery.route(model, rows):
+                got = model(input_ids=ids).logits
+        assert bool(dense) is dense_path, rows
+        _check_rows(model, tiny_llama, ids, rows, got)
+
+
 def test_route_one_token_per_row_matches_too():
     """Decoding shape (few tokens per row) takes the dense path: every row still gets only its adapter."""
     model = _with_adapters(tiny_llama(), ["a", "b", "c"], ranks=[2, 4, 3])

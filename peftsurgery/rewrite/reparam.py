@@ -263,7 +263,7 @@ class MagnitudeDirection(Reparam):
             for s in sites:
                 by_site.setdefault(s.path, {})[slot] = built[s.path]
         mine = cache.setdefault(("reparam",), {})
-        mine["slots"] = cache["slots"]
+        mine["slots"], mine["call"] = cache["slots"], cache["call"]
         return [Hooked(model, path, _RoutedScaled(path, mods, rows, mine)) for path, mods in by_site.items()]
 
     def describe(self, site, built):
