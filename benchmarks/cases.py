@@ -2,6 +2,7 @@
 interleaves their repetitions after a warm-up, and reports medians and ratios ours/PEFT."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -16,14 +17,19 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def sizes(ctx: Ctx) -> dict:
-    """The case-1 model and batch: Llama-style, hidden 512, 4 layers, 8 heads, intermediate 1376, 8 x 128."""
+    """The model and batch: Llama-style, hidden 512, 4 layers, 8 heads, intermediate 1376, 8 x 128; with
+    --scale 1b TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads, intermediate 5632) and
+    prompts of 512 tokens."""
     if ctx.quick:
-        return dict(hidden=64, layers=2, heads=4, inter=172, vocab=512, batch=2, seq=32)
-    return dict(hidden=512, layers=4, heads=8, inter=1376, vocab=32000, batch=8, seq=128)
+        return dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=172, vocab=512, batch=2, seq=32)
+    if ctx.scale == "1b":
+        return dict(hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000, batch=8, seq=512)
+    return dict(hidden=512, layers=4, heads=8, kv_heads=8, inter=1376, vocab=32000, batch=8, seq=128)
 
 
 def _model(ctx, z, seed=0):
-    return llama(z["hidden"], z["layers"], z["heads"], None, z["inter"], z["vocab"], ctx.device, seed)
+    return llama(z["hidden"], z["layers"], z["heads"], z["kv_heads"], z["inter"], z["vocab"], ctx.device, seed,
+                 dtype=ctx.dtype)
 
 
 def _peft_lora(model, r=16, alpha=32, name="default"):
@@ -401,5 +407,80 @@ def case_qlora(ctx: Ctx) -> Result:
     return res
 
 
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def case_serving(ctx: Ctx) -> Result:
+    """Serving: one decoding step (every row one new token after its cached prompt) with N LoRA adapters of mixed
+    ranks on q/k/v/o, row i routed to adapter i mod N (peftsurgery.route against PEFT's adapter_names=), beside the
+    bare base; and prefix tuning's decoding step against the base. Each candidate keeps its own cache, cropped back
+    to the prompt after every step; the step's logits are checked against PEFT's first."""
+    import peft
+    z = sizes(ctx)
+    counts, rows, P = ((1, 8, 64, 256), 64, 20) if not ctx.quick else ((1, 3, 8), 8, 4)
+    ranks = (8, 16, 32)
+    res = Result("8", f"Serving: a decoding step of {rows} rows after {z['seq']}-token prompts, with "
+                 f"{'/'.join(map(str, counts))} LoRA adapters (ranks {'/'.join(map(str, ranks))}, q/k/v/o), one per "
+                 f"row; prefix tuning ({P} tokens)", setup={**z, "rows": rows, "adapters": counts, "ranks": ranks,
+                                                            "dtype": str(ctx.dtype), "prefix_tokens": P})
+    base = _model(ctx, z).eval()
+    ids = tokens(rows, z["seq"], z["vocab"], ctx.device, seed=3)
+    nxt = tokens(rows, 1, z["vocab"], ctx.device, seed=4)
+
+    def stepper(model, around=lambda: contextlib.nullcontext(), **kw):
+        """(one timed decoding step, its logits): the cache of the prompt is built once, cropped after each step."""
+        with torch.no_grad(), around():
+            cache = model(input_ids=ids, use_cache=True, **kw).past_key_values
+        keep = cache.get_seq_length()
+
+        def logits():
+            with torch.no_grad(), around():
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw).logits
+            cache.crop(keep - cache.get_seq_length())   # a negative count: remove the step's token
+            return out
+
+        def run():
+            t0 = clock(ctx.device)
+            logits()
+            return {"step": clock(ctx.device) - t0}
+        return run, logits
+
+    base_run, _ = stepper(base)
+    for n_ad in counts:
+        names = [f"a{i}" for i in range(n_ad)]
+        ours, pm = clone(base), None
+        for i, n in enumerate(names):
+            r = ranks[i % len(ranks)]
+            peftsurgery.apply(ours, "lora", name=n, r=r, alpha=2 * r, targets="attn.q,attn.k,attn.v,attn.o")
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=ATTN)
+            pm = peft.get_peft_model(clone(base), cfg, adapter_name=n) if pm is None else pm
+            if n not in pm.peft_config:
+                pm.add_adapter(n, cfg)
+            copy_lora(pm, ours, name=n, random_b=0.02, seed=i)
+        ours.eval(), pm.eval()
+        per_row = [names[i % n_ad] for i in range(rows)]
+        ours_run, ours_logits = stepper(ours, lambda: peftsurgery.route(ours, per_row))
+        peft_run, peft_logits = stepper(pm, adapter_names=per_row)
+        res.extra[f"parity_max_abs_diff_{n_ad}"] = float((ours_logits() - peft_logits()).abs().max())
+        samples = interleave({"ours": ours_run, "peft": peft_run, "base": base_run}, ctx.n(7, 3), ctx.w(2, 1))
+        o, p, b = (med(samples, k, "step") for k in ("ours", "peft", "base"))
+        res.row(f"decoding step, {n_ad} adapters", "ms", o * 1e3, p * 1e3, base=b * 1e3)
+        res.row(f"decoding, {n_ad} adapters: tokens/s", "tokens/s", rows / o, rows / p, base=rows / b)
+        if n_ad in (8, 64):
+            res.target(f"{n_ad} adapters: ours / base tokens/s", b / o, 0.85 if n_ad == 8 else 0.70, better=">=")
+        res.extra[f"samples_{n_ad}"] = samples
+        del ours, pm
+    ours = clone(base)
+    peftsurgery.apply(ours, "prefix-tuning", num_tokens=P, init="random")
+    ours.eval()
+    prefix_run, _ = stepper(ours)
+    samples = interleave({"ours": prefix_run, "base": base_run}, ctx.n(7, 3), ctx.w(2, 1))
+    o, b = med(samples, "ours", "step"), med(samples, "base", "step")
+    res.row(f"prefix tuning ({P} tokens): decoding step", "ms", o * 1e3, None, base=b * 1e3)
+    res.target("prefix tuning: ours / base tokens/s", b / o, 0.98, better=">=")
+    res.extra["samples_prefix"] = samples
+    return res
+
+
 CASES = {"1": case_lora_train, "2": case_inference, "3": case_mixed, "4": case_prompts, "5": case_locate,
-         "6": case_qlora, "7": case_mixed_prompts}
+         "6": case_qlora, "7": case_mixed_prompts, "8": case_serving}

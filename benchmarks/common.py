@@ -16,6 +16,12 @@ class Ctx:
     quick: bool = False
     reps: int = 0            # timed repetitions per candidate (0: the case's default)
     warmup: int = 0          # untimed ones first (0: the case's default)
+    scale: str = ""          # "1b": TinyLlama-1.1B's shape (cases.sizes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """bfloat16 for the 1.1B shape on a GPU (how such a model is served), float32 otherwise."""
+        return torch.bfloat16 if self.scale == "1b" and self.device.startswith("cuda") else torch.float32
 
     def n(self, full: int, quick: int) -> int:
         return self.reps or (quick if self.quick else full)
@@ -82,7 +88,7 @@ def med(samples: dict, name: str, phase: str):
 
 
 def llama(hidden=512, layers=4, heads=8, kv_heads=None, inter=1376, vocab=32000, device="cpu", seed=0,
-          meta=False):
+          meta=False, dtype=torch.float32):
     """A Llama-style causal LM with random weights, deterministic for a seed (sdpa attention)."""
     import transformers as tf
     cfg = tf.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -92,7 +98,7 @@ def llama(hidden=512, layers=4, heads=8, kv_heads=None, inter=1376, vocab=32000,
         with torch.device("meta"):
             return tf.LlamaForCausalLM(cfg)
     torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(cfg).to(device)
+    return tf.LlamaForCausalLM(cfg).to(device, dtype)
 
 
 def tokens(batch: int, seq: int, vocab: int, device: str, seed: int = 1) -> torch.Tensor:

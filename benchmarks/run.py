@@ -1,4 +1,4 @@
-"""python -m benchmarks.run [--cases 1,2,...] [--quick] [--device cpu|cuda] [--out benchmarks/results]
+"""python -m benchmarks.run [--cases 1,2,...] [--quick] [--scale 1b] [--device cpu|cuda] [--out benchmarks/results]
 
 Runs peftsurgery and Hugging Face PEFT side by side (same model, data and seed, one process, interleaved after a
 warm-up) and prints medians and ratios ours/PEFT; writes DEVICE.json and DEVICE.png (DEVICE-quick.* with --quick).
@@ -87,18 +87,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions per candidate (default: per case)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed repetitions first (default: per case)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the machine's cores)")
+    ap.add_argument("--scale", choices=["1b"], help="1b: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 "
+                    "key/value heads; bfloat16 on a GPU), prompts of 512 tokens; results go to DEVICE-1b.*")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other cases of an existing result file, replacing only those run now")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    ctx = Ctx(a.device, a.quick, a.reps, a.warmup)
+    ctx = Ctx(a.device, a.quick, a.reps, a.warmup, a.scale or "")
     import peft
     import transformers
     info = {"device": a.device, "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda")
             else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "quick": a.quick,
+            "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "quick": a.quick, "scale": a.scale,
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results = []
@@ -117,7 +119,7 @@ def main(argv=None) -> dict:
         results.append(r)
     info["load_average_at_end"] = os.getloadavg()
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, a.device.split(":")[0] + ("-quick" if a.quick else ""))
+    stem = os.path.join(a.out, a.device.split(":")[0] + (f"-{a.scale}" if a.scale else "") + ("-quick" if a.quick else ""))
     if a.merge and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             old = json.load(f)
