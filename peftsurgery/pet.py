@@ -62,7 +62,7 @@ class Distill:
         logits = out["logits"] if isinstance(out, dict) else out[0]
         if logits.dim() != 2:
             raise SurgeryError("the final classifier's head gives no (batch, labels) logits; give a sequence-task "
-                                "head plugin (task-head, p-tuning-v2)")
+                               f"head plugin ({', '.join(head_plugins()) or 'none installed'})")
         return logits.float()
 
     def loss(self, model, rows) -> torch.Tensor:
@@ -87,8 +87,21 @@ def head_options(head: str, labels: int, config: dict | None = None) -> dict:
         Method(head).config(options)
     except SurgeryError as e:
         raise SurgeryError(f"the final head {head!r} does not take these options ({e}); give a sequence-task head "
-                           "plugin such as task-head or p-tuning-v2") from None
+                           f"plugin ({', '.join(head_plugins()) or 'none installed'})") from None
     return options
+
+
+def head_plugins() -> list[str]:
+    """The installed methods that can be a final head: their config takes task="sequence" and a label count."""
+    from .registry import Method, names
+    out = []
+    for name in names():
+        try:
+            Method(name).config({"task": "sequence", "labels": 2})
+            out.append(name)
+        except SurgeryError:
+            pass
+    return out
 
 
 def pet(model, tokenizer, tasks: list, labelled: list[Example], unlabelled: list[Example], plugin: str = "lora",
