@@ -482,5 +482,62 @@ def case_serving(ctx: Ctx) -> Result:
     return res
 
 
+def case_compiled(ctx: Ctx) -> Result:
+    """torch.compile: the bare base, ours and PEFT (LoRA r=16 on every linear, the same factors), eager against
+    compiled, for an inference forward and a training step (the base's step is the floor of case 1). Graph breaks
+    are counted first (torch._dynamo.explain); a model without any is compiled with fullgraph=True."""
+    z = sizes(ctx)
+    res = Result("9", f"torch.compile (backend {ctx.backend}) against eager: forward and LoRA training step",
+                 setup={**z, "r": 16, "backend": ctx.backend})
+    base = _model(ctx, z)
+    ids = tokens(z["batch"], z["seq"], z["vocab"], ctx.device)
+    batch = {"input_ids": ids, "labels": ids}
+    models = {"ours": peftsurgery.apply(clone(base), "lora", r=16, alpha=32, targets="all-linear"),
+              "peft": _peft_lora(clone(base)), "base": base, "floor": floor_inputs_require_grad(clone(base))}
+    copy_lora(models["peft"], models["ours"], random_b=0.02)
+    torch._dynamo.reset()
+    compiled = {}
+    for n, m in models.items():
+        breaks = torch._dynamo.explain(m)(**batch).graph_break_count
+        res.extra[f"graph_breaks_{n}"] = breaks
+        compiled[n] = torch.compile(m, fullgraph=breaks == 0, backend=ctx.backend)
+    res.target("graph breaks, ours", res.extra["graph_breaks_ours"], res.extra["graph_breaks_base"],
+               note=f"PEFT {res.extra['graph_breaks_peft']}, base {res.extra['graph_breaks_base']}, the floor's "
+                    f"input hook {res.extra['graph_breaks_floor']}")
+    with torch.no_grad():
+        eager, done = models["ours"](**batch).logits, compiled["ours"](**batch).logits
+        res.extra["parity_compiled_max_abs_diff"] = float((eager - done).abs().max())
+        res.extra["parity_peft_max_abs_diff"] = float((done - compiled["peft"](**batch).logits).abs().max())
+
+    def forward(m):
+        def run():
+            t0 = clock(ctx.device)
+            with torch.no_grad():
+                m(**batch)
+            return {"forward": clock(ctx.device) - t0}
+        return run
+    reps, warm = ctx.n(7, 2), ctx.w(2, 1)
+    for kind, ms in (("eager", models), ("compiled", compiled)):
+        for m in models.values():
+            m.eval()
+        samples = interleave({n: forward(ms[n]) for n in ("ours", "peft", "base")}, reps, warm)
+        res.row(f"forward, {kind}", "ms", *(med(samples, n, "forward") * 1e3 for n in ("ours", "peft")),
+                base=med(samples, "base", "forward") * 1e3)
+        res.extra[f"samples_forward_{kind}"] = samples
+        for m in models.values():
+            m.train()
+        opts = {n: _adamw(models[n]) for n in ("ours", "peft", "floor")}
+        samples = interleave({n: (lambda m=ms[n], o=o: train_step(m, o, batch, ctx.device)) for n, o in opts.items()},
+                             reps, warm)
+        res.row(f"training step, {kind}", "ms", *(med(samples, n, "step") * 1e3 for n in ("ours", "peft")),
+                floor=med(samples, "floor", "step") * 1e3)
+        res.extra[f"samples_step_{kind}"] = samples
+    for r in res.rows:
+        if "compiled" in r["metric"]:
+            res.target(f"ours/PEFT {r['metric']}", r["ratio"], 1.0)
+    return res
+
+
 CASES = {"1": case_lora_train, "2": case_inference, "3": case_mixed, "4": case_prompts, "5": case_locate,
-         "6": case_qlora, "7": case_mixed_prompts, "8": case_serving}
+         "6": case_qlora, "7": case_mixed_prompts, "8": case_serving,
+         "9": case_compiled}

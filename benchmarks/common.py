@@ -17,6 +17,7 @@ class Ctx:
     reps: int = 0            # timed repetitions per candidate (0: the case's default)
     warmup: int = 0          # untimed ones first (0: the case's default)
     scale: str = ""          # "1b": TinyLlama-1.1B's shape (cases.sizes)
+    backend: str = "inductor"   # torch.compile's backend in case 9 ("eager": tracing only, a smoke run)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -89,13 +89,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the machine's cores)")
     ap.add_argument("--scale", choices=["1b"], help="1b: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 "
                     "key/value heads; bfloat16 on a GPU), prompts of 512 tokens; results go to DEVICE-1b.*")
+    ap.add_argument("--backend", default="inductor", help="torch.compile's backend for case 9 (default: inductor; "
+                    "eager traces without generating code)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other cases of an existing result file, replacing only those run now")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    ctx = Ctx(a.device, a.quick, a.reps, a.warmup, a.scale or "")
+    ctx = Ctx(a.device, a.quick, a.reps, a.warmup, a.scale or "", a.backend)
     import peft
     import transformers
     info = {"device": a.device, "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda")

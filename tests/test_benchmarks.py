@@ -64,3 +64,17 @@ def test_scale_1b_is_tinyllamas_shape_in_bfloat16_on_a_gpu(tmp_path):
     out = run.main(["--quick", "--scale", "1b", "--cases", "5", "--reps", "1", "--warmup", "1", "--threads", "1",
                     "--out", str(tmp_path)])
     assert out["scale"] == "1b" and (tmp_path / "cpu-1b-quick.json").exists()
+
+
+def test_compiled_case_counts_graph_breaks_and_checks_parity(tmp_path):
+    """Case 9 on the eager backend (tracing only): ours traces in one graph like the bare base, and the compiled
+    model gives what the eager one gives, and PEFT's logits."""
+    out = run.main(["--quick", "--cases", "9", "--reps", "1", "--warmup", "1", "--threads", "1", "--backend", "eager",
+                    "--out", str(tmp_path)])
+    case = out["cases"][0]
+    assert not case["errors"], case["errors"]
+    extra = case["extra"]
+    assert extra["graph_breaks_ours"] == extra["graph_breaks_base"] == 0
+    assert extra["parity_compiled_max_abs_diff"] < 1e-5 and extra["parity_peft_max_abs_diff"] < 1e-5
+    assert [r["metric"] for r in case["rows"]] == ["forward, eager", "training step, eager", "forward, compiled",
+                                                   "training step, compiled"]
