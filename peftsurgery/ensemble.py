@@ -42,7 +42,7 @@ def apply_ensemble(model, plugin: str, k: int, name: str = "ensemble", **config)
             done.append(n)
         start = [_start(model, n) for n in done]
         if all(len(s) == len(start[0]) and all(torch.equal(a, b) for a, b in zip(s, start[0])) for s in start[1:]):
-            given = ", ".join(f"{k}={v}" for k, v in config.items()) or "its defaults"
+            given = ", ".join(f"{key}={value}" for key, value in config.items()) or "its defaults"
             raise SurgeryError(f"the {k} {plugin} members start identical ({given}), so training would make them "
                                "one adapter; use an initialisation drawn from the seed (prompt methods: init=vocab "
                                "or init=random)")
