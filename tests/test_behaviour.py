@@ -345,3 +345,47 @@ def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid
     del a, b, m
     gc.collect()
     assert gone() is None  # an extended mask is not kept beyond the life of the mask it extends
+
+
+# ---------------------------------------------------------------- prefix keys attended apart while decoding
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, adapters):
+    """A decoding step (one query per row, no gradients) attends to the prefix apart from the cached keys and merges
+    the two by log-sum-exp, copying nothing into the cache's tensors: the logits are those of prepending the prefix
+    (the path every other call takes), with left padding, grouped-query heads and two prefix adapters at once."""
+    from peftsurgery.rewrite import attention
+    m = llama()
+    for i in range(adapters):
+        ps.apply(m, "prefix-tuning", name=f"p{i}", num_tokens=3 + i, init="random")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0, generator=g)   # a prefix large enough to matter
+    ids = torch.randint(3, V, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    steps = [torch.randint(3, V, (3, 1), generator=g) for _ in range(3)]
+
+    def decode():
+        out = []
+        with torch.no_grad():
+            cache = m(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            am = mask
+            for t in steps:
+                am = torch.cat([am, torch.ones_like(t)], 1)
+                res = m(input_ids=t, attention_mask=am, past_key_values=cache, use_cache=True)
+                out.append(res.logits)
+        return torch.cat(out, 1)
+
+    calls = []
+    merged = attention._merged
+    monkeypatch.setattr(attention, "_merged", lambda *a: calls.append(a) or merged(*a))
+    got = decode()
+    assert len(calls) == 2 * len(steps)   # every layer of every step took it, none of the prompt's calls
+    assert calls[0][-2].shape[-2] == sum(3 + i for i in range(adapters))   # every adapter's keys
+    monkeypatch.setattr(attention, "_apart", lambda *a: None)   # the reference: prepended, as in training
+    want = decode()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with ps.disabled(m):
+        assert (decode() - want).abs().max() > 1e-2   # the prefix matters here

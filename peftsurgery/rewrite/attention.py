@@ -46,9 +46,63 @@ def _apply(module, q, k, v, mask, kwargs):
 
 def _registry_wrapper(original: str):
     def wrapped(module, query, key, value, attention_mask, **kwargs):
+        added = _apart(module, query, key, value, kwargs) if original == "sdpa" else None
+        if added is not None:   # decoding: the cache's keys attended as they are, the editors' merged in after
+            out, weights = _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
+            return _merged(out, query, key, attention_mask, kwargs.get("scaling"), *added), weights
         key, value, attention_mask, kwargs = _apply(module, query, key, value, attention_mask, kwargs)
         return _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
     return wrapped
+
+
+# what a decoding step's attention call may carry for the editors' keys to be attended apart (nothing that changes
+# the scores: no position bias, soft-capping or sink logits)
+_APART_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "sliding_window", "is_causal", "cache_position",
+                 "output_router_logits"}
+
+
+def _apart(module, query, key, value, kwargs):
+    """In a decoding step (one query per row, no gradients) where every active editor only adds keys and values
+    (has `apart`): those keys and values, (kv_heads, n, head_dim) each, to attend apart from the call's own keys
+    and merge by log-sum-exp, so that the cache is not copied to put them in front; otherwise None."""
+    if (query.shape[-2] != 1 or torch.is_grad_enabled() or query.shape[0] != key.shape[0]
+            or set(kwargs) - _APART_KWARGS or (kwargs.get("dropout") and module.training)):
+        return None
+    eds = [ed for ed in _editors(module) if getattr(ed, "on", True)]
+    if not eds or not all(hasattr(ed, "apart") for ed in eds):
+        return None
+    kvs = [ed.apart() for ed in eds]
+    k = torch.cat([k for k, _ in kvs], -2) if len(kvs) > 1 else kvs[0][0]
+    v = torch.cat([v for _, v in kvs], -2) if len(kvs) > 1 else kvs[0][1]
+    H = key.shape[1]
+    if v.shape[-1] != value.shape[-1] or query.shape[1] % H or H % k.shape[0]:
+        return None
+    if k.shape[0] != H:   # keys already repeated for grouped-query attention
+        k, v = k.repeat_interleave(H // k.shape[0], 0), v.repeat_interleave(H // v.shape[0], 0)
+    return k.to(key.dtype), v.to(value.dtype)
+
+
+def _merged(out, query, key, mask, scaling, k, v):
+    """`out` (batch, 1, heads, dv), the attention over the call's keys, merged with the attention over the added
+    keys k and values v (kv_heads, n, ...): each part weighted by its share of the softmax's normaliser, from the
+    log-sum-exp of its scores (those over the call's keys computed again, with its mask; the keys are read, not
+    copied). The same as attending over both at once, up to float rounding."""
+    b, h, q, d = query.shape
+    kvh, L = key.shape[1], key.shape[-2]
+    scale = d ** -0.5 if scaling is None else scaling
+    qg = query.reshape(b, kvh, h // kvh * q, d)   # query heads grouped by the key head they share
+    s = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale).view(b, h, q, L)
+    if mask is not None:
+        m = mask[..., :L]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    lse = torch.logsumexp(s, -1)
+    sp = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
+    lse_p = torch.logsumexp(sp, -1).view(b, h, q)
+    out_p = torch.matmul(sp.softmax(-1).to(v.dtype), v).view(b, h, q, -1).transpose(1, 2)
+    share = torch.sigmoid(lse_p - lse).transpose(1, 2).unsqueeze(-1).to(out.dtype)   # the added keys' share
+    merged = out + (out_p.to(out.dtype) - out) * share
+    # a row whose own keys are all masked out attends to the added keys alone (its own output may be NaN)
+    return torch.where(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), out_p.to(out.dtype), merged)
 
 
 def _original_fn(module, original: str):

@@ -94,6 +94,10 @@ class _Editor:
 
     on = property(lambda self: self.switch.on)
 
+    def apart(self):
+        """The keys and values this editor adds, to be attended apart (attention._apart)."""
+        return self.source()
+
     def __call__(self, module, q, k, v, mask, kwargs):
         if not self.switch.on:
             return k, v, mask, kwargs
