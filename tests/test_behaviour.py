@@ -348,13 +348,15 @@ def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid
 
 
 # ---------------------------------------------------------------- prefix keys attended apart while decoding
-@pytest.mark.parametrize("adapters", [1, 2])
-def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, adapters):
+@pytest.mark.parametrize("arch,adapters", [("llama", 1), ("llama", 2), ("falcon", 1)])
+def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, arch, adapters):
     """A decoding step (one query per row, no gradients) attends to the prefix apart from the cached keys and merges
     the two by log-sum-exp, copying nothing into the cache's tensors: the logits are those of prepending the prefix
-    (the path every other call takes), with left padding, grouped-query heads and two prefix adapters at once."""
+    (the path every other call takes), with left padding, grouped-query heads and two prefix adapters at once; at
+    transformers' attention registry (llama) and at a module's own F.scaled_dot_product_attention call (falcon)."""
     from peftsurgery.rewrite import attention
-    m = llama()
+    from zoo import FACTORIES
+    m = llama() if arch == "llama" else FACTORIES[arch]()
     for i in range(adapters):
         ps.apply(m, "prefix-tuning", name=f"p{i}", num_tokens=3 + i, init="random")
     g = torch.Generator().manual_seed(0)

@@ -282,6 +282,12 @@ class _Mode(TorchFunctionMode):
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else kwargs.pop("attn_mask", None)
             extra = {"is_causal": kwargs.pop("is_causal", args[5] if len(args) > 5 else False)}
+            plain = not (extra["is_causal"] or len(args) > 4 or set(kwargs) - {"scale", "dropout_p"}
+                         or kwargs.get("dropout_p"))
+            added = _apart(self.module, q, k, v, {"scaling": kwargs.get("scale")}) if plain else None
+            if added is not None:   # decoding (see _registry_wrapper); this call's layout is (batch, heads, seq, dim)
+                out = func(q, k, v, attn_mask=mask, scale=kwargs.get("scale")).transpose(1, 2)
+                return _merged(out, q, k, mask, kwargs.get("scale"), *added).transpose(1, 2)
             k, v, mask, extra = _apply(self.module, q, k, v, mask, extra)
             return func(q, k, v, attn_mask=mask, is_causal=extra["is_causal"], **kwargs)
         if func is F.multi_head_attention_forward:
