@@ -10,7 +10,9 @@ Two ways, chosen per site:
   which reaches the call inside it), or, for attention written as products and a softmax in the module's own
   code, rewrites the score and value products, found by data flow at run time (see _Mode).
 Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs), with
-q, k, v laid out (batch, heads, seq, head_dim). Editors that add keys and values put them first.
+q, k, v laid out (batch, heads, seq, head_dim). Editors that add keys and values put them first; one that does only
+that may also have apart() -> (keys, values), (kv_heads, n, head_dim) each: in a decoding step they are then attended
+apart from the call's own keys and merged by log-sum-exp instead of being put in front of the cache (_apart).
 """
 from __future__ import annotations
 
