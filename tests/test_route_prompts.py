@@ -94,6 +94,26 @@ def test_generate_with_the_cache_matches_each_row_alone(factory):
                 torch.testing.assert_close(a[i], b[0], atol=1e-5, rtol=0, msg=lambda m: f"row {i} step {step}: {m}")
 
 
+def test_routed_decoding_attends_prefixes_apart_as_if_prepended(monkeypatch):
+    """Decoding steps of a routed batch attend to each row's prefix slots apart from the cache (rows with a shorter
+    prefix or none see only their own slots) and give what prepending them gives."""
+    from peftsurgery.rewrite import attention
+    model = adapted(tiny_llama)
+    _, ids, mask = batch([5, 7, 3, 6, 4, 7, 2, 6], "left", seed=2)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    seen = []
+    merged = attention._merged
+    monkeypatch.setattr(attention, "_merged", lambda *a: seen.append(a[-1]) or merged(*a))
+    with torch.no_grad(), ps.route(model, ROWS):
+        got = torch.stack(model.generate(ids, attention_mask=mask, **kw).logits)
+    assert len(seen) == 2 * 2 and all(v is not None and v.shape == (len(ROWS), 4) for v in seen)  # 2 steps, 2 layers
+    assert seen[0].sum(-1).tolist() == [0, 2, 0, 0, 4, 0, 0, 0]   # each row sees its own prefix's slots
+    monkeypatch.setattr(attention, "_apart", lambda *a: None)
+    with torch.no_grad(), ps.route(model, ROWS):
+        want = torch.stack(model.generate(ids, attention_mask=mask, **kw).logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def _row_loss(logits, ids, mask=None):
     """Next-token cross-entropy of one row over its real tokens."""
     if mask is not None:

@@ -11,8 +11,9 @@ Two ways, chosen per site:
   code, rewrites the score and value products, found by data flow at run time (see _Mode).
 Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs), with
 q, k, v laid out (batch, heads, seq, head_dim). Editors that add keys and values put them first; one that does only
-that may also have apart() -> (keys, values), (kv_heads, n, head_dim) each: in a decoding step they are then attended
-apart from the call's own keys and merged by log-sum-exp instead of being put in front of the cache (_apart).
+that may also have apart() -> (keys, values, visible): (kv_heads, n, head_dim) or (batch, kv_heads, n, head_dim) and
+which of the n each row sees ((batch, n) bool, or None): in a decoding step they are then attended apart from the
+call's own keys and merged by log-sum-exp instead of being put in front of the cache (_apart).
 """
 from __future__ import annotations
 
@@ -65,30 +66,39 @@ _APART_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "sliding_win
 
 def _apart(module, query, key, value, kwargs):
     """In a decoding step (one query per row, no gradients) where every active editor only adds keys and values
-    (has `apart`): those keys and values, (kv_heads, n, head_dim) each, to attend apart from the call's own keys
-    and merge by log-sum-exp, so that the cache is not copied to put them in front; otherwise None."""
+    (has `apart`): those keys and values, (batch, heads, n, dim) each, and which of the n each row sees ((batch, n)
+    bool, or None for all), to attend apart from the call's own keys and merge by log-sum-exp, so that the cache is
+    not copied to put them in front; otherwise None."""
     if (query.shape[-2] != 1 or torch.is_grad_enabled() or query.shape[0] != key.shape[0]
             or set(kwargs) - _APART_KWARGS or (kwargs.get("dropout") and module.training)):
         return None
     eds = [ed for ed in _editors(module) if getattr(ed, "on", True)]
     if not eds or not all(hasattr(ed, "apart") for ed in eds):
         return None
-    kvs = [ed.apart() for ed in eds]
-    k = torch.cat([k for k, _ in kvs], -2) if len(kvs) > 1 else kvs[0][0]
-    v = torch.cat([v for _, v in kvs], -2) if len(kvs) > 1 else kvs[0][1]
-    H = key.shape[1]
-    if v.shape[-1] != value.shape[-1] or query.shape[1] % H or H % k.shape[0]:
-        return None
-    if k.shape[0] != H:   # keys already repeated for grouped-query attention
-        k, v = k.repeat_interleave(H // k.shape[0], 0), v.repeat_interleave(H // v.shape[0], 0)
-    return k.to(key.dtype), v.to(value.dtype)
+    B, H = key.shape[:2]
+    ks, vs, seen = [], [], []
+    for k, v, visible in (ed.apart() for ed in eds):   # k, v: (kv_heads, n, dim), or (batch, kv_heads, n, dim)
+        if (v.shape[-1] != value.shape[-1] or H % k.shape[-3] or query.shape[1] % H
+                or k.dim() == 4 and k.shape[0] != B):   # the editor's own call says what is wrong
+            return None
+        k, v = (t.repeat_interleave(H // t.shape[-3], -3) for t in (k, v))   # heads already repeated for GQA
+        ks.append(k.expand(B, *k.shape[-3:]))
+        vs.append(v.expand(B, *v.shape[-3:]))
+        seen.append(visible)
+    if all(x is None for x in seen):
+        visible = None
+    else:
+        visible = torch.cat([torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if x is None else x
+                             for k, x in zip(ks, seen)], -1)
+    return torch.cat(ks, -2).to(key.dtype), torch.cat(vs, -2).to(value.dtype), visible
 
 
-def _merged(out, query, key, mask, scaling, k, v):
+def _merged(out, query, key, mask, scaling, k, v, visible):
     """`out` (batch, 1, heads, dv), the attention over the call's keys, merged with the attention over the added
-    keys k and values v (kv_heads, n, ...): each part weighted by its share of the softmax's normaliser, from the
-    log-sum-exp of its scores (those over the call's keys computed again, with its mask; the keys are read, not
-    copied). The same as attending over both at once, up to float rounding."""
+    keys k and values v (batch, kv_heads, n, ...), of which each row sees `visible` ((batch, n), None: all): each
+    part weighted by its share of the softmax's normaliser, from the log-sum-exp of its scores (those over the
+    call's keys computed again, with its mask; the keys are read, not copied). The same as attending over both at
+    once, up to float rounding."""
     b, h, q, d = query.shape
     kvh, L = key.shape[1], key.shape[-2]
     scale = d ** -0.5 if scaling is None else scaling
@@ -99,12 +109,15 @@ def _merged(out, query, key, mask, scaling, k, v):
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
     lse = torch.logsumexp(s, -1)
     sp = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
+    if visible is not None:
+        sp = sp.masked_fill(~visible[:, None, None, :], float("-inf"))
     lse_p = torch.logsumexp(sp, -1).view(b, h, q)
-    out_p = torch.matmul(sp.softmax(-1).to(v.dtype), v).view(b, h, q, -1).transpose(1, 2)
+    probs = torch.softmax(sp, -1).nan_to_num(0.0)   # a row that sees none of the added keys: all zero
+    out_p = torch.matmul(probs.to(v.dtype), v).view(b, h, q, -1).transpose(1, 2).to(out.dtype)
     share = torch.sigmoid(lse_p - lse).transpose(1, 2).unsqueeze(-1).to(out.dtype)   # the added keys' share
-    merged = out + (out_p.to(out.dtype) - out) * share
+    merged = out + (out_p - out) * share
     # a row whose own keys are all masked out attends to the added keys alone (its own output may be NaN)
-    return torch.where(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), out_p.to(out.dtype), merged)
+    return torch.where(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), out_p, merged)
 
 
 def _original_fn(module, original: str):

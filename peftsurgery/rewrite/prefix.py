@@ -95,8 +95,8 @@ class _Editor:
     on = property(lambda self: self.switch.on)
 
     def apart(self):
-        """The keys and values this editor adds, to be attended apart (attention._apart)."""
-        return self.source()
+        """The keys and values this editor adds, seen by every row, to be attended apart (attention._apart)."""
+        return (*self.source(), None)
 
     def __call__(self, module, q, k, v, mask, kwargs):
         if not self.switch.on:

@@ -63,13 +63,18 @@ class _RowPrefixes:
         padded = [torch.cat([x.new_zeros(x.shape[0], P - x.shape[1], x.shape[2]), x], 1) for x in parts]
         return torch.stack(padded + [t.new_zeros(t.shape[0], P, t.shape[2])])[self.index]
 
+    def apart(self):
+        """Each row's keys and values in the P slots, and the slots it sees, to be attended apart
+        (attention._apart)."""
+        kvs = [src() for src in self.sources]
+        return self._table([x[0] for x in kvs]), self._table([x[1] for x in kvs]), self.visible
+
     def __call__(self, module, q, k, v, mask, kwargs):
         B, H, P = k.shape[0], k.shape[1], self.P
         if B != self.index.shape[0]:
             raise SurgeryError(f"route was given {self.index.shape[0]} adapter names but {self.path} sees a batch "
                                f"of {B} rows; give one name per row")
-        kvs = [src() for src in self.sources]
-        pk, pv = self._table([x[0] for x in kvs]), self._table([x[1] for x in kvs])
+        pk, pv, _ = self.apart()
         if pk.shape[1] != H:  # keys already repeated for grouped-query attention
             pk, pv = pk.repeat_interleave(H // pk.shape[1], 1), pv.repeat_interleave(H // pv.shape[1], 1)
         old = k.shape[-2]
