@@ -84,7 +84,7 @@ def peftsurgery_budget(config, sites):
 @hookimpl
 def peftsurgery_learning_rate(config):
     # chosen on validation sentences outside the example's train and test sets, mean over 5 seeds (README,
-    # "Real model example")
+    # "Real model example"); checked on a second task, hedge detection: 57.5% at this rate, 59.0% at 3e-2 (one seed, 200 validation sentences)
     return 1e-3
 
 
