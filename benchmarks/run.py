@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
         results.append(r)
     info["load_average_at_end"] = os.getloadavg()
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, a.device.split(":")[0] + (f"-{a.scale}" if a.scale else "") + ("-quick" if a.quick else ""))
+    stem = os.path.join(a.out, a.device.split(":")[0] + (f"-{a.scale}" if a.scale else "")
+                        + ("-quick" if a.quick else ""))
     if a.merge and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             old = json.load(f)

@@ -131,7 +131,8 @@ def test_one_token_rows_from_a_larger_pool_dense_or_gathered(monkeypatch):
     monkeypatch.setattr(lowrank, "DENSE_SLOTS", 2)
     dense = []
     used_stacks = lowrank._Routed.used_stacks
-    monkeypatch.setattr(lowrank._Routed, "used_stacks", lambda self, A, B: dense.append(1) or used_stacks(self, A, B))
+    monkeypatch.setattr(lowrank._Routed, "used_stacks",
+                        lambda self, A, B: dense.append(1) or used_stacks(self, A, B))
     model = _with_adapters(tiny_llama(), ["a", "b", "c", "d", "e"], ranks=[2, 4, 3, 1, 5])
     for rows, dense_path in ((["b", "e", "b"], True), (["d", "a", "a"], True), (["c", "a", None], False),
                              (["e", "b", "e"], True)):
