@@ -119,5 +119,6 @@ def peftsurgery_budget(config, sites):
 def peftsurgery_learning_rate(config):
     # chosen on validation sentences outside the example's train and test sets, mean over 5 seeds (README,
     # "Real model example");
-    # checked on a second task, hedge detection (one seed, 200 validation sentences): 63.5% at this rate, 64.5% at 1e-2, 58.0% at 1e-3
+    # checked on a second task, hedge detection (one seed, 200 validation sentences): 63.5% at this rate,
+    # 64.5% at 1e-2, 58.0% at 1e-3
     return 3e-3
