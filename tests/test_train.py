@@ -30,9 +30,11 @@ def tokenizer():
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
 
-def tiny_model():
+def tiny_model(hidden=32):
+    """hidden=64: linears 64 and 128 wide, which bitsandbytes' 4-bit layers take on every CPU (conftest's
+    tiny_llama_4bit)."""
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = tf.LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=1, attn_implementation="sdpa")
     return tf.LlamaForCausalLM(cfg).eval()
@@ -55,12 +57,21 @@ def examples(n, seed=0):
 WORDMAP = {"pos": " positive", "neg": " negative"}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def _saved(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model().save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _saved(tmp_path_factory, tiny_model())
+
+
+@pytest.fixture(scope="module")
+def model_dir_4bit(tmp_path_factory):
+    return _saved(tmp_path_factory, tiny_model(hidden=64))
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +335,10 @@ def test_cli_train_then_eval(model_dir, data, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "prefix-tuning", "qlora"])
-def test_cli_train_uses_the_methods_learning_rate_unless_lr_is_given(method, model_dir, data, tmp_path, capsys,
-                                                                     monkeypatch):
-    argv = ["train", str(model_dir), "--plugin", method, "--data", str(data / "train.jsonl"), "--template",
+def test_cli_train_uses_the_methods_learning_rate_unless_lr_is_given(method, model_dir, model_dir_4bit, data, tmp_path,
+                                                                     capsys, monkeypatch):
+    model = model_dir_4bit if method == "qlora" else model_dir   # 4-bit layers need widths every CPU takes
+    argv = ["train", str(model), "--plugin", method, "--data", str(data / "train.jsonl"), "--template",
             "Review: {text}\\nSentiment:", "--label", "pos=positive", "--label", "neg=negative", "--epochs", "1",
             "--batch-size", "32", "--quiet", "--json"]
     for extra, lr in [([], DOCUMENTED_LR[method]), (["--lr", "0.0123"], 0.0123)]:
