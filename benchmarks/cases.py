@@ -21,7 +21,7 @@ def sizes(ctx: Ctx) -> dict:
     --scale 1b TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads, intermediate 5632) and
     prompts of 512 tokens."""
     if ctx.quick:
-        return dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=172, vocab=512, batch=2, seq=32)
+        return dict(hidden=64, layers=2, heads=4, kv_heads=4, inter=172, vocab=512, batch=2, seq=32)
     if ctx.scale == "1b":
         return dict(hidden=2048, layers=22, heads=32, kv_heads=4, inter=5632, vocab=32000, batch=8, seq=512)
     return dict(hidden=512, layers=4, heads=8, kv_heads=8, inter=1376, vocab=32000, batch=8, seq=128)
