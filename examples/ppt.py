@@ -64,8 +64,8 @@ def main():
         write_jsonl(balanced_split(train, args.shots, 0, seed=seed)[0], shots_file)
         for name, options in inits.items():
             print(f"\n{name} seed {seed}", flush=True)
-            r = cli("train", model, "--plugin", "prompt-tuning", "--set", "num_tokens=20", *options, "--data", shots_file, "--eval-data",
-                    test_file, "--epochs", args.epochs, "--batch-size", 16, "--seed", seed, "--template", TEMPLATE,
+            r = cli("train", model, "--plugin", "prompt-tuning", "--set", "num_tokens=20", *options, "--data",
+                    shots_file, "--eval-data", test_file, "--epochs", args.epochs, "--batch-size", 16, "--seed", seed, "--template", TEMPLATE,
                     *LABELS, "--threads", args.threads, "-o", os.path.join(args.out, "adapters", f"{name[:5]}-{seed}"))
             runs.append({"init": name, "seed": seed, "accuracy": r["accuracy"]})
     seeds = args.seeds.split(",")
