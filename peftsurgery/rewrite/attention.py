@@ -64,6 +64,12 @@ _APART_KWARGS = {"dropout", "scaling", "position_ids", "use_cache", "sliding_win
                  "output_router_logits"}
 
 
+def repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys or values (..., kv_heads, n, dim) repeated to `heads` heads, as grouped-query attention has them by
+    the time they reach the attention call."""
+    return t if t.shape[-3] == heads else t.repeat_interleave(heads // t.shape[-3], -3)
+
+
 def _apart(module, query, key, value, kwargs):
     """In a decoding step (one query per row, no gradients) where every active editor only adds keys and values
     (has `apart`): those keys and values, (batch, heads, n, dim) each, and which of the n each row sees ((batch, n)
@@ -81,7 +87,7 @@ def _apart(module, query, key, value, kwargs):
         if (v.shape[-1] != value.shape[-1] or H % k.shape[-3] or query.shape[1] % H
                 or k.dim() == 4 and k.shape[0] != B):   # the editor's own call says what is wrong
             return None
-        k, v = (t.repeat_interleave(H // t.shape[-3], -3) for t in (k, v))   # heads already repeated for GQA
+        k, v = repeat_heads(k, H), repeat_heads(v, H)
         ks.append(k.expand(B, *k.shape[-3:]))
         vs.append(v.expand(B, *v.shape[-3:]))
         seen.append(visible)

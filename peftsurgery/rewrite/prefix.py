@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..sites import Site
-from .attention import NO_MASK, Intercepted, extend_mask
+from .attention import NO_MASK, Intercepted, extend_mask, repeat_heads
 from .base import Rule, Switch
 from .inputs import Entry
 
@@ -103,8 +103,7 @@ class _Editor:
             return k, v, mask, kwargs
         pk, pv = self.source()
         B, H, P = k.shape[0], k.shape[1], pk.shape[1]
-        if pk.shape[0] != H:  # keys already repeated for grouped-query attention
-            pk, pv = pk.repeat_interleave(H // pk.shape[0], 0), pv.repeat_interleave(H // pv.shape[0], 0)
+        pk, pv = repeat_heads(pk, H), repeat_heads(pv, H)
         old = k.shape[-2]
         k = torch.cat([pk.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1), k], -2)
         v = torch.cat([pv.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], -2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SurgeryError
-from .attention import NO_MASK, Intercepted, extend_mask
+from .attention import NO_MASK, Intercepted, extend_mask, repeat_heads
 from .inputs import routed_entry
 from .prefix import extended
 
@@ -75,8 +75,7 @@ class _RowPrefixes:
             raise SurgeryError(f"route was given {self.index.shape[0]} adapter names but {self.path} sees a batch "
                                f"of {B} rows; give one name per row")
         pk, pv, _ = self.apart()
-        if pk.shape[1] != H:  # keys already repeated for grouped-query attention
-            pk, pv = pk.repeat_interleave(H // pk.shape[1], 1), pv.repeat_interleave(H // pv.shape[1], 1)
+        pk, pv = repeat_heads(pk, H), repeat_heads(pv, H)
         old = k.shape[-2]
         k, v = torch.cat([pk.to(k.dtype), k], -2), torch.cat([pv.to(v.dtype), v], -2)
         causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
