@@ -409,8 +409,8 @@ def test_route_gives_rows_their_slice_loras():
         for i, n in enumerate(["a", "b"]):
             ps.set_active(model, [n])
             torch.testing.assert_close(got[i:i + 1], model(ids[i:i + 1]).logits, rtol=0, atol=1e-5)
-        with ps.disabled(model):
-            assert torch.equal(got[2:], model(ids[2:]).logits)
+        with ps.disabled(model):   # the base's row in the same batch (alone, CPU kernels may round differently)
+            assert torch.equal(got[2:], model(ids).logits[2:])
 
 
 def test_either_part_can_be_left_out_but_not_both():
