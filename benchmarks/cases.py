@@ -3,6 +3,7 @@ interleaves their repetitions after a warm-up, and reports medians and ratios ou
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import torch
@@ -469,6 +470,8 @@ def case_serving(ctx: Ctx) -> Result:
         if n_ad in (8, 64):
             res.target(f"{n_ad} adapters: ours / base tokens/s", b / o, 0.85 if n_ad == 8 else 0.70, better=">=")
         res.extra[f"samples_{n_ad}"] = samples
+        if n_ad == counts[-1]:
+            _replace_one(ctx, res, ours, pm, per_row, ids, ranks)
         del ours, pm
     ours = clone(base)
     peftsurgery.apply(ours, "prefix-tuning", num_tokens=P, init="random")
@@ -480,6 +483,36 @@ def case_serving(ctx: Ctx) -> Result:
     res.target("prefix tuning: ours / base tokens/s", b / o, 0.98, better=">=")
     res.extra["samples_prefix"] = samples
     return res
+
+
+def _replace_one(ctx, res, ours, pm, per_row, ids, ranks):
+    """A server holding N adapters swaps one for a new one (removed, another applied): the first routed prefill
+    that serves it (ours: only the new adapter's slots of the stacked factors are written), against PEFT's first
+    after delete_adapter / add_adapter and against our next, steady prefill."""
+    import peft
+    times = {"ours": [], "peft": [], "steady": []}
+    for k in range(ctx.n(3, 1)):
+        old, new = per_row[k], f"new{k}"
+        rows = [new if n == old else n for n in per_row]
+        peftsurgery.remove(ours, old)
+        pm.delete_adapter(old)
+        r = ranks[k % len(ranks)]
+        peftsurgery.apply(ours, "lora", name=new, r=r, alpha=2 * r, targets="attn.q,attn.k,attn.v,attn.o")
+        pm.add_adapter(new, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=ATTN))
+        copy_lora(pm, ours, name=new, random_b=0.02, seed=100 + k)
+        ours.eval(), pm.eval()
+        for key, model, around, kw in (("ours", ours, lambda: peftsurgery.route(ours, rows), {}),
+                                       ("peft", pm, contextlib.nullcontext, {"adapter_names": rows}),
+                                       ("steady", ours, lambda: peftsurgery.route(ours, rows), {})):
+            t0 = clock(ctx.device)
+            with torch.no_grad(), around():
+                model(input_ids=ids, **kw)
+            times[key].append(clock(ctx.device) - t0)
+        per_row = rows
+    o, p, b = (statistics.median(times[k]) for k in ("ours", "peft", "steady"))
+    res.row(f"one of {len(set(per_row))} adapters replaced: first prefill", "ms", o * 1e3, p * 1e3,
+            ours_steady=b * 1e3)
+    res.extra["replace_one"] = times
 
 
 def case_compiled(ctx: Ctx) -> Result:

@@ -262,20 +262,19 @@ def route(model: nn.Module, names):
                 raise SurgeryError(f"adapter {n!r} ({a.method}) cannot give each batch row its own adapter: its rule "
                                    f"{rule} has no per-row form; route() works with low-rank, prompt and prefix "
                                    "adapters")
-    # without gradients every routable adapter gets a slot (stable across batches, so stacked factors are reused);
-    # with them only the named ones, so that no other adapter is touched by backward()
-    wanted = [a for a in reg.values() if a.name in names or routable(a) and not torch.is_grad_enabled()]
-    slots = {a.name: i for i, a in enumerate(wanted)}
     for a in reg.values():
         if _merged(a):
             raise SurgeryError(f"adapter {a.name!r} is merged into the weights; unmerge it before routing rows")
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    rows = torch.tensor([slots.get(n, len(slots)) for n in names], dtype=torch.long, device=dev)
     cache = model.__dict__.setdefault("_peftsurgery_route_cache", {})
-    if cache.get("adapters") != tuple(slots):  # stacked factors are kept for the same adapters, in order
-        cache.clear()
-        cache["adapters"] = tuple(slots)
-    cache["slots"] = len(slots)
+    if torch.is_grad_enabled():   # only the named adapters, so that no other adapter is touched by backward()
+        slots = {n: i for i, n in enumerate(dict.fromkeys(n for n in names if n in reg))}
+        count = len(slots)
+    else:   # every routable adapter, each keeping its slot across calls (the rules keep stacked factors by slot)
+        slots, count = _pool_slots(cache, [a.name for a in reg.values() if routable(a)])
+    wanted = [reg[n] for n in slots]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rows = torch.tensor([slots.get(n, count) for n in names], dtype=torch.long, device=dev)
+    cache["slots"] = count
     cache["call"] = {"sitemap": sitemap(model)}   # what the rules of this call share (the entry hook)
     groups: dict[type, tuple[Rule, list]] = {}
     for a in wanted:
@@ -295,6 +294,20 @@ def route(model: nn.Module, names):
             u.undo(model)
         for a in reg.values():
             a.switch.on = before[a.name]
+
+
+def _pool_slots(cache: dict, names: list[str]) -> tuple[dict[str, int], int]:
+    """Slots for route() without gradients: an adapter keeps its slot while it exists, a new one takes a free slot,
+    and the count doubles only when none is free, so adding or removing one adapter moves no other (nor the
+    base, the slot after the last). Returns the slot of each name and the count."""
+    held = cache.setdefault("held", [])   # slot -> adapter name, None when free
+    held[:] = [n if n in names else None for n in held]
+    for n in names:
+        if n not in held:
+            if None not in held:
+                held += [None] * max(4, len(held))
+            held[held.index(None)] = n
+    return {n: i for i, n in enumerate(held) if n is not None}, len(held)
 
 
 def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn.Module:

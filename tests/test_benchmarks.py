@@ -37,7 +37,9 @@ def test_quick_cases_write_json_and_chart(tmp_path):
     assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
     for n in cases["8"]["setup"]["adapters"]:   # a decoding step with each count of adapters, one per row
         assert cases["8"]["extra"][f"parity_max_abs_diff_{n}"] < 1e-4
-    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 1
+    # a step per count of adapters, prefix decoding, and the first prefill after one adapter of the most is replaced
+    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 2
+    assert [r for r in cases["8"]["rows"] if "replaced" in r["metric"]][0]["ours_steady"] > 0
     # the sites of the case-5 model, counted here from its modules: every linear (head included), the embedding,
     # every norm weight, one attention per layer
     import torch

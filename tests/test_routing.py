@@ -155,3 +155,36 @@ def test_route_one_token_per_row_matches_too():
             with peftsurgery.route(model, rows):
                 got = model(input_ids=ids).logits
         _check_rows(model, tiny_llama, ids, rows, got)
+
+
+def test_adding_or_removing_an_adapter_rewrites_only_its_own_pool_slots():
+    """Without gradients the stacked factors live in a pool per site that route() calls share: a new adapter takes
+    a free slot and only that slot is written (the pool and every other slot stay as they were); a removed one
+    frees its slot; an adapter removed and applied again under its old name is never served the old factors. Every
+    row still gets only its own adapter."""
+    model = _with_adapters(tiny_llama(), ["a", "b", "c"], ranks=[2, 4, 3])
+    ids = torch.randint(0, 128, (4, 3), generator=torch.Generator().manual_seed(5))
+    path = "model.layers.0.self_attn.q_proj"
+
+    def run(rows):
+        with torch.no_grad(), peftsurgery.route(model, rows):
+            got = model(input_ids=ids).logits
+        _check_rows(model, tiny_llama, ids, rows, got)
+        return model._peftsurgery_route_cache["pools"][path]
+
+    pool = run(["a", "b", "c", None])
+    A, held = pool.A, list(pool.held)
+    _with_adapters(model, ["d"], ranks=[4])   # a fourth adapter: a free slot of the pool
+    model.eval()
+    again = run(["d", "b", "a", "c"])
+    assert again is pool and again.A is A   # not rebuilt
+    assert all(again.held[i] is h for i, h in enumerate(held) if h is not None)   # not rewritten
+    peftsurgery.remove(model, "b")
+    run(["c", None, "d", "a"])
+    g = torch.Generator().manual_seed(9)
+    peftsurgery.apply(model, "lora", name="b", r=4, alpha=3, targets="all-linear")   # the same name, new factors
+    with torch.no_grad():
+        for branch in peftsurgery.adapters(model)["b"].records[0].built.values():
+            branch.B.weight.copy_(torch.randn(branch.B.weight.shape, generator=g) * 0.1)
+    model.eval()
+    run(["b", "b", "a", "d"])

@@ -233,8 +233,9 @@ class Rule:
 
     def route(self, model: nn.Module, entries: list, rows, cache: dict) -> list[Change]:
         """Give each batch row its own adapter (see surgery.route). entries: (slot, sites, built) for every
-        routed adapter using this rule class; rows: (batch,) slot per row, len(slots) meaning the base. Returns
-        the changes to undo afterwards. A rule that changes the base for every row (quantization) returns []."""
+        routed adapter using this rule class; rows: (batch,) slot per row, cache["slots"] (the slot count; a slot
+        may be free) meaning the base. Returns the changes to undo afterwards. A rule that changes the base for
+        every row (quantization) returns []."""
         raise SurgeryError(f"{type(self).__name__} cannot give each batch row its own adapter; "
                            "route() works with low-rank, prompt and prefix adapters")
 

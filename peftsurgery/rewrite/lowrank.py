@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,48 @@ DENSE_SLOTS = 16   # at most this many distinct slots among the rows: each used 
 # (64 rows of width 512, rank 32, one CPU thread: 16 slots 0.80 ms dense / 1.42 ms gathered, 64 slots 3.7 / 2.3)
 
 
+class _Pool:
+    """route()'s factors of every slot at one site, kept between calls without gradients: A (slots + 1, in, R),
+    B (slots + 1, R, out) with the scale folded in, and each slot's dropout rate; the last slot stays zero (rows on
+    the base). Only the slots a batch uses are checked, and one is written only when its branch changed (another
+    adapter in the slot, new weights, another scale), so adding or removing an adapter copies nothing of the
+    others."""
+
+    def __init__(self, ref: torch.Tensor, slots: int, d_in: int, d_out: int, R: int):
+        self.A, self.B = ref.new_zeros(slots + 1, d_in, R), ref.new_zeros(slots + 1, R, d_out)
+        self.P = torch.zeros(slots + 1, device=ref.device)
+        self.R, self.held = R, [None] * slots   # per slot: what it holds (see _held)
+        self.used = None   # the latest used_stacks()
+
+    def fits(self, ref: torch.Tensor, slots: int, R: int) -> bool:
+        return len(self.held) == slots and self.R >= R and self.A.dtype == ref.dtype and self.A.device == ref.device
+
+    def update(self, branches: dict[int, LowRankBranch], used: tuple) -> None:
+        with torch.no_grad():
+            for slot in used:
+                if slot == len(self.held):   # the base
+                    continue
+                b = branches.get(slot)
+                if _held(b, self.held[slot]):
+                    continue
+                self.A[slot].zero_(), self.B[slot].zero_()
+                if b is not None:
+                    self.A[slot, :, :b.r] = b.A.weight.t()
+                    self.B[slot, :b.r] = (b.B.weight * b.scale).t()
+                self.P[slot] = b.p if b is not None else 0.0
+                self.held[slot] = None if b is None else (weakref.ref(b.A.weight), weakref.ref(b.B.weight),
+                                                          b.A.weight._version, b.B.weight._version, b.scale, b.p)
+
+
+def _held(b: LowRankBranch | None, held) -> bool:
+    """Whether a pool slot holding `held` (None: zeros) holds branch b as it is now (weak references, so that a
+    freed adapter's reused memory address is never taken for it)."""
+    if b is None or held is None:
+        return b is None and held is None
+    A, B = b.A.weight, b.B.weight
+    return held[0]() is A and held[1]() is B and held[2:] == (A._version, B._version, b.scale, b.p)
+
+
 class _Routed:
     """Forward hook under route(): row i of the batch gets the branch of slot rows[i] (no loop over adapters)."""
 
@@ -99,16 +142,20 @@ class _Routed:
         self.part = part   # a slice of a fused projection: its (start, stop) features of the output
 
     def stacks(self):
+        """A, B and the dropout rates of every slot: without gradients from the site's _Pool; with them stacked
+        from the branches, so that backward reaches them."""
         bs = self.branches
-        params = [p for b in bs.values() for p in (b.A.weight, b.B.weight)]
-        key = tuple((id(p), p._version) for p in params) + tuple(b.scale for b in bs.values())
-        hit = self.cache.get(self.path)
-        if hit is not None and hit[0] == key and not torch.is_grad_enabled():
-            return hit[1]
         any_b = next(iter(bs.values()))
+        ref = any_b.A.weight
         d_out, d_in = any_b.B.weight.shape[0], any_b.A.weight.shape[1]
         R = max(b.r for b in bs.values())
-        ref = any_b.A.weight
+        if not torch.is_grad_enabled():
+            pools = self.cache["pools"]
+            pool = pools.get(self.path)
+            if pool is None or not pool.fits(ref, self.slots, R):
+                pool = pools[self.path] = _Pool(ref, self.slots, d_in, d_out, R)
+            pool.update(bs, self.used_key)
+            return pool.A, pool.B, pool.P
         zeros_a, zeros_b = ref.new_zeros(d_in, R), ref.new_zeros(R, d_out)
         As, Bs, P = [], [], []
         for slot in range(self.slots + 1):
@@ -120,21 +167,19 @@ class _Routed:
             if b.r < R:
                 a, bb = F.pad(a, (0, R - b.r)), F.pad(bb, (0, 0, 0, R - b.r))
             As.append(a), Bs.append(bb), P.append(b.p)
-        out = (torch.stack(As), torch.stack(Bs), torch.tensor(P, device=ref.device))
-        if not torch.is_grad_enabled():
-            self.cache[self.path] = (key, out)
-        return out
+        return torch.stack(As), torch.stack(Bs), torch.tensor(P, device=ref.device)
 
     def used_stacks(self, A, B):
         """The factors of the slots the rows use, side by side, for batches of few tokens per row (decoding):
-        (in, used R) and (used R, out); kept for the latest set of used slots while the weights are unchanged."""
-        hit = self.cache.get((self.path, "used"))
-        if hit is not None and hit[0] is A and hit[1] == self.used_key:
-            return hit[2]
+        (in, used R) and (used R, out); kept in the pool for the latest set of used slots while it is unchanged."""
+        pool = self.cache["pools"].get(self.path) if not torch.is_grad_enabled() else None
+        key = (A._version, B._version, self.used_key)
+        if pool is not None and pool.A is A and pool.used is not None and pool.used[0] == key:
+            return pool.used[1]
         A_u, B_u = A[self.used], B[self.used]
         out = (A_u.permute(1, 0, 2).reshape(A.shape[1], -1), B_u.reshape(-1, B.shape[2]))
-        if not torch.is_grad_enabled():
-            self.cache[(self.path, "used")] = (A, self.used_key, out)
+        if pool is not None and pool.A is A:
+            pool.used = (key, out)
         return out
 
     def __call__(self, module, args, out):
@@ -250,7 +295,8 @@ class LowRank(Rule):
     def route(self, model, entries, rows, cache):
         """One hook per site for all routed adapters: their factors stacked into (slots + 1, in, R) and
         (slots + 1, R, out) tensors (rank padded with zeros to the largest R, scale folded into B, the last slot
-        zero for rows on the base), gathered per row and applied with two batched matmuls."""
+        zero for rows on the base; a _Pool kept between calls without gradients), gathered per row and applied
+        with two batched matmuls."""
         by_site: dict[str, dict[int, LowRankBranch]] = {}
         where = {}
         for slot, sites, built in entries:
@@ -260,6 +306,7 @@ class LowRank(Rule):
                                        "(a weight used inside another module) has no per-row input to hook")
                 by_site.setdefault(s.path, {})[slot] = built[s.path]
                 where[s.path] = s
+        keep_pools(cache, by_site)
         return [Hooked(model, where[path].fused or path, _Routed(path, branches, rows, cache, where[path].rows))
                 for path, branches in by_site.items()]
 
@@ -271,6 +318,14 @@ class LowRank(Rule):
             return (f"low-rank branch r={self.r} scale={self.scale:g} on features {site.rows[0]}:{site.rows[1]} of "
                     f"{site.fused}: out + B(A(x))")
         return f"low-rank branch r={self.r} scale={self.scale:g}: out + B(A(x))"
+
+
+def keep_pools(cache: dict, paths) -> None:
+    """The _Pool of each site in `paths` is kept in cache["pools"] between route() calls; those of other sites
+    (adapters removed, or no longer routed) are dropped."""
+    pools = cache.setdefault("pools", {})
+    for path in set(pools) - set(paths):
+        del pools[path]
 
 
 def _split(path: str) -> tuple[str, str]:

@@ -33,7 +33,7 @@ from torch import nn
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
 from .base import Hooked, Rule, Switch, hooks_before, park
-from .lowrank import LowRank, LowRankBranch, _Routed
+from .lowrank import LowRank, LowRankBranch, _Routed, keep_pools
 
 
 class BaseWeight:
@@ -264,6 +264,7 @@ class MagnitudeDirection(Reparam):
                 by_site.setdefault(s.path, {})[slot] = built[s.path]
         mine = cache.setdefault(("reparam",), {})
         mine["slots"], mine["call"] = cache["slots"], cache["call"]
+        keep_pools(mine, by_site)
         return [Hooked(model, path, _RoutedScaled(path, mods, rows, mine)) for path, mods in by_site.items()]
 
     def describe(self, site, built):
