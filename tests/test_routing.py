@@ -1,5 +1,7 @@
 """route(): each row of a batch runs with its own adapter, by batched gathers in the low-rank rule (prompts and
 prefixes: tests/test_route_prompts.py)."""
+import pickle
+
 import pytest
 import torch
 
@@ -188,3 +190,7 @@ def test_adding_or_removing_an_adapter_rewrites_only_its_own_pool_slots():
             branch.B.weight.copy_(torch.randn(branch.B.weight.shape, generator=g) * 0.1)
     model.eval()
     run(["b", "b", "a", "d"])
+    copied = pickle.loads(pickle.dumps(model))   # the pool's weak references do not travel; the copy refills it
+    with torch.no_grad(), peftsurgery.route(copied, ["a", "d", None, "b"]):
+        got = copied(input_ids=ids).logits
+    _check_rows(copied, tiny_llama, ids, ["a", "d", None, "b"], got)

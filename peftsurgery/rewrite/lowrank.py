@@ -98,6 +98,9 @@ class _Pool:
         self.R, self.held = R, [None] * slots   # per slot: what it holds (see _held)
         self.used = None   # the latest used_stacks()
 
+    def __getstate__(self):   # a pickled or copied model's pool holds nothing yet (weak references do not pickle)
+        return {**self.__dict__, "held": [None] * len(self.held), "used": None}
+
     def fits(self, ref: torch.Tensor, slots: int, R: int) -> bool:
         return len(self.held) == slots and self.R >= R and self.A.dtype == ref.dtype and self.A.device == ref.device
 
