@@ -301,12 +301,15 @@ def _pool_slots(cache: dict, names: list[str]) -> tuple[dict[str, int], int]:
     and the count doubles only when none is free, so adding or removing one adapter moves no other (nor the
     base, the slot after the last). Returns the slot of each name and the count."""
     held = cache.setdefault("held", [])   # slot -> adapter name, None when free
-    held[:] = [n if n in names else None for n in held]
-    for n in names:
-        if n not in held:
-            if None not in held:
-                held += [None] * max(4, len(held))
-            held[held.index(None)] = n
+    alive = set(names)
+    held[:] = [n if n in alive else None for n in held]
+    free = [i for i, n in enumerate(held) if n is None][::-1]
+    placed = set(held)
+    for n in (n for n in names if n not in placed):   # in registration order: the same slots in every run
+        if not free:
+            free = list(range(len(held) + max(4, len(held)) - 1, len(held) - 1, -1))
+            held += [None] * len(free)
+        held[free.pop()] = n
     return {n: i for i, n in enumerate(held) if n is not None}, len(held)
 
 
