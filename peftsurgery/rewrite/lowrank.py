@@ -143,6 +143,7 @@ class _Routed:
             call["used"] = (used, local, tuple(used.tolist()))
         self.used, self.local, self.used_key = call["used"]
         self.part = part   # a slice of a fused projection: its (start, stop) features of the output
+        self.R = max(b.r for b in branches.values())   # the stacks' rank: the largest of the routed adapters'
 
     def stacks(self):
         """A, B and the dropout rates of every slot: without gradients from the site's _Pool; with them stacked
@@ -150,8 +151,7 @@ class _Routed:
         bs = self.branches
         any_b = next(iter(bs.values()))
         ref = any_b.A.weight
-        d_out, d_in = any_b.B.weight.shape[0], any_b.A.weight.shape[1]
-        R = max(b.r for b in bs.values())
+        d_out, d_in, R = any_b.B.weight.shape[0], any_b.A.weight.shape[1], self.R
         if not torch.is_grad_enabled():
             pools = self.cache["pools"]
             pool = pools.get(self.path)
