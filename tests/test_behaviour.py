@@ -348,14 +348,22 @@ def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid
 
 
 # ---------------------------------------------------------------- prefix keys attended apart while decoding
+@pytest.mark.parametrize("kernel", ["cpu-flash", "recomputed"])
 @pytest.mark.parametrize("arch,adapters", [("llama", 1), ("llama", 2), ("falcon", 1)])
-def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, arch, adapters):
+def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, arch, adapters, kernel):
     """A decoding step (one query per row, no gradients) attends to the prefix apart from the cached keys and merges
     the two by log-sum-exp, copying nothing into the cache's tensors: the logits are those of prepending the prefix
     (the path every other call takes), with left padding, grouped-query heads and two prefix adapters at once; at
-    transformers' attention registry (llama) and at a module's own F.scaled_dot_product_attention call (falcon)."""
+    transformers' attention registry (llama) and at a module's own F.scaled_dot_product_attention call (falcon).
+    The log-sum-exp over the cache comes from the CPU's flash kernel, or (other devices) from the scores computed
+    again beside the model's own attention."""
     from peftsurgery.rewrite import attention
     from zoo import FACTORIES
+    flash = attention._FLASH_CPU
+    assert flash is not None   # this torch has the kernel the CPU path relies on
+    flashed = []
+    monkeypatch.setattr(attention, "_FLASH_CPU", None if kernel == "recomputed" else
+                        lambda *a, **kw: flashed.append(1) or flash(*a, **kw))
     m = llama() if arch == "llama" else FACTORIES[arch]()
     for i in range(adapters):
         ps.apply(m, "prefix-tuning", name=f"p{i}", num_tokens=3 + i, init="random")
@@ -385,6 +393,7 @@ def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatc
     monkeypatch.setattr(attention, "_merged", lambda *a: calls.append(a) or merged(*a))
     got = decode()
     assert len(calls) == 2 * len(steps)   # every layer of every step took it, none of the prompt's calls
+    assert len(flashed) == (len(calls) if kernel == "cpu-flash" else 0)
     assert calls[0][-2].shape[-2] == sum(3 + i for i in range(adapters))   # every adapter's keys
     monkeypatch.setattr(attention, "_apart", lambda *a: None)   # the reference: prepended, as in training
     want = decode()

@@ -51,8 +51,11 @@ def _registry_wrapper(original: str):
     def wrapped(module, query, key, value, attention_mask, **kwargs):
         added = _apart(module, query, key, value, kwargs) if original == "sdpa" else None
         if added is not None:   # decoding: the cache's keys attended as they are, the editors' merged in after
-            out, weights = _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
-            return _merged(out, query, key, attention_mask, kwargs.get("scaling"), *added), weights
+            scaling = kwargs.get("scaling")
+            out, lse = _own(lambda: _original_fn(module, original)(module, query, key, value, attention_mask,
+                                                                   **kwargs)[0], query, key, value, attention_mask,
+                            scaling)
+            return _merged(out, lse, query, scaling, *added), None
         key, value, attention_mask, kwargs = _apply(module, query, key, value, attention_mask, kwargs)
         return _original_fn(module, original)(module, query, key, value, attention_mask, **kwargs)
     return wrapped
@@ -72,9 +75,10 @@ def repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _apart(module, query, key, value, kwargs):
     """In a decoding step (one query per row, no gradients) where every active editor only adds keys and values
-    (has `apart`): those keys and values, (batch, heads, n, dim) each, and which of the n each row sees ((batch, n)
-    bool, or None for all), to attend apart from the call's own keys and merge by log-sum-exp, so that the cache is
-    not copied to put them in front; otherwise None."""
+    (has `apart`): those keys and values ((kv_heads, n, dim) each when one editor's are seen by every row, else
+    (batch, heads, n, dim)), and which of the n each row sees ((batch, n) bool, or None for all), to attend apart
+    from the call's own keys and merge by log-sum-exp, so that the cache is not copied to put them in front;
+    otherwise None."""
     if (query.shape[-2] != 1 or torch.is_grad_enabled() or query.shape[0] != key.shape[0]
             or set(kwargs) - _APART_KWARGS or (kwargs.get("dropout") and module.training)):
         return None
@@ -82,44 +86,75 @@ def _apart(module, query, key, value, kwargs):
     if not eds or not all(hasattr(ed, "apart") for ed in eds):
         return None
     B, H = key.shape[:2]
-    ks, vs, seen = [], [], []
-    for k, v, visible in (ed.apart() for ed in eds):   # k, v: (kv_heads, n, dim), or (batch, kv_heads, n, dim)
+    parts = [ed.apart() for ed in eds]   # k, v: (kv_heads, n, dim), or (batch, kv_heads, n, dim)
+    for k, v, _ in parts:
         if (v.shape[-1] != value.shape[-1] or H % k.shape[-3] or query.shape[1] % H
                 or k.dim() == 4 and k.shape[0] != B):   # the editor's own call says what is wrong
             return None
-        k, v = repeat_heads(k, H), repeat_heads(v, H)
-        ks.append(k.expand(B, *k.shape[-3:]))
-        vs.append(v.expand(B, *v.shape[-3:]))
-        seen.append(visible)
-    if all(x is None for x in seen):
+    if len(parts) == 1:
+        k, v, visible = parts[0]
+        return k.to(key.dtype), v.to(value.dtype), visible
+    ks = [repeat_heads(k, H).expand(B, H, *k.shape[-2:]) for k, _, _ in parts]
+    vs = [repeat_heads(v, H).expand(B, H, *v.shape[-2:]) for _, v, _ in parts]
+    if all(x is None for _, _, x in parts):
         visible = None
     else:
         visible = torch.cat([torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if x is None else x
-                             for k, x in zip(ks, seen)], -1)
+                             for k, (_, _, x) in zip(ks, parts)], -1)
     return torch.cat(ks, -2).to(key.dtype), torch.cat(vs, -2).to(value.dtype), visible
 
 
-def _merged(out, query, key, mask, scaling, k, v, visible):
-    """`out` (batch, 1, heads, dv), the attention over the call's keys, merged with the attention over the added
-    keys k and values v (batch, kv_heads, n, ...), of which each row sees `visible` ((batch, n), None: all): each
-    part weighted by its share of the softmax's normaliser, from the log-sum-exp of its scores (those over the
-    call's keys computed again, with its mask; the keys are read, not copied). The same as attending over both at
-    once, up to float rounding."""
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _own(original, query, key, value, mask, scaling):
+    """A decoding step's attention over the call's own keys, (batch, 1, heads, dv), and the log-sum-exp of its
+    scores, (batch, heads, 1). On the CPU one kernel gives both (the flash attention the CPU's sdpa runs), with the
+    grouped key heads read as they are; elsewhere `original()` gives the attention and the scores are computed
+    again for their log-sum-exp (the keys read, not copied)."""
     b, h, q, d = query.shape
     kvh, L = key.shape[1], key.shape[-2]
+    m = None if mask is None else mask[..., :L]
+    if (_FLASH_CPU is not None and query.device.type == "cpu" and d == value.shape[-1]
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        if m is not None and m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=query.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=None if m is None else m.to(query.dtype),
+                              scale=scaling)
+        return out.transpose(1, 2), lse
     scale = d ** -0.5 if scaling is None else scaling
     qg = query.reshape(b, kvh, h // kvh * q, d)   # query heads grouped by the key head they share
     s = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale).view(b, h, q, L)
-    if mask is not None:
-        m = mask[..., :L]
+    if m is not None:
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    lse = torch.logsumexp(s, -1)
-    sp = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
+    return original(), torch.logsumexp(s, -1)
+
+
+def _merged(out, lse, query, scaling, k, v, visible):
+    """`out` (batch, 1, heads, dv), the attention over the call's own keys, and `lse` (batch, heads, 1), the
+    log-sum-exp of their scores, merged with the attention over the added keys k and values v ((kv_heads, n, ...)
+    seen by every row, or (batch, kv_heads, n, ...)), of which each row sees `visible` ((batch, n), None: all):
+    each part weighted by its share of the softmax's normaliser. The same as attending over both at once, up to
+    float rounding."""
+    b, h, q, d = query.shape
+    kvh, n = k.shape[-3], k.shape[-2]
+    scale = d ** -0.5 if scaling is None else scaling
+    qg = query.reshape(b, kvh, h // kvh * q, d)   # query heads grouped by the key head they share
+    shared = k.dim() == 3   # every row's keys the same: the rows folded into one product, the keys not copied
+
+    def product(x, y):   # (b, kvh, g, ...) @ y, y shared by the rows or per row
+        if not shared:
+            return torch.matmul(x, y)
+        x = x.transpose(0, 1).reshape(kvh, -1, x.shape[-1])
+        return torch.matmul(x, y).view(kvh, b, -1, y.shape[-1]).transpose(0, 1)
+
+    sp = product(qg, k.transpose(-1, -2)).float().mul_(scale)   # (b, kvh, g * q, n)
     if visible is not None:
         sp = sp.masked_fill(~visible[:, None, None, :], float("-inf"))
-    lse_p = torch.logsumexp(sp, -1).view(b, h, q)
+    lse_p = torch.logsumexp(sp, -1).reshape(b, h, q)
     probs = torch.softmax(sp, -1).nan_to_num(0.0)   # a row that sees none of the added keys: all zero
-    out_p = torch.matmul(probs.to(v.dtype), v).view(b, h, q, -1).transpose(1, 2).to(out.dtype)
+    out_p = product(probs.to(v.dtype), v).reshape(b, h, q, -1).transpose(1, 2).to(out.dtype)
+    lse = lse.reshape(b, h, q)
     share = torch.sigmoid(lse_p - lse).transpose(1, 2).unsqueeze(-1).to(out.dtype)   # the added keys' share
     merged = out + (out_p - out) * share
     # a row whose own keys are all masked out attends to the added keys alone (its own output may be NaN)
@@ -307,8 +342,10 @@ class _Mode(TorchFunctionMode):
                          or kwargs.get("dropout_p"))
             added = _apart(self.module, q, k, v, {"scaling": kwargs.get("scale")}) if plain else None
             if added is not None:   # decoding (see _registry_wrapper); this call's layout is (batch, heads, seq, dim)
-                out = func(q, k, v, attn_mask=mask, scale=kwargs.get("scale")).transpose(1, 2)
-                return _merged(out, q, k, mask, kwargs.get("scale"), *added).transpose(1, 2)
+                scale = kwargs.get("scale")
+                out, lse = _own(lambda: func(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2), q, k, v, mask,
+                                scale)
+                return _merged(out, lse, q, scale, *added).transpose(1, 2)
             k, v, mask, extra = _apply(self.module, q, k, v, mask, extra)
             return func(q, k, v, attn_mask=mask, is_causal=extra["is_causal"], **kwargs)
         if func is F.multi_head_attention_forward:
