@@ -151,12 +151,15 @@ def _merged(out, lse, query, scaling, k, v, visible):
     sp = product(qg, k.transpose(-1, -2)).float().mul_(scale)   # (b, kvh, g * q, n)
     if visible is not None:
         sp = sp.masked_fill(~visible[:, None, None, :], float("-inf"))
-    lse_p = torch.logsumexp(sp, -1).reshape(b, h, q)
-    probs = torch.softmax(sp, -1).nan_to_num(0.0)   # a row that sees none of the added keys: all zero
+    lse_p = torch.logsumexp(sp, -1, keepdim=True)
+    probs = (sp - lse_p).exp_()   # the softmax, from its log-sum-exp
+    if visible is not None:
+        probs = probs.nan_to_num_(0.0)   # a row that sees none of the added keys: all zero
+    lse_p = lse_p.reshape(b, h, q)
     out_p = product(probs.to(v.dtype), v).reshape(b, h, q, -1).transpose(1, 2).to(out.dtype)
     lse = lse.reshape(b, h, q)
     share = torch.sigmoid(lse_p - lse).transpose(1, 2).unsqueeze(-1).to(out.dtype)   # the added keys' share
-    merged = out + (out_p - out) * share
+    merged = torch.lerp(out, out_p, share)
     # a row whose own keys are all masked out attends to the added keys alone (its own output may be NaN)
     return torch.where(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), out_p, merged)
 
