@@ -349,6 +349,44 @@ def test_extended_mask_matches_causal_plus_prefix_and_is_reused_only_while_valid
 
 # ---------------------------------------------------------------- prefix keys attended apart while decoding
 @pytest.mark.parametrize("kernel", ["cpu-flash", "recomputed"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive -inf", "additive lowest"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_decoding_step_attended_apart_equals_attention_over_both(monkeypatch, kernel, mask_kind, per_row):
+    """attention._own + _merged, one query per row, against softmax attention over the added keys followed by the
+    call's own: grouped-query heads (8 query heads, 2 cache heads, 1 prefix head), a padded row, a row whose own
+    keys are all masked out (it attends to the added keys alone), and per-row added keys of which a row sees some
+    or, for one row, none (its own keys alone)."""
+    from peftsurgery.rewrite import attention
+    if kernel == "recomputed":
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    g = torch.Generator().manual_seed(0)
+    b, h, kvh, L, n, d = 4, 8, 2, 7, 3, 16
+    q, key, value = (torch.randn(*s_, generator=g) for s_ in ((b, h, 1, d), (b, kvh, L, d), (b, kvh, L, d)))
+    seen = torch.ones(b, 1, 1, L, dtype=torch.bool)
+    seen[1, ..., :3] = False   # padding
+    seen[2] = False            # none of its own keys
+    if per_row:
+        pk, pv = torch.randn(b, 1, n, d, generator=g), torch.randn(b, 1, n, d, generator=g)
+        visible = torch.tensor([[True, True, True], [False, True, True], [True, False, True], [False] * 3])
+    else:
+        pk, pv, visible = torch.randn(1, n, d, generator=g), torch.randn(1, n, d, generator=g), None
+    mask = {"bool": seen, "additive -inf": torch.zeros(seen.shape).masked_fill(~seen, float("-inf")),
+            "additive lowest": torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)}[mask_kind]
+    own = lambda: torch.nn.functional.scaled_dot_product_attention(   # noqa: E731
+        q, key.repeat_interleave(h // kvh, 1), value.repeat_interleave(h // kvh, 1), attn_mask=mask).transpose(1, 2)
+    out, lse = attention._own(own, q, key, value, mask, None)
+    got = attention._merged(out, lse, q, None, pk, pv, visible)
+    keys, values = (torch.cat([x.expand(b, 1, n, d).repeat_interleave(kvh, 1), y], -2).repeat_interleave(h // kvh, 1)
+                    for x, y in ((pk, key), (pv, value)))
+    sees = torch.cat([torch.ones(b, 1, 1, n, dtype=torch.bool) if visible is None else visible[:, None, None],
+                      seen], -1)
+    scores = (q @ keys.transpose(-1, -2) * d ** -0.5).masked_fill(~sees, float("-inf"))
+    want = (scores.softmax(-1) @ values).transpose(1, 2)
+    rows = [0, 1, 2] if per_row else [0, 1, 2, 3]   # row 3 routed sees nothing at all: no reference
+    torch.testing.assert_close(got[rows], want[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["cpu-flash", "recomputed"])
 @pytest.mark.parametrize("arch,adapters", [("llama", 1), ("llama", 2), ("falcon", 1)])
 def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatch, arch, adapters, kernel):
     """A decoding step (one query per row, no gradients) attends to the prefix apart from the cached keys and merges

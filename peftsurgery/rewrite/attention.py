@@ -117,10 +117,11 @@ def _own(original, query, key, value, mask, scaling):
     m = None if mask is None else mask[..., :L]
     if (_FLASH_CPU is not None and query.device.type == "cpu" and d == value.shape[-1]
             and query.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        if m is not None and m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=query.dtype, device=m.device).masked_fill_(~m, float("-inf"))
-        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=None if m is None else m.to(query.dtype),
-                              scale=scaling)
+        if m is not None:   # masked out: the dtype's lowest, not -inf, which would give a row with every key masked
+            low = torch.finfo(query.dtype).min   # a log-sum-exp of 0 instead of one far below the added keys'
+            m = (torch.zeros(m.shape, dtype=query.dtype, device=m.device).masked_fill_(~m, low)
+                 if m.dtype == torch.bool else m.to(query.dtype).clamp(min=low))
+        out, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=m, scale=scaling)
         return out.transpose(1, 2), lse
     scale = d ** -0.5 if scaling is None else scaling
     qg = query.reshape(b, kvh, h // kvh * q, d)   # query heads grouped by the key head they share
