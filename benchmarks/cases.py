@@ -535,8 +535,8 @@ def case_compiled(ctx: Ctx) -> Result:
         res.extra[f"graph_breaks_{n}"] = breaks
         compiled[n] = torch.compile(m, fullgraph=breaks == 0, backend=ctx.backend)
     res.target("graph breaks, ours", res.extra["graph_breaks_ours"], res.extra["graph_breaks_base"],
-               note=f"PEFT {res.extra['graph_breaks_peft']}, base {res.extra['graph_breaks_base']}, the floor's "
-                    f"input hook {res.extra['graph_breaks_floor']}")
+               note=f"PEFT {res.extra['graph_breaks_peft']}, base {res.extra['graph_breaks_base']}, floor "
+                    f"{res.extra['graph_breaks_floor']}")
     with torch.no_grad():
         eager, done = models["ours"](**batch).logits, compiled["ours"](**batch).logits
         res.extra["parity_compiled_max_abs_diff"] = float((eager - done).abs().max())

@@ -176,11 +176,16 @@ def train_step(model, opt, batch: dict, device: str):
 
 
 def floor_inputs_require_grad(model):
-    """The floor: a frozen model whose backward still runs through every layer (as it must for adapters), by
-    making the embedding output require grad, the way PEFT's enable_input_require_grads does."""
+    """The floor: a frozen model whose backward still runs through every layer (as it must for adapters). A zero
+    scalar parameter added to the embedding output makes everything after it require grad: the backward of PEFT's
+    enable_input_require_grads (which calls requires_grad_ on that output in a hook), without the graph break
+    that call is under torch.compile. A model compiled with breaks beside ours (same class, same code) had made
+    ours run its training step uncompiled in case 9."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    emb = model.get_input_embeddings()
+    emb.floor_zero = torch.nn.Parameter(torch.zeros((), device=emb.weight.device, dtype=emb.weight.dtype))
+    emb.register_forward_hook(lambda m, i, o: o + m.floor_zero)
     return model
 
 
