@@ -73,5 +73,6 @@ def peftsurgery_budget(config, sites):
 def peftsurgery_learning_rate(config):
     # chosen on the sentiment example's validation sentences, one seed: 76.8% at 1e-3, 79.2% at 3e-3, 85.2% at
     # 1e-2, 83.2% at 3e-2 (README, "Real model example"); E starts at zero and the ranks are cut while training,
-    # so it wants a higher rate than lora's
+    # so it wants a higher rate than lora's; on a second task, hedge detection (one seed, 200 validation
+    # sentences): 63.5% here, 64.0% at 3e-2, 56.5% at 3e-3 (best on the mean of both tasks)
     return 1e-2

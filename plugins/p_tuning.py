@@ -206,4 +206,6 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    return 1e-3   # the sentiment task's validation sentences: 81.4% at 1e-3, 78.8% at 3e-3 (seed 0)
+    # the sentiment task's validation sentences: 81.4% at 1e-3, 78.8% at 3e-3 (seed 0); a second task, hedge
+    # detection (seed 0, 200 validation sentences): 62.5% at both
+    return 1e-3
