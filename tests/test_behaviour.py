@@ -372,8 +372,10 @@ def test_a_decoding_step_attended_apart_equals_attention_over_both(monkeypatch, 
         pk, pv, visible = torch.randn(1, n, d, generator=g), torch.randn(1, n, d, generator=g), None
     mask = {"bool": seen, "additive -inf": torch.zeros(seen.shape).masked_fill(~seen, float("-inf")),
             "additive lowest": torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)}[mask_kind]
-    own = lambda: torch.nn.functional.scaled_dot_product_attention(   # noqa: E731
-        q, key.repeat_interleave(h // kvh, 1), value.repeat_interleave(h // kvh, 1), attn_mask=mask).transpose(1, 2)
+    def own():   # the model's own attention over its keys, as transformers' sdpa function returns it
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, key.repeat_interleave(h // kvh, 1), value.repeat_interleave(h // kvh, 1), attn_mask=mask).transpose(1, 2)
+
     out, lse = attention._own(own, q, key, value, mask, None)
     got = attention._merged(out, lse, q, None, pk, pv, visible)
     keys, values = (torch.cat([x.expand(b, 1, n, d).repeat_interleave(kvh, 1), y], -2).repeat_interleave(h // kvh, 1)
