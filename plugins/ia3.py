@@ -50,7 +50,7 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    # the paper's (T-Few trains its IA3 vectors at 3e-3); on the sentiment example's validation sentences (one
-    # seed) 1e-3 and 3e-3 tie at 82.8%, so it stays; on a second task, hedge detection (one seed, 200 validation
-    # sentences): 64.5% at this rate, 67.5% at 1e-2, 60.5% at 1e-3 (within one seed's noise: not moved)
-    return 3e-3
+    # the best rate on both tasks it was chosen on (seed 0 each): the sentiment example's 500 validation sentences
+    # 83.8% here, 82.8% at 3e-3 (the paper's, T-Few) and at 1e-3; hedge detection's 200: 67.5% here, 64.5% at 3e-3,
+    # 60.5% at 1e-3 (README, "Real model example")
+    return 1e-2

@@ -282,7 +282,7 @@ def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
 
 # the defaults documented in the README ("Methods and defaults"), each declared by its plugin
 DOCUMENTED_LR = {"lora": 5e-4, "adapter": 2e-4, "qlora": 1e-4, "prompt-tuning": 1e-3, "prefix-tuning": 3e-3,
-                 "ia3": 3e-3, "bitfit": 1e-3, "adalora": 1e-2, "dora": 5e-4}
+                 "ia3": 1e-2, "bitfit": 1e-3, "adalora": 1e-2, "dora": 5e-4}
 
 
 def test_methods_declare_their_documented_learning_rates():
