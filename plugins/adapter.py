@@ -45,8 +45,7 @@ def peftsurgery_budget(config, sites):
 
 @hookimpl
 def peftsurgery_learning_rate(config):
-    # chosen on validation sentences outside the example's train and test sets, mean over 5 seeds (README,
-    # "Real model example");
-    # on a second task, hedge detection (one seed, 200 validation sentences): 62.0% at this rate, 66.5% at 6e-4,
-    # 59.0% at 6.7e-5 (a gap within one seed's noise: not moved)
-    return 2e-4
+    # the best mean over the two tasks it was chosen on (README, "Real model example"): the sentiment example's 500
+    # validation sentences 82.9% here (seeds 0-2, none under 82.4%) against 83.4% at 2e-4 (5 seeds); hedge
+    # detection's 200: 66.5% here against 62.0% at 2e-4 and 59.0% at 6.7e-5 (seed 0)
+    return 6e-4

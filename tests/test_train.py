@@ -281,7 +281,7 @@ def test_linear_schedule_decays_to_zero_and_changes_training(monkeypatch):
 
 
 # the defaults documented in the README ("Methods and defaults"), each declared by its plugin
-DOCUMENTED_LR = {"lora": 5e-4, "adapter": 2e-4, "qlora": 1e-4, "prompt-tuning": 1e-3, "prefix-tuning": 3e-3,
+DOCUMENTED_LR = {"lora": 5e-4, "adapter": 6e-4, "qlora": 3e-4, "prompt-tuning": 1e-3, "prefix-tuning": 3e-3,
                  "ia3": 1e-2, "bitfit": 1e-3, "adalora": 1e-2, "dora": 5e-4}
 
 
