@@ -306,9 +306,10 @@ def _pool_slots(cache: dict, names: list[str]) -> tuple[dict[str, int], int]:
     free = [i for i, n in enumerate(held) if n is None][::-1]
     placed = set(held)
     for n in (n for n in names if n not in placed):   # in registration order: the same slots in every run
-        if not free:
-            free = list(range(len(held) + max(4, len(held)) - 1, len(held) - 1, -1))
-            held += [None] * len(free)
+        if not free:   # double (at least 4 slots), the new slots taken lowest first
+            start = len(held)
+            held += [None] * max(4, start)
+            free = list(range(len(held) - 1, start - 1, -1))
         held[free.pop()] = n
     return {n: i for i, n in enumerate(held) if n is not None}, len(held)
 
