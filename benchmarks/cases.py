@@ -9,6 +9,7 @@ import time
 import torch
 
 import peftsurgery
+from peftsurgery.rewrite import kernels
 from peftsurgery.rewrite.lowrank import LowRankBranch
 
 from .common import (Ctx, Result, clock, clone, floor_inputs_require_grad, flop_ideal, interleave, linear_targets,
@@ -463,9 +464,17 @@ def case_serving(ctx: Ctx) -> Result:
         ours_run, ours_logits = stepper(ours, lambda: peftsurgery.route(ours, per_row))
         peft_run, peft_logits = stepper(pm, adapter_names=per_row)
         res.extra[f"parity_max_abs_diff_{n_ad}"] = float((ours_logits() - peft_logits()).abs().max())
-        samples = interleave({"ours": ours_run, "peft": peft_run, "base": base_run}, ctx.n(7, 3), ctx.w(2, 1))
+        cands = {"ours": ours_run, "peft": peft_run, "base": base_run}
+        if kernels.usable(ids):   # the triton kernel ran: time the torch path beside it
+            torch_run, torch_logits = stepper(ours, lambda: _torch_path(ours, per_row))
+            res.extra[f"kernel_vs_torch_max_abs_diff_{n_ad}"] = float((ours_logits() - torch_logits()).abs().max())
+            cands["torch path"] = torch_run
+        samples = interleave(cands, ctx.n(7, 3), ctx.w(2, 1))
         o, p, b = (med(samples, k, "step") for k in ("ours", "peft", "base"))
         res.row(f"decoding step, {n_ad} adapters", "ms", o * 1e3, p * 1e3, base=b * 1e3)
+        if "torch path" in samples:
+            res.row(f"decoding step, {n_ad} adapters, our torch path (kernel off)", "ms",
+                    med(samples, "torch path", "step") * 1e3, p * 1e3, base=b * 1e3)
         res.row(f"decoding, {n_ad} adapters: tokens/s", "tokens/s", rows / o, rows / p, base=rows / b)
         if n_ad in (8, 64):
             res.target(f"{n_ad} adapters: ours / base tokens/s", b / o, 0.85 if n_ad == 8 else 0.70, better=">=")
@@ -483,6 +492,17 @@ def case_serving(ctx: Ctx) -> Result:
     res.target("prefix tuning: ours / base tokens/s", b / o, 0.98, better=">=")
     res.extra["samples_prefix"] = samples
     return res
+
+
+@contextlib.contextmanager
+def _torch_path(model, rows):
+    """route() with the triton kernel off: the torch path it falls back to."""
+    kernels.ENABLED = False
+    try:
+        with peftsurgery.route(model, rows):
+            yield
+    finally:
+        kernels.ENABLED = True
 
 
 def _replace_one(ctx, res, ours, pm, per_row, ids, ranks, held: int):

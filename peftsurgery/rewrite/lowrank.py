@@ -11,6 +11,7 @@ from torch import nn
 
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
+from . import kernels
 from .base import Hooked, Rule, Switch, hooks_before, park, substitute
 from .slices import apart, confirm, into
 
@@ -95,6 +96,7 @@ class _Pool:
     def __init__(self, ref: torch.Tensor, slots: int, d_in: int, d_out: int, R: int):
         self.A, self.B = ref.new_zeros(slots + 1, d_in, R), ref.new_zeros(slots + 1, R, d_out)
         self.P = torch.zeros(slots + 1, device=ref.device)
+        self.ranks = torch.zeros(slots + 1, dtype=torch.int32, device=ref.device)   # each slot's own rank
         self.R, self.held = R, [None] * slots   # per slot: what it holds (see _held)
         self.used = None   # the latest used_stacks()
 
@@ -117,6 +119,7 @@ class _Pool:
                     self.A[slot, :, :b.r] = b.A.weight.t()
                     self.B[slot, :b.r] = (b.B.weight * b.scale).t()
                 self.P[slot] = b.p if b is not None else 0.0
+                self.ranks[slot] = b.r if b is not None else 0
                 self.held[slot] = None if b is None else (weakref.ref(b.A.weight), weakref.ref(b.B.weight),
                                                           b.A.weight._version, b.B.weight._version, b.scale, b.p)
 
@@ -203,6 +206,15 @@ class _Routed:
             keep = 1.0 - P[rows].view(-1, 1, 1)   # each row's own dropout rate
             x3 = x3 * (torch.rand_like(x3) < keep) / keep
         o3 = out.reshape(out.shape[0], -1, out.shape[-1])
+        if x3.shape[1] <= DENSE_TOKENS and not torch.is_grad_enabled() and kernels.usable(x3):
+            # decoding on a GPU: each token's factors read from the pool inside one kernel per product
+            pool = self.cache["pools"][self.path]
+            try:
+                idx = rows.repeat_interleave(x3.shape[1])
+                return kernels.gathered(x3.reshape(-1, x3.shape[-1]), A, B, pool.ranks, idx,
+                                        o3.reshape(-1, o3.shape[-1])).view(out.shape)
+            except Exception as e:   # a triton or driver that cannot build it: said once, then the torch path
+                kernels.failed(e)
         if x3.shape[1] <= DENSE_TOKENS and len(self.used_key) <= DENSE_SLOTS and o3.dtype == B.dtype:
             # few tokens per row and few adapters: gathering per-row factors would move more memory than computing
             # each used slot's rank-R projection; rows keep only their own slot's (the others multiplied by zero)
