@@ -189,7 +189,8 @@ def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_pre
     kw = handmade_inputs()
     with torch.no_grad():
         base = model(**kw)
-    ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
+    with pytest.warns(UserWarning, match="prefix keys in Handmade get no position bias"):
+        ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
     perturb(model)
     (pk, pv), = prefixes(model).values()
     assert pk.shape == (4, 3, 8)
@@ -203,6 +204,26 @@ def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_pre
     model(**kw).sum().backward()
     grads = [p.grad for p in model._modules[CONTAINER].parameters()]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "t5", "deberta_v2"])
+def test_a_position_bias_the_prefix_does_not_get_is_said(arch):
+    """ALiBi (added in Bloom's own code), T5's relative bias (passed to the attention function), DeBERTa's
+    disentangled terms (added in its own code)."""
+    with pytest.warns(UserWarning, match=r"prefix keys in \w+ get no position bias") as seen:
+        ps.apply(fresh(arch), "prefix-tuning", num_tokens=2, init="random")
+    assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "mha_net", "einsum_lm", "handmade"])
+def test_masks_are_not_taken_for_a_position_bias(arch, recwarn):
+    if arch == "handmade":   # the same products, masks and bias as above, the bias all zero
+        model, kw = HandmadeLM().eval(), {"example_inputs": handmade_inputs()}
+        model.attn.slopes.zero_()
+    else:
+        model, kw = fresh(arch), {}
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random", **kw)
+    assert not [w for w in recwarn if "position bias" in str(w.message)]
 
 
 class TwoProducts(Handmade):

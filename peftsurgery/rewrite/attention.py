@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 import weakref
 
 import torch
@@ -281,8 +282,9 @@ def _prepend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     return torch.cat([torch.full((*t.shape[:-1], n), fill, dtype=t.dtype, device=t.device), t], -1)
 
 
-def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int) -> torch.Tensor:
-    """node's call again with x (the scores, or probabilities, over added + n keys) where its tracked input sat."""
+def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambda t: None) -> torch.Tensor:
+    """node's call again with x (the scores, or probabilities, over added + n keys) where its tracked input sat;
+    added_to(t) sees each tensor added to them over the keys."""
     args, kwargs = list(node.args), dict(node.kwargs)
     name = node.func.__name__
     if isinstance(at, int):
@@ -303,6 +305,8 @@ def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int) -> torch.Tenso
                 fill = (at == (1 if cond == 0 else 0)) if loc == cond else 0
             else:
                 fill = _NEUTRAL[name]
+                if fill == 0:
+                    added_to(t)
             t = _prepend(t, added, fill)
             if isinstance(loc, int):
                 args[loc] = t
@@ -331,9 +335,9 @@ class _Mode(TorchFunctionMode):
     in the module's own code it tracks the tensors that products make, through the calls that keep their last dim
     (the keys), so that at the value product it knows the score product and every call between them."""
 
-    def __init__(self, module, heads: int | None, path: str):
+    def __init__(self, module, hooks: _ModeHooks):
         super().__init__()
-        self.module, self.heads, self.path = module, heads, path
+        self.module, self.heads, self.path, self.hooks = module, hooks.heads, hooks.path, hooks
         self.tracked: dict[int, tuple] = {}   # id(tensor) -> (tensor, node)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -375,6 +379,9 @@ class _Mode(TorchFunctionMode):
                     self.tracked[id(out)] = (out, _Node(func, args, kwargs, "softmax" if name == "softmax" else "op",
                                                         parents))
         return out
+
+    def added_to(self, t: torch.Tensor) -> None:
+        self.hooks.added_to(t, type(self.module).__name__)
 
     def _value_product(self, func, args, kwargs):
         """The value product's result with every editor's keys and values, or None when this call is not a value
@@ -423,10 +430,11 @@ class _Mode(TorchFunctionMode):
                                f"{v2.shape[-2] - v4.shape[-2]} values")
         k2 = _from_heads(k2, kp)
         if sbias is not None and sbias.dim() and sbias.shape[-1] == n:
+            self.added_to(sbias)
             sbias = _prepend(sbias, added, 0)
         x = srebuild(k2, q, sbias) if key_left else srebuild(q, k2, sbias)
         for node, at in way[1:]:
-            x = _replay(node, at, x, n, added)
+            x = _replay(node, at, x, n, added, self.added_to)
         v2 = _from_heads(v2, vp)
         return rebuild(x, v2, bias) if probs == 0 else rebuild(v2, x, bias)
 
@@ -437,11 +445,14 @@ class _ModeHooks:
 
     def __init__(self, heads: int | None = None, path: str = ""):
         self.modes, self.heads, self.path = [], heads, path
+        self.biased = None   # whether a position bias was added to the scores (looked at once)
+
+    added_to = lambda self, t, kind: note_bias(self, t, kind)
 
     def pre(self, module, args):
         m = None
         if any(getattr(getattr(e, "fn", e), "on", True) for e in _editors(module)):
-            m = _Mode(module, self.heads, self.path)
+            m = _Mode(module, self)
             m.__enter__()
         self.modes.append(m)
 
@@ -514,6 +525,21 @@ def _forget(ref) -> None:
     last = _last_mask[0]
     if last is not None and last[0] is ref:
         _last_mask[0] = None
+
+
+def note_bias(owner, t: torch.Tensor, kind: str) -> None:
+    """t is added to the scores over the keys and is 0 in the prefix columns: a mask leaves nothing out, but a
+    position bias (ALiBi, relative positions) then gives the prefix no position. Looked at once per owner (an
+    attention site's hooks or editor: owner.biased), said once per module class and process (Python's default
+    warning filter)."""
+    if getattr(owner, "biased", None) is not None or not t.is_floating_point():
+        return
+    kept = t[t.isfinite() & (t > -1e4)]   # masked keys: -inf, the dtype's lowest value, or -10000
+    owner.biased = bool((kept != 0).any())
+    if owner.biased:
+        warnings.warn(f"prefix keys in {kind} get no position bias: the position bias it adds to the scores (ALiBi, "
+                      "relative positions) is 0 for them, so the virtual tokens do not sit at positions before the "
+                      "first real token", stacklevel=3)
 
 
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):

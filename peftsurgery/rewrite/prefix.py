@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..sites import Site
-from .attention import NO_MASK, Intercepted, extend_mask, repeat_heads
+from .attention import NO_MASK, Intercepted, extend_mask, note_bias, repeat_heads
 from .base import Rule, Switch
 from .inputs import Entry
 
@@ -91,6 +91,7 @@ class _Site(nn.Module):
 class _Editor:
     def __init__(self, source: nn.Module, switch: Switch, causal: bool):
         self.source, self.switch, self.causal = source, switch, causal
+        self.biased = None   # see attention.note_bias
 
     on = property(lambda self: self.switch.on)
 
@@ -111,17 +112,21 @@ class _Editor:
             return k, v, mask, kwargs
         causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
                                                     and self.causal)
+        if mask is not None:
+            note_bias(self, mask, type(module).__name__)
         mask = extend_mask(mask, q, k.shape[-2], P, causal)
-        return k, v, mask, extended(kwargs, mask, old, P)
+        return k, v, mask, extended(kwargs, mask, old, P, lambda t: note_bias(self, t, type(module).__name__))
 
 
-def extended(kwargs: dict, mask, old: int, n: int) -> dict:
+def extended(kwargs: dict, mask, old: int, n: int, added_to=lambda t: None) -> dict:
     """An attention call's other arguments once n prefix keys precede its `old` keys: no is_causal flag where a
-    mask now says it, and additive biases over the keys (relative position bias) zero for the prefix."""
+    mask now says it, and additive biases over the keys (relative position bias) zero for the prefix (each seen by
+    added_to first)."""
     if "is_causal" in kwargs:
         kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
     for name, t in list(kwargs.items()):
         if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
+            added_to(t)
             kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], n), t], -1)}
     return kwargs
 
