@@ -44,7 +44,7 @@ def _samples(cfg) -> int:
 
 def example_inputs(model: nn.Module) -> dict:
     """Small inputs built from the forward signature and the config, on the model's device (meta models get meta
-    tensors): token ids, pixel values (config image_size / num_channels), log-mel features (num_mel_bins x
+    tensors): token ids (and an all-ones attention mask), pixel values (config image_size / num_channels), log-mel features (num_mel_bins x
     2 * max_source_positions), raw audio, decoder ids for encoder-decoders, and use_cache=False."""
     params = inspect.signature(model.forward).parameters
     p = next(iter(model.parameters()), None)
@@ -54,6 +54,8 @@ def example_inputs(model: nn.Module) -> dict:
     kw: dict = {}
     if "input_ids" in params:
         kw["input_ids"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
+        if "attention_mask" in params:   # some models build a missing one only when not traced
+            kw["attention_mask"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
     size = _setting(cfg, "image_size")
     # a model that takes images as placeholder tokens in input_ids (Llava-like) runs on the ids alone
     in_text = any(_setting(cfg, k) is not None for k in ("image_token_id", "image_token_index"))
@@ -69,7 +71,8 @@ def example_inputs(model: nn.Module) -> dict:
     if kw:
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = torch.ones(1, SEQ // 2, dtype=torch.long, device=device)
-        if "use_cache" in params:
+        takes_more = any(q.kind == q.VAR_KEYWORD for q in params.values())
+        if "use_cache" in params or (takes_more and hasattr(cfg, "use_cache")):   # **kwargs reaching a decoder
             kw["use_cache"] = False
         return kw
     first = next((n for n, q in params.items() if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)), None)

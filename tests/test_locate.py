@@ -498,3 +498,31 @@ def test_data_flow_gives_no_warning_and_strict_passes(llama_map):
         warnings.simplefilter("error", RolesByNameWarning)
         assert ps.locate(m, strict=True).fingerprint() == sm.fingerprint()
     assert sm.summary()["found_by"] == {"export+dataflow": len(sm)}
+
+
+def _granite_moe():
+    torch.manual_seed(0)
+    return tf.GraniteMoeForCausalLM(tf.GraniteMoeConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+
+
+def _long_t5():
+    torch.manual_seed(0)
+    return tf.LongT5ForConditionalGeneration(tf.LongT5Config(
+        vocab_size=V, d_model=D, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("factory,roles", [
+    # its forward takes use_cache only through **kwargs: without use_cache=False export met the cache in the output
+    (_granite_moe, {"attn.q", "moe.up", "moe.down", "router"}),
+    # builds a missing attention mask only when not traced: without one in the inputs, export met None
+    (_long_t5, {"attn.q", "xattn.q", "mlp.up", "mlp.down"}),
+])
+def test_guessed_inputs_let_export_capture_models_that_needed_a_mask_or_no_cache(factory, roles):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RolesByNameWarning)
+        sm = ps.locate(factory(), strict=True)
+    assert set(sm.summary()["found_by"]) == {"export+dataflow"}
+    assert roles <= {s.role for s in sm.sites}

@@ -160,7 +160,9 @@ def _inputs(arch: str) -> dict:
     g = torch.Generator().manual_seed(1)
     kw = {}
     for k, v in ps.sitemap(pristine(arch)).inputs.items():
-        if isinstance(v, torch.Tensor) and not v.is_floating_point():
+        if isinstance(v, torch.Tensor) and k.endswith("attention_mask"):
+            v = torch.ones((2, *v.shape[1:]), dtype=v.dtype)
+        elif isinstance(v, torch.Tensor) and not v.is_floating_point():
             v = torch.randint(3, V, (2, *v.shape[1:]), generator=g)
         elif isinstance(v, torch.Tensor):
             v = torch.randn((2, *v.shape[1:]), generator=g)
@@ -369,8 +371,9 @@ def test_refused_in_one_line(arch, method, match):
 # ---------------------------------------------------------------- inputs of other modalities, prefixes beside them
 
 @pytest.mark.parametrize("arch,keys", [
-    ("llama", {"input_ids", "use_cache"}), ("t5", {"input_ids", "decoder_input_ids", "use_cache"}),
-    ("vit", {"pixel_values"}), ("clip", {"input_ids", "pixel_values"}), ("wav2vec2", {"input_values"}),
+    ("llama", {"input_ids", "attention_mask", "use_cache"}),
+    ("t5", {"input_ids", "attention_mask", "decoder_input_ids", "use_cache"}),
+    ("vit", {"pixel_values"}), ("clip", {"input_ids", "attention_mask", "pixel_values"}), ("wav2vec2", {"input_values"}),
     ("whisper", {"input_features", "decoder_input_ids", "use_cache"}), ("tokens_lm", {"tokens"}),
 ])
 def test_example_inputs_follow_the_signature_and_config(arch, keys):
