@@ -415,7 +415,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def case_serving(ctx: Ctx) -> Result:
     """Serving: one decoding step (every row one new token after its cached prompt) with N LoRA adapters of mixed
     ranks on q/k/v/o, row i routed to adapter i mod N (peftsurgery.route against PEFT's adapter_names=), beside the
-    bare base; and prefix tuning's decoding step against the base. Each candidate keeps its own cache, cropped back
+    bare base; and prefix and prompt tuning's decoding steps against the base. Each candidate keeps its own cache, cropped back
     to the prompt after every step; the step's logits are checked against PEFT's first."""
     import peft
     z = sizes(ctx)
@@ -423,8 +423,9 @@ def case_serving(ctx: Ctx) -> Result:
     ranks = (8, 16, 32)
     res = Result("8", f"Serving: a decoding step of {rows} rows after {z['seq']}-token prompts, with "
                  f"{'/'.join(map(str, counts))} LoRA adapters (ranks {'/'.join(map(str, ranks))}, q/k/v/o), one per "
-                 f"row; prefix tuning ({P} tokens)", setup={**z, "rows": rows, "adapters": counts, "ranks": ranks,
-                                                            "dtype": str(ctx.dtype), "prefix_tokens": P})
+                 f"row; prefix and prompt tuning ({P} tokens)",
+                 setup={**z, "rows": rows, "adapters": counts, "ranks": ranks, "dtype": str(ctx.dtype),
+                        "prefix_tokens": P})
     base = _model(ctx, z).eval()
     ids = tokens(rows, z["seq"], z["vocab"], ctx.device, seed=3)
     nxt = tokens(rows, 1, z["vocab"], ctx.device, seed=4)
@@ -482,15 +483,16 @@ def case_serving(ctx: Ctx) -> Result:
         if n_ad == counts[-1]:
             _replace_one(ctx, res, ours, pm, per_row, ids, ranks, n_ad)
         del ours, pm
-    ours = clone(base)
-    peftsurgery.apply(ours, "prefix-tuning", num_tokens=P, init="random")
-    ours.eval()
-    prefix_run, _ = stepper(ours)
-    samples = interleave({"ours": prefix_run, "base": base_run}, ctx.n(7, 3), ctx.w(2, 1))
-    o, b = med(samples, "ours", "step"), med(samples, "base", "step")
-    res.row(f"prefix tuning ({P} tokens): decoding step", "ms", o * 1e3, None, base=b * 1e3)
-    res.target("prefix tuning: ours / base tokens/s", b / o, 0.98, better=">=")
-    res.extra["samples_prefix"] = samples
+    for method, key in (("prefix-tuning", "prefix"), ("prompt-tuning", "prompt")):
+        ours = clone(base)
+        peftsurgery.apply(ours, method, num_tokens=P, init="random")
+        ours.eval()
+        run, _ = stepper(ours)
+        samples = interleave({"ours": run, "base": base_run}, ctx.n(7, 3), ctx.w(2, 1))
+        o, b = med(samples, "ours", "step"), med(samples, "base", "step")
+        res.row(f"{key} tuning ({P} tokens): decoding step", "ms", o * 1e3, None, base=b * 1e3)
+        res.target(f"{key} tuning: ours / base tokens/s", b / o, 0.98, better=">=")
+        res.extra[f"samples_{key}"] = samples
     return res
 
 

@@ -139,6 +139,9 @@ def attach(model: nn.Module, att: Attached, sm: SiteMap) -> nn.Module:
         for rec in reversed(att.records):
             rec.detach(model)
         raise
+    for rec in att.records:
+        for c in rec.changes:
+            c.settle()
     if not adapters(model):  # remember the base's trainability, given back when the last adapter goes
         object.__setattr__(model, "_peftsurgery_requires_grad",
                            {n: p.requires_grad for n, p in model.named_parameters()})

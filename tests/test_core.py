@@ -202,6 +202,18 @@ def test_rank_larger_than_a_targeted_linear_is_refused():
     ps.apply(model, "lora", r=16, targets="attn.k")
 
 
+def test_rank_larger_than_a_linear_all_linear_picks_is_said_and_kept():
+    """A wide selector may pick a narrow linear (a mixture's 1-output gate): it is kept at rank r, as PEFT does,
+    and said; named by role it is refused (above)."""
+    model = tiny_llama()   # k_proj and v_proj map 32 -> 16
+    with pytest.warns(UserWarning, match=r"r=17 is larger than the smaller side of 4 linear\(s\) 'all-linear' "
+                                         r"picks \(model\.layers\.0\.self_attn\.k_proj \(32->16\)"):
+        ps.apply(model, "lora", r=17, targets="all-linear")
+    k = ps.adapters(model)["default"].records[0].built["model.layers.0.self_attn.k_proj"]
+    assert k.A.weight.shape == (17, 32) and k.B.weight.shape == (16, 17)
+    assert ps.budget(model)["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------- picklable and deep-copyable
 
 METHODS = [("lora", {"r": 2, "targets": "all-linear"}), ("adapter", {"bottleneck": 4}),

@@ -379,3 +379,23 @@ def test_linear_subclasses_are_quantized_only_when_they_compute_f_linear(cls, wo
     ps.remove(model)
     assert type(model[1]) is cls   # back as its own class, holding the dequantized weights
     torch.testing.assert_close(model(x), quantized, atol=1e-5, rtol=0)
+
+
+def test_a_linear_fed_its_weights_storage_dtype_is_refused_and_the_model_left_as_it_was():
+    """LongT5's feed-forward casts its input to `wo`'s weight dtype (T5 marks `wo` _keep_in_fp32_modules, LongT5
+    does not): quantized, `wo` would get uint8 inputs and compute garbage; the probe sees the dtype."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.LongT5ForConditionalGeneration(tf.LongT5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4,
+        decoder_start_token_id=0)).eval()
+    snap = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"did not act at .*\.wo: its input arrives as torch\.uint8: .*leave this "
+                                           r"linear's role out of quantize") as e:
+        ps.apply(model, "qlora", r=2)
+    assert "\n" not in str(e.value)
+    assert_same(snapshot(model), snap)
+    ps.apply(model, "qlora", r=2, quantize="attn.*,xattn.*,mlp.up")   # mlp.down (wo) left in float
+    assert not any(n.endswith(".wo") for n in quantized(model)) and quantized(model)
+    swaps = [c for rec in ps.adapters(model)["default"].records for c in rec.changes if hasattr(c, "original")]
+    assert swaps and all(c.original is None for c in swaps)   # proven: the float linears are not kept

@@ -41,6 +41,9 @@ class Change:
         function that stops recording and returns None if it acted, else why not (None: nothing to prove)."""
         return None
 
+    def settle(self) -> None:
+        """The apply (or load) that made this change is proven: drop what only undoing a failed one needed."""
+
 
 class Watcher:
     """Wraps a hook or editor during the probe forward: did it run, and did it act (return something)?"""

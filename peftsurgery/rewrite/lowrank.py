@@ -262,11 +262,21 @@ class LowRank(Rule):
         if self.dropout and bare:
             warnings.warn(f"dropout={self.dropout} does not apply at {len(bare)} site(s) whose weight another module "
                           f"uses ({bare[0]}, ...): their update is added to the weight while it runs", stacklevel=4)
+        named = {t.strip() for t in self.targets.split(",")}
+        wide = []
         for s in sites:
-            if self.r > min(s.in_features, s.out_features):
+            side = min(s.in_features, s.out_features)
+            if self.r > side and (s.role in named or f"path:{s.path}" in named):
                 raise SurgeryError(f"r={self.r} is larger than the smaller side of {s.path} ({s.in_features}->"
-                                   f"{s.out_features}); use r <= {min(s.in_features, s.out_features)} or other targets")
+                                   f"{s.out_features}); use r <= {side} or other targets")
+            if self.r > side:
+                wide.append(f"{s.path} ({s.in_features}->{s.out_features})")
             _weight(model, s)
+        if wide:   # picked by a glob or all-linear (a mixture's 1-output gate): as PEFT, the rank there stays r
+            warnings.warn(f"r={self.r} is larger than the smaller side of {len(wide)} linear(s) {self.targets!r} "
+                          f"picks ({', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''}): their update has a "
+                          "lower rank than r for the same parameters; leave them out of the targets to save them",
+                          stacklevel=4)
 
     def attach(self, model, sites, built, switch, sitemap):
         for s in sites:

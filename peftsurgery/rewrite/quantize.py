@@ -94,8 +94,8 @@ class Quantize(Rule):
             new.peftsurgery_float_class = type(old)
             new = new.to(w.device)  # quantizes
             carry_hooks(old, new)
-            setattr(parent, name, new)  # the float weights are not kept: saving their memory is the point
-            yield Swapped(s.path, _dequantized)
+            setattr(parent, name, new)  # the float weights go once the apply is proven: saving memory is the point
+            yield _Quantized(s.path, old)
 
     def route(self, model, entries, rows, cache):
         return []  # the quantized base is shared by every row
@@ -104,6 +104,37 @@ class Quantize(Rule):
         if site.path in self.kept:
             return "left in float: the model keeps it in float32 (_keep_in_fp32_modules)"
         return f"base weights quantized to nf4{' (double quant)' if self.double_quant else ''}"
+
+
+class _Quantized(Swapped):
+    """A linear swapped for its 4-bit form. Until the apply is proven (settle) the float linear is kept, so that a
+    failed apply puts it back exactly; after that, undo gives a dequantized one. The probe also proves that the
+    4-bit layer got a float input: a model that casts the input to the weight's dtype (LongT5's feed-forward, not
+    marked _keep_in_fp32_modules) would hand it its packed bytes' dtype and compute garbage."""
+
+    def __init__(self, path: str, original: nn.Module):
+        super().__init__(path, self._back)
+        self.original = original
+
+    def _back(self, now: nn.Module) -> nn.Module:
+        return _dequantized(now) if self.original is None else self.original
+
+    def settle(self):
+        self.original = None
+
+    def watch(self, model):
+        dtypes = []
+        handle = model.get_submodule(self.path).register_forward_pre_hook(
+            lambda m, args: dtypes.append(args[0].dtype if args and isinstance(args[0], torch.Tensor) else None))
+
+        def verdict():
+            handle.remove()
+            bad = next((d for d in dtypes if d is not None and not d.is_floating_point), None)
+            if not dtypes:
+                return "the module put there never ran"
+            return bad and (f"its input arrives as {bad}: the model casts it to the 4-bit weight's storage dtype; "
+                            "leave this linear's role out of quantize")
+        return verdict
 
 
 def _bnb():
