@@ -66,6 +66,33 @@ def test_gptj_prefix_equals_the_same_keys_and_values_in_its_cache():
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-4)
 
 
+def test_xglm_scores_clamped_by_an_elementwise_max_take_the_prefix():
+    """XGLM's own attention (bmm, mask added, torch.max against the dtype's lowest value, softmax, bmm) was refused
+    as never reaching a softmax; its first layer's output now equals attention over the prefix and its keys written
+    out by hand."""
+    torch.manual_seed(0)
+    model = tf.XGLMForCausalLM(tf.XGLMConfig(vocab_size=V, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                             max_position_embeddings=128, pad_token_id=0)).eval()
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random")
+    perturb(model)
+    att, seen = model.model.layers[0].self_attn, {}
+    hook = att.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw.get("hidden_states", a and a[0]),
+                                                                        out=out[0]), with_kwargs=True)
+    ids = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids)
+        hook.remove()
+        x, (pk, pv) = seen["x"], prefixes(model)["model.layers.0.self_attn"]
+        B, T, H, d = *x.shape[:2], 4, 16
+        q, k, v = ((f(x) * s).view(B, T, H, d).transpose(1, 2)
+                   for f, s in ((att.q_proj, att.scaling), (att.k_proj, 1), (att.v_proj, 1)))
+        scores = q @ torch.cat([pk.expand(B, -1, -1, -1), k], 2).transpose(-1, -2)
+        scores[..., 3:] = scores[..., 3:].masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        o = scores.softmax(-1) @ torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+        want = att.out_proj(o.transpose(1, 2).reshape(B, T, H * d))
+    torch.testing.assert_close(seen["out"], want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["gptj", "bloom"])
 def test_vocab_init_records_the_keys_and_values_the_model_caches(arch):
     """init=vocab reads keys/values at the score and value products: for these tokens they are what the model's

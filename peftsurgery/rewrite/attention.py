@@ -195,14 +195,16 @@ def _register(original: str) -> str:
 # product the same way. Editing there means: the score product again with the edited keys, those calls again on
 # the wider scores, and the value product with the edited values. A tensor those calls combine with the scores
 # over the keys (a mask, an ALiBi or relative-position bias, a causal mask buffer's slice) gets, in the new key
-# columns, the value that leaves a score as it is: 0 added, 1 multiplied, not filled, the scores picked by where.
+# columns, the value that leaves a score as it is: 0 added, 1 multiplied, not filled, -inf under an elementwise max,
+# the scores picked by where.
 _PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
              torch.Tensor.baddbmm, torch.einsum}
 _NEUTRAL = {**dict.fromkeys(("add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__",
                              "__isub__"), 0),
             **dict.fromkeys(("mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
                              "__itruediv__", "true_divide"), 1),
-            **dict.fromkeys(("masked_fill", "masked_fill_"), False)}
+            **dict.fromkeys(("masked_fill", "masked_fill_"), False),
+            **dict.fromkeys(("max", "maximum"), float("-inf")), **dict.fromkeys(("min", "minimum"), float("inf"))}
 _ALONE = {"view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "double", "type", "type_as", "clone",
           "dropout", "tanh", "neg", "clamp", "softmax"}  # other tensors they take are not combined with the scores
 _KEEPS = set(_NEUTRAL) | _ALONE | {"where"}
