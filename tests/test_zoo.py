@@ -315,6 +315,27 @@ def test_generate(arch, method):
     assert got.tolist() == want.tolist()
 
 
+def test_prompt_generation_finds_a_cache_of_recurrent_states_by_what_it_is():
+    """Mamba-2 decodes with its cache under `cache_params`, which has states but no length, and no attention mask
+    after the first step: the prompt used to be prepended again at every step (tokens 2-4 went astray)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.Mamba2ForCausalLM(tf.Mamba2Config(vocab_size=V, hidden_size=64, num_heads=8, head_dim=16,
+                                                 state_size=8, num_hidden_layers=2, n_groups=1, chunk_size=16,
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    ps.apply(model, "prompt-tuning", num_tokens=3)
+    perturb(model)
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+        want = ids
+        for _ in range(4):
+            logits = model(input_ids=want, use_cache=False).logits[:, -1]
+            want = torch.cat([want, _without_eos(model, logits).argmax(-1, keepdim=True)], 1)
+    assert got.tolist() == want.tolist()
+
+
 def _last_logits(model, ids, mask):
     kw = {"attention_mask": mask}
     if "position_ids" in inspect.signature(model.forward).parameters:   # absolute positions follow the mask

@@ -25,14 +25,33 @@ from .base import Change, Hooked, Switch
 
 
 def cache_length(past) -> int:
+    """Tokens a cache holds (0 for a cache of recurrent states only, which has no length: see holds_state)."""
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
+        try:
+            return int(past.get_seq_length())
+        except ValueError:   # transformers: only attention layers have a length
+            return 0
     try:
         return int(past[0][0].shape[-2])
     except Exception:
         return 0
+
+
+def holds_state(past) -> bool:
+    """Whether a cache of recurrent states (Mamba-2's) holds the state of earlier tokens."""
+    has = getattr(past, "has_previous_state", None)
+    try:
+        return bool(has()) if callable(has) else False
+    except ValueError:   # no recurrent layers
+        return False
+
+
+def find_cache(kwargs: dict):
+    """The call's cache: `past_key_values`, or under another name (Mamba's `cache_params`), found by its type."""
+    past = kwargs.get("past_key_values")
+    return past if past is not None else next((v for v in kwargs.values() if hasattr(v, "get_seq_length")), None)
 
 
 class Entry:
@@ -86,8 +105,9 @@ class Entry:
         P, dev = self.num, x.device
         self.check_batch(B)
         mask = kwargs.get("attention_mask")
-        past = cache_length(kwargs.get("past_key_values")) if mask is None else 0
-        decoding = (mask is not None and mask.shape[-1] > S) or past > 0
+        cache = find_cache(kwargs) if mask is None else None
+        past = cache_length(cache)
+        decoding = (mask is not None and mask.shape[-1] > S) or past > 0 or holds_state(cache)
         prepend = self.prompt is not None and not decoding
         layout = Layout(mask, B, S, P, dev) if prepend else None
         if self.prompt is not None:
