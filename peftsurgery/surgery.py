@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ def apply(model: nn.Module, plugin: str, name: str = "default", example_inputs=N
     cfg = method.config(config)
     sm = sitemap(model, example_inputs, strict)
     rules = method.rules(cfg, sm)
-    records = prepare(model, rules, sm)
+    records = prepare(model, rules, sm, (method.name, cfg))
     declared = method.budget(cfg, sm)
     made = _count(records)
     if made != declared:
@@ -114,10 +114,20 @@ def apply(model: nn.Module, plugin: str, name: str = "default", example_inputs=N
     return attach(model, Attached(name, method.name, method.version, cfg, records, budget=made), sm)
 
 
-def prepare(model: nn.Module, rules: list[Rule], sm: SiteMap) -> list[Record]:
-    """Select every rule's sites, check every precondition, then build: nothing on the model changes."""
+def prepare(model: nn.Module, rules: list[Rule], sm: SiteMap, config: tuple[str, object] | None = None
+            ) -> list[Record]:
+    """Select every rule's sites, check every precondition, then build: nothing on the model changes. config:
+    (method name, its config), to name the option whose selector matches nothing."""
     rules = sorted(rules, key=lambda r: r.phase)
-    chosen = [r.select(sm) for r in rules]
+    chosen = []
+    for r in rules:
+        try:
+            chosen.append(r.select(sm))
+        except SurgeryError as e:
+            name, cfg = config or ("", None)
+            opt = next((f.name for f in fields(cfg) if getattr(cfg, f.name) == r.targets), None) \
+                if is_dataclass(cfg) else None
+            raise SurgeryError(f"{name} option {opt}={r.targets!r}: {e}" if opt else str(e)) from None
     for r, sites in zip(rules, chosen):
         r.check(model, sites)
     return [Record(r, sites, r.build(model, sites, sm)) for r, sites in zip(rules, chosen)]
