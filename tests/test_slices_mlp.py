@@ -147,7 +147,8 @@ def test_parts_the_cuts_cannot_describe_are_refused_never_widened(layout):
     model = gated(layout)
     ps.sitemap(model)
     snap = snapshot(model)
-    with pytest.raises(SurgeryError, match=r"^mlp\.gate is part of the fused up \(mlp\.gate_up\), but its outputs "
+    with pytest.raises(SurgeryError, match=r"^lora option targets='mlp\.gate': mlp\.gate is part of the fused up "
+                                           r"\(mlp\.gate_up\), but its outputs "
                                            r"are not a gate part and an up part side by side .*; target mlp\.gate_up "
                                            r"to act on the whole projection$") as e:
         ps.apply(model, "lora", targets="mlp.gate", r=2)
@@ -223,15 +224,18 @@ def test_save_load_of_gate_up_slices_is_exact(tmp_path, method, cfg):
     assert not torch.equal(logits(other), logits(phi3()))
 
 
-@pytest.mark.parametrize("method,cfg,part", [("dora", {"targets": "mlp.gate"}, "gate"),
-                                             ("adapter", {"targets": "mlp.up"}, "up"),
-                                             ("ia3", {"targets": "attn.k", "feedforward": "mlp.gate"}, "gate"),
-                                             ("qlora", {"quantize": "mlp.up", "targets": "attn.o"}, "up")])
-def test_a_rule_that_cannot_act_on_a_slice_names_the_fused_gate_up(method, cfg, part):
+@pytest.mark.parametrize("method,cfg,opt,part", [("dora", {"targets": "mlp.gate"}, "targets", "gate"),
+                                                 ("adapter", {"targets": "mlp.up"}, "targets", "up"),
+                                                 ("ia3", {"targets": "attn.k", "feedforward": "mlp.gate"},
+                                                  "feedforward", "gate"),
+                                                 ("qlora", {"quantize": "mlp.up", "targets": "attn.o"}, "quantize",
+                                                  "up")])
+def test_a_rule_that_cannot_act_on_a_slice_names_the_fused_gate_up(method, cfg, opt, part):
     model = phi3()
     ps.sitemap(model)
     snap = snapshot(model)
-    with pytest.raises(SurgeryError, match=rf"^mlp\.{part} is a slice of the fused model\.layers\.0\.mlp\.gate_up_proj "
+    with pytest.raises(SurgeryError, match=rf"^{method} option {opt}='mlp\.{part}': mlp\.{part} is a slice of the "
+                                           r"fused model\.layers\.0\.mlp\.gate_up_proj "
                                            r"\(mlp\.gate_up\) and this rule acts on whole linears only; target "
                                            r"mlp\.gate_up to act on the whole projection$") as e:
         ps.apply(model, method, **cfg)
