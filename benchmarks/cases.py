@@ -12,8 +12,9 @@ import peftsurgery
 from peftsurgery.rewrite import kernels
 from peftsurgery.rewrite.lowrank import LowRankBranch
 
-from .common import (Ctx, Result, clock, clone, floor_inputs_require_grad, flop_ideal, interleave, linear_targets,
-                     llama, med, mib, peak_cuda, saved_activations, tokens, train_step, trainable_bytes)
+from .common import (Ctx, Result, bandwidth, branch_bytes, clock, clone, floor_inputs_require_grad, flop_ideal,
+                     interleave, linear_targets, llama, med, mib, peak_cuda, saved_activations, tokens, train_step,
+                     trainable_bytes)
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -119,6 +120,25 @@ def case_lora_train(ctx: Ctx) -> Result:
     res.target("training overhead (fwd+bwd) above the floor / FLOP-ideal", res.extra["ours_fwd_bwd_over_floor"] /
                ideal, 1.5, note=f"FLOP-ideal {ideal:.1%}; ours {res.extra['ours_fwd_bwd_over_floor']:.1%}, "
                                 f"PEFT {res.extra['peft_fwd_bwd_over_floor']:.1%} above the floor")
+    # the memory-traffic floor: the bytes the branches must move, at this machine's copy bandwidth
+    moved = branch_bytes(16, linear_targets(base), z["batch"] * z["seq"], next(base.parameters()).element_size())
+    rate = bandwidth(ctx.device)
+    floor_s = (moved["forward"] + moved["backward"]) / rate
+    res.extra.update(branch_bytes=moved, bandwidth_bytes_per_s=rate, traffic_floor_ms=floor_s * 1e3)
+    for n in ("ours", "peft"):
+        over = sum(med(samples, n, ph) - med(samples, "floor", ph) for ph in ("forward", "backward"))
+        res.extra[f"{n}_over_traffic_floor"] = over / floor_s
+    res.target("branch time (fwd+bwd above the floor) / memory-traffic floor", res.extra["ours_over_traffic_floor"],
+               1.3, note=f"{(moved['forward'] + moved['backward']) / 2**20:.0f} MiB at {rate / 1e9:.1f} GB/s = "
+                         f"{floor_s * 1e3:.2f} ms; PEFT {res.extra['peft_over_traffic_floor']:.2f}")
+    # the same three with transformers' gradient checkpointing (the forward runs again inside backward)
+    for m in (ours, pm, floor):
+        m.gradient_checkpointing_enable()
+    ckpt, _ = _train_cases(ctx, {"ours": ours, "peft": pm, "floor": floor}, batch, ctx.n(10, 3))
+    o, p, f = (med(ckpt, k, "step") for k in ("ours", "peft", "floor"))
+    res.row("step with gradient checkpointing (median)", "ms", o * 1e3, p * 1e3, floor=f * 1e3)
+    res.target("ours/PEFT step with gradient checkpointing", o / p, 1.0)
+    res.extra["samples_checkpointing"] = ckpt
     res.extra["samples"] = samples
     return res
 

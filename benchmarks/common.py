@@ -122,6 +122,31 @@ def flop_ideal(r: int, shapes) -> float:
     return sum(r * (i + o) for i, o in shapes) / sum(i * o for i, o in shapes)
 
 
+def branch_bytes(r: int, shapes, tokens: int, elem: int) -> dict[str, int]:
+    """The bytes rank-r branches on these linears must move in a training step, each matrix read or written once:
+    forward reads x and adds into the output (read + write), backward reads the output's gradient and x (for A's
+    gradient) and adds into x's gradient (read + write); plus the factors, their gradients and the rank-r
+    intermediates (h, and its gradient), each written and read once."""
+    fwd = bwd = 0
+    for i, o in shapes:
+        small = r * (i + o) + 2 * tokens * r   # A and B; h written then read
+        fwd += tokens * (i + 2 * o) + small
+        bwd += tokens * (o + i + 2 * i) + 2 * small   # and the factors' gradients, h's gradient
+    return {"forward": fwd * elem, "backward": bwd * elem}
+
+
+def bandwidth(device: str, mib_size: int = 256, reps: int = 5) -> float:
+    """Bytes per second of a large copy (read + write), the best of `reps`: the memory-traffic floor's rate."""
+    a = torch.empty(mib_size << 18, device=device).uniform_()
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock(device)
+        b.copy_(a)
+        best = min(best, clock(device) - t0)
+    return 2 * a.numel() * a.element_size() / best
+
+
 @contextlib.contextmanager
 def saved_activations(model):
     """Counts the bytes autograd saves for backward during the block (each storage once, the model's own

@@ -23,7 +23,7 @@ def test_quick_cases_write_json_and_chart(tmp_path):
         for row in c["rows"]:
             assert {"metric", "unit", "ours", "peft", "ratio"} <= set(row)
             assert row["ours"] > 0
-            if c["case"] == "8" and row["metric"].startswith("prefix"):   # against the base only
+            if c["case"] == "8" and row["metric"].startswith(("prefix", "prompt")):   # against the base only
                 assert row["peft"] is None and row["ratio"] is None and row["base"] > 0
                 continue
             assert row["peft"] > 0 and row["ratio"] == row["ours"] / row["peft"]
@@ -37,8 +37,9 @@ def test_quick_cases_write_json_and_chart(tmp_path):
     assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
     for n in cases["8"]["setup"]["adapters"]:   # a decoding step with each count of adapters, one per row
         assert cases["8"]["extra"][f"parity_max_abs_diff_{n}"] < 1e-4
-    # a step per count of adapters, prefix decoding, and the first prefill after one adapter of the most is replaced
-    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 2
+    # a step per count of adapters, prefix and prompt decoding, and the first prefill after one adapter of the most
+    # is replaced
+    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 3
     assert [r for r in cases["8"]["rows"] if "replaced" in r["metric"]][0]["ours_steady"] > 0
     # the sites of the case-5 model, counted here from its modules: every linear (head included), the embedding,
     # every norm weight, one attention per layer
