@@ -435,8 +435,8 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def case_serving(ctx: Ctx) -> Result:
     """Serving: one decoding step (every row one new token after its cached prompt) with N LoRA adapters of mixed
     ranks on q/k/v/o, row i routed to adapter i mod N (peftsurgery.route against PEFT's adapter_names=), beside the
-    bare base; and prefix and prompt tuning's decoding steps against the base. Each candidate keeps its own cache, cropped back
-    to the prompt after every step; the step's logits are checked against PEFT's first."""
+    bare base; and prefix and prompt tuning's decoding steps against the base. Each candidate keeps its own cache,
+    cropped back to the prompt after every step; the step's logits are checked against PEFT's first."""
     import peft
     z = sizes(ctx)
     counts, rows, P = ((1, 8, 64, 256), 64, 20) if not ctx.quick else ((1, 3, 8), 8, 4)

@@ -44,8 +44,9 @@ def _samples(cfg) -> int:
 
 def example_inputs(model: nn.Module) -> dict:
     """Small inputs built from the forward signature and the config, on the model's device (meta models get meta
-    tensors): token ids (and an all-ones attention mask), pixel values (config image_size / num_channels), log-mel features (num_mel_bins x
-    2 * max_source_positions), raw audio, decoder ids for encoder-decoders, and use_cache=False."""
+    tensors): token ids (and an all-ones attention mask), pixel values (config image_size / num_channels), log-mel
+    features (num_mel_bins x 2 * max_source_positions), raw audio, decoder ids for encoder-decoders, and
+    use_cache=False."""
     params = inspect.signature(model.forward).parameters
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")

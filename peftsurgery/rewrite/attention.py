@@ -383,7 +383,7 @@ class _Mode(TorchFunctionMode):
         return out
 
     def added_to(self, t: torch.Tensor) -> None:
-        self.hooks.added_to(t, type(self.module).__name__)
+        note_bias(self.hooks, t, type(self.module).__name__)
 
     def _value_product(self, func, args, kwargs):
         """The value product's result with every editor's keys and values, or None when this call is not a value
@@ -447,9 +447,7 @@ class _ModeHooks:
 
     def __init__(self, heads: int | None = None, path: str = ""):
         self.modes, self.heads, self.path = [], heads, path
-        self.biased = None   # whether a position bias was added to the scores (looked at once)
-
-    added_to = lambda self, t, kind: note_bias(self, t, kind)
+        self.biased = None   # see note_bias
 
     def pre(self, module, args):
         m = None

@@ -129,9 +129,9 @@ class _Quantized(Swapped):
 
         def verdict():
             handle.remove()
-            bad = next((d for d in dtypes if d is not None and not d.is_floating_point), None)
             if not dtypes:
                 return "the module put there never ran"
+            bad = next((d for d in dtypes if d is not None and not d.is_floating_point), None)
             return bad and (f"its input arrives as {bad}: the model casts it to the 4-bit weight's storage dtype; "
                             "leave this linear's role out of quantize")
         return verdict
