@@ -1,4 +1,4 @@
-"""The architecture zoo (issue #11, "Any model, for real"): every built-in method on 41 architectures, each built
+"""The architecture zoo (issue #11, "Any model, for real"): every built-in method on 47 architectures, each built
 tiny from its config (tests/zoo.py), checked the same way:
 
   apply      apply works (its probe forward included), only the adapter trains, the forward keeps the base's shape
@@ -51,23 +51,24 @@ ARCHS = {
     "gemma2": "causal", "phi": "causal", "phi3": "causal", "gpt2": "causal", "gptj": "causal",
     "gpt_neox": "causal", "opt": "causal", "falcon": "causal", "bloom": "causal", "gpt_bigcode": "causal",
     "stablelm": "causal", "starcoder2": "causal", "olmo": "causal", "cohere": "causal", "granite": "causal",
-    "mixtral": "causal", "qwen3_moe": "causal", "deepseek_v3": "causal",
-    "t5": "seq2seq", "bart": "seq2seq", "mt5": "seq2seq", "whisper": "seq2seq",
+    "gemma3": "causal", "xglm": "causal",
+    "mixtral": "causal", "qwen3_moe": "causal", "deepseek_v3": "causal", "qwen2_moe": "causal", "granitemoe": "causal",
+    "t5": "seq2seq", "bart": "seq2seq", "mt5": "seq2seq", "whisper": "seq2seq", "longt5": "seq2seq",
     "bert": "encoder", "roberta": "encoder", "distilbert": "encoder", "albert": "encoder", "electra": "encoder",
     "deberta_v2": "encoder",
     "vit": "vision", "clip": "vision", "wav2vec2": "audio",
-    "mamba": "causal",
+    "mamba": "causal", "mamba2": "causal",
     "custom_lm": "custom", "tokens_lm": "custom", "mha_net": "custom", "einsum_lm": "custom",
 }
 assert set(ARCHS) == set(FACTORIES)
 
 # (architecture, method) -> options beside METHODS' (a model without the default target roles)
 OPTIONS = {
-    ("mamba", "lora"): dict(targets="all-linear"),
-    ("mamba", "adapter"): dict(targets="path:*out_proj"),
+    **{(arch, "lora"): dict(targets="all-linear") for arch in ("mamba", "mamba2")},
+    **{(arch, "adapter"): dict(targets="path:*out_proj") for arch in ("mamba", "mamba2")},
     # mixtures of experts: LoRA on every expert too (stacked weights, one update per expert)
     ("qwen3_moe", "lora"): dict(targets="attn.q,attn.v,moe.*"),
-    ("mixtral", "lora"): dict(targets="attn.q,attn.v,moe.*"),
+    **{(arch, "lora"): dict(targets="attn.q,attn.v,moe.*") for arch in ("mixtral", "qwen2_moe", "granitemoe")},
     ("deepseek_v3", "lora"): dict(targets="attn.q,attn.kv,moe.*"),
     # q, k, v interleaved per head in the fused projection (DeepSeek: k and v per head in kv_b_proj): no slices
     # to cut out, so the whole projection, as PEFT targets it
@@ -82,20 +83,25 @@ OPTIONS = {
     **{(arch, "dora"): dict(targets="attn.qkv") for arch in ("bloom", "gpt2", "gpt_bigcode", "gpt_neox", "falcon",
                                                               "phi3", "einsum_lm", "tokens_lm")},
     # no feed-forward down-projection to scale: the experts' stacked weights, or no feed-forward at all
-    **{(arch, "ia3"): dict(feedforward="") for arch in ("mixtral", "qwen3_moe", "einsum_lm", "tokens_lm")},
-    ("mamba", "dora"): dict(targets="all-linear"),
-    ("mamba", "adalora"): dict(targets="all-linear"),
+    **{(arch, "ia3"): dict(feedforward="") for arch in ("mixtral", "qwen3_moe", "granitemoe", "einsum_lm",
+                                                         "tokens_lm")},
+    **{(arch, m): dict(targets="all-linear") for arch in ("mamba", "mamba2") for m in ("dora", "adalora")},
 }
 
 # (architecture, method) -> (regex of the one-line SurgeryError, why): the method cannot work there
 REFUSED = {
     ("mha_net", "adapter"): ("matches no linear site", "`attn.o` is `out_proj`'s bare weight inside "
                                                        "`nn.MultiheadAttention`, no module output to follow"),
-    ("mamba", "prefix-tuning"): ("matches no attention site", "no attention"),
+    **{(arch, "prefix-tuning"): ("matches no attention site", "no attention") for arch in ("mamba", "mamba2")},
+    ("longt5", "prefix-tuning"): ("no attention call at .* could be intercepted", "its local attention attends "
+                                  "block by block, to keys no single score product holds"),
+    ("longt5", "qlora"): ("wo: its input arrives as torch.uint8", "its feed-forward casts `wo`'s input to the weight's "
+                          "dtype, uint8 once quantized; `quantize=attn.*,xattn.*,mlp.up` leaves it in float"),
     **{("mha_net", m): ("matches no linear site", "q, k, v come from `nn.MultiheadAttention`'s bare "
                         "`in_proj_weight`: no linear module whose output or weight rows the method acts on")
        for m in ("ia3", "dora")},
-    ("mamba", "ia3"): ("matches no linear site", "no attention keys/values or feed-forward down-projection to scale"),
+    **{(arch, "ia3"): ("matches no linear site", "no attention keys/values or feed-forward down-projection to scale")
+       for arch in ("mamba", "mamba2")},
     ("olmo", "bitfit"): ("matches no tensor site", "no biases, and its norms have no weights"),
     ("vit", "prompt-tuning"): ("matches no embedding site", "no token embedding (patches)"),
     ("wav2vec2", "prompt-tuning"): ("matches no embedding site", "no token embedding (raw audio)"),

@@ -107,6 +107,9 @@ FACTORIES = {
     "olmo": hf("OlmoConfig", "OlmoForCausalLM", **LLAMA_LIKE),
     "cohere": hf("CohereConfig", "CohereForCausalLM", **LLAMA_LIKE),
     "granite": hf("GraniteConfig", "GraniteForCausalLM", **LLAMA_LIKE),
+    "gemma3": hf("Gemma3TextConfig", "Gemma3ForCausalLM", **LLAMA_LIKE, head_dim=16),
+    "xglm": hf("XGLMConfig", "XGLMForCausalLM", vocab_size=V, d_model=64, ffn_dim=128, num_layers=2,
+               attention_heads=4, max_position_embeddings=128, **IDS),   # scores clamped by torch.max
     # ---- mixtures of experts
     "mixtral": hf("MixtralConfig", "MixtralForCausalLM", **LLAMA_LIKE, head_dim=16, num_local_experts=4,
                   num_experts_per_tok=2, sliding_window=None),
@@ -116,7 +119,14 @@ FACTORIES = {
                       moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                       n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=64,
                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16),  # keys 24, values 16
+    "qwen2_moe": hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=64, shared_expert_intermediate_size=64),   # a 64 -> 1 shared-expert gate
+    "granitemoe": hf("GraniteMoeConfig", "GraniteMoeForCausalLM", **LLAMA_LIKE, num_local_experts=4,
+                     num_experts_per_tok=2),   # use_cache only through **kwargs
     # ---- encoder-decoders
+    "longt5": hf("LongT5Config", "LongT5ForConditionalGeneration", vocab_size=V, d_model=64, d_kv=16, d_ff=128,
+                 num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                 eos_token_id=1),   # builds a missing mask only when not traced; casts wo's input to its dtype
     "t5": hf("T5Config", "T5ForConditionalGeneration", vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=2,
              num_decoder_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
     "bart": hf("BartConfig", "BartForConditionalGeneration", vocab_size=V, d_model=64, encoder_layers=1,
@@ -155,6 +165,8 @@ FACTORIES = {
     # ---- state space
     "mamba": hf("MambaConfig", "MambaForCausalLM", vocab_size=V, hidden_size=64, state_size=8,
                 num_hidden_layers=2, expand=2, conv_kernel=4, **IDS),
+    "mamba2": hf("Mamba2Config", "Mamba2ForCausalLM", vocab_size=V, hidden_size=64, num_heads=8, head_dim=16,
+                 state_size=8, num_hidden_layers=2, n_groups=1, chunk_size=16, **IDS),   # cache_params of states
     # ---- hand-written modules
     "custom_lm": module(lambda: CustomLM(heads=4, kv_heads=2, head_dim=16, width=128), "CustomLM"),
     "tokens_lm": module(TokensLM),
