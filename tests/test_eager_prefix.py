@@ -242,6 +242,20 @@ def test_a_position_bias_the_prefix_does_not_get_is_said(arch):
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
 
 
+def test_a_float_padding_mask_looked_at_first_does_not_hide_the_position_bias():
+    """Eager T5 hands its attention a float padding mask and, apart, its relative bias: each is looked at on its
+    own (the mask used to settle the question for the site, and the bias went unsaid)."""
+    model = fresh("t5")
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.warns(UserWarning, match="prefix keys in T5Attention get no position bias"):
+        ps.apply(model, "prefix-tuning", num_tokens=2, init="random",
+                 example_inputs={"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4],
+                                 "use_cache": False})
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "mha_net", "einsum_lm", "handmade"])
 def test_masks_are_not_taken_for_a_position_bias(arch, recwarn):
     if arch == "handmade":   # the same products, masks and bias as above, the bias all zero

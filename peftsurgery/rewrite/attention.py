@@ -205,6 +205,7 @@ _NEUTRAL = {**dict.fromkeys(("add", "add_", "__add__", "__radd__", "__iadd__", "
                              "__itruediv__", "true_divide"), 1),
             **dict.fromkeys(("masked_fill", "masked_fill_"), False),
             **dict.fromkeys(("max", "maximum"), float("-inf")), **dict.fromkeys(("min", "minimum"), float("inf"))}
+_ADDS = {name for name, fill in _NEUTRAL.items() if type(fill) is int and fill == 0}
 _ALONE = {"view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "double", "type", "type_as", "clone",
           "dropout", "tanh", "neg", "clamp", "softmax"}  # other tensors they take are not combined with the scores
 _KEEPS = set(_NEUTRAL) | _ALONE | {"where"}
@@ -284,9 +285,9 @@ def _prepend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     return torch.cat([torch.full((*t.shape[:-1], n), fill, dtype=t.dtype, device=t.device), t], -1)
 
 
-def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambda t: None) -> torch.Tensor:
+def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambda t, key: None) -> torch.Tensor:
     """node's call again with x (the scores, or probabilities, over added + n keys) where its tracked input sat;
-    added_to(t) sees each tensor added to them over the keys."""
+    added_to(t, where in the call) sees each tensor added to them over the keys."""
     args, kwargs = list(node.args), dict(node.kwargs)
     name = node.func.__name__
     if isinstance(at, int):
@@ -307,8 +308,8 @@ def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambd
                 fill = (at == (1 if cond == 0 else 0)) if loc == cond else 0
             else:
                 fill = _NEUTRAL[name]
-                if fill == 0:
-                    added_to(t)
+                if name in _ADDS:
+                    added_to(t, loc)
             t = _prepend(t, added, fill)
             if isinstance(loc, int):
                 args[loc] = t
@@ -382,8 +383,6 @@ class _Mode(TorchFunctionMode):
                                                         parents))
         return out
 
-    def added_to(self, t: torch.Tensor) -> None:
-        note_bias(self.hooks, t, type(self.module).__name__)
 
     def _value_product(self, func, args, kwargs):
         """The value product's result with every editor's keys and values, or None when this call is not a value
@@ -432,11 +431,12 @@ class _Mode(TorchFunctionMode):
                                f"{v2.shape[-2] - v4.shape[-2]} values")
         k2 = _from_heads(k2, kp)
         if sbias is not None and sbias.dim() and sbias.shape[-1] == n:
-            self.added_to(sbias)
+            note_bias(self.hooks, sbias, type(self.module).__name__, "score bias")
             sbias = _prepend(sbias, added, 0)
         x = srebuild(k2, q, sbias) if key_left else srebuild(q, k2, sbias)
-        for node, at in way[1:]:
-            x = _replay(node, at, x, n, added, self.added_to)
+        for i, (node, at) in enumerate(way[1:]):
+            x = _replay(node, at, x, n, added, lambda t, loc, i=i: note_bias(self.hooks, t, type(self.module).__name__,
+                                                                             (i, loc)))
         v2 = _from_heads(v2, vp)
         return rebuild(x, v2, bias) if probs == 0 else rebuild(v2, x, bias)
 
@@ -447,7 +447,6 @@ class _ModeHooks:
 
     def __init__(self, heads: int | None = None, path: str = ""):
         self.modes, self.heads, self.path = [], heads, path
-        self.biased = None   # see note_bias
 
     def pre(self, module, args):
         m = None
@@ -527,16 +526,17 @@ def _forget(ref) -> None:
         _last_mask[0] = None
 
 
-def note_bias(owner, t: torch.Tensor, kind: str) -> None:
+def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
     """t is added to the scores over the keys and is 0 in the prefix columns: a mask leaves nothing out, but a
-    position bias (ALiBi, relative positions) then gives the prefix no position. Looked at once per owner (an
-    attention site's hooks or editor: owner.biased), said once per module class and process (Python's default
-    warning filter)."""
-    if getattr(owner, "biased", None) is not None or not t.is_floating_point():
+    position bias (ALiBi, relative positions) then gives the prefix no position. Each place (`key`: a mask, a
+    named argument, a step between the products) of an attention site (`owner`: its hooks or editor) is looked at
+    once; said once per module class and process (Python's default warning filter)."""
+    looked = owner.__dict__.setdefault("_bias_looked", set())
+    if key in looked or not t.is_floating_point():
         return
+    looked.add(key)
     kept = t[t.isfinite() & (t > -1e4)]   # masked keys: -inf, the dtype's lowest value, or -10000
-    owner.biased = bool((kept != 0).any())
-    if owner.biased:
+    if bool((kept != 0).any()):
         warnings.warn(f"prefix keys in {kind} get no position bias: the position bias it adds to the scores (ALiBi, "
                       "relative positions) is 0 for them, so the virtual tokens do not sit at positions before the "
                       "first real token", stacklevel=3)

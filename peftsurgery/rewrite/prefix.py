@@ -91,7 +91,6 @@ class _Site(nn.Module):
 class _Editor:
     def __init__(self, source: nn.Module, switch: Switch, causal: bool):
         self.source, self.switch, self.causal = source, switch, causal
-        self.biased = None   # see attention.note_bias
 
     on = property(lambda self: self.switch.on)
 
@@ -113,12 +112,13 @@ class _Editor:
         causal = bool(kwargs.get("is_causal")) or (mask is None and getattr(module, "is_causal", self.causal)
                                                     and self.causal)
         if mask is not None:
-            note_bias(self, mask, type(module).__name__)
+            note_bias(self, mask, type(module).__name__, "mask")
         mask = extend_mask(mask, q, k.shape[-2], P, causal)
-        return k, v, mask, extended(kwargs, mask, old, P, lambda t: note_bias(self, t, type(module).__name__))
+        return k, v, mask, extended(kwargs, mask, old, P, lambda t, name: note_bias(self, t, type(module).__name__,
+                                                                                     name))
 
 
-def extended(kwargs: dict, mask, old: int, n: int, added_to=lambda t: None) -> dict:
+def extended(kwargs: dict, mask, old: int, n: int, added_to=lambda t, name: None) -> dict:
     """An attention call's other arguments once n prefix keys precede its `old` keys: no is_causal flag where a
     mask now says it, and additive biases over the keys (relative position bias) zero for the prefix (each seen by
     added_to first)."""
@@ -126,7 +126,7 @@ def extended(kwargs: dict, mask, old: int, n: int, added_to=lambda t: None) -> d
         kwargs = {**kwargs, "is_causal": False if mask is not None else kwargs["is_causal"]}
     for name, t in list(kwargs.items()):
         if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == old and t.is_floating_point():
-            added_to(t)
+            added_to(t, name)
             kwargs = {**kwargs, name: torch.cat([t.new_zeros(*t.shape[:-1], n), t], -1)}
     return kwargs
 
