@@ -15,13 +15,16 @@ from torch import nn
 
 import peftsurgery as ps
 from peftsurgery import SurgeryError
+from peftsurgery.rewrite import prefix as prefix_rule
 from peftsurgery.sites import CONTAINER
 
 try:
+    from conftest import raises_one_line
     from test_core import assert_same, snapshot
     from test_zoo import fresh
     from zoo import V
 except ImportError:  # tests/ collected as a package
+    from tests.conftest import raises_one_line
     from tests.test_core import assert_same, snapshot
     from tests.test_zoo import fresh
     from tests.zoo import V
@@ -178,14 +181,19 @@ class Handmade(nn.Module):
         probs = self.drop(scores.double().softmax(dim=-1).float()).view(B * H, S, -1)
         return self.out(torch.bmm(probs, v).view(B, H, S, d).transpose(1, 2).reshape(B, S, D))
 
-    def reference(self, x, mask, pk, pv):
-        """The same with the prefix concatenated: bias 0, visible, kept by where, multiplied by 1."""
+    def reference(self, x, mask, pk, pv, seated=False):
+        """The same with the prefix concatenated: bias 0, visible, kept by where, multiplied by 1. Seated: the
+        prefix keys at the positions right before each row's first real token (the bias counts the mask's ones: the
+        prefix 1..P after the left padding, the real tokens from P + 1)."""
         B, S, D = x.shape
         H, d, P = self.heads, D // self.heads, pk.shape[1]
         q, k, v = (t.view(B, S, H, d).transpose(1, 2) for t in self.qkv(x).split(D, -1))
         k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+        pos = mask.cumsum(-1)
+        pos, before = (torch.where(pos > 0, pos + P, pos), torch.arange(1, P + 1.0)) if seated else (pos, torch.zeros(P))
         scores = q @ k.transpose(-1, -2) * d ** -0.5 + torch.cat(
-            [torch.zeros(B, H, 1, P), self.slopes[:, None, None] * mask.cumsum(-1)[:, None, None, :]], -1)
+            [self.slopes[:, None, None] * before.expand(B, 1, 1, P), self.slopes[:, None, None] * pos[:, None, None, :]],
+            -1)
         full = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)[:, None, None, :]
         scores = scores.masked_fill(full == 0, -1e9) * full.float()
         scores = scores.where(torch.cat([torch.ones(S, P, dtype=torch.bool), self.causal[:S, :S]], 1), -1e9)
@@ -211,20 +219,31 @@ def handmade_inputs():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_prefix_columns():
+@pytest.mark.parametrize("seated", [True, False], ids=["seated", "in-front"])
+def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_prefix_columns(seated, monkeypatch):
+    """Seated (the model adds a position bias): the prefix keys get the bias of the positions right before each
+    row's first real token, after its left padding. In front (as where a prefix cannot be seated: forced here),
+    every tensor combined with the scores gets the value that leaves a score as it is, and that is said."""
     model = HandmadeLM().eval()
     kw = handmade_inputs()
     with torch.no_grad():
         base = model(**kw)
-    with pytest.warns(UserWarning, match="prefix keys in Handmade get no position bias"):
+    if not seated:
+        monkeypatch.setattr(prefix_rule, "seated", lambda *a: frozenset())
+        with pytest.warns(UserWarning, match="prefix keys in Handmade get no position bias"):
+            ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
+    else:
         ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
+        assert "seated before the first real token" in ps.inspect(model)[0]["what"]
     perturb(model)
     (pk, pv), = prefixes(model).values()
     assert pk.shape == (4, 3, 8)
     with torch.no_grad():
         h = model.embed(kw["input_ids"])
-        want = model.head(h + model.attn.reference(h, kw["attention_mask"], pk, pv))
-        torch.testing.assert_close(model(**kw), want, atol=1e-5, rtol=1e-4)
+        want = model.head(h + model.attn.reference(h, kw["attention_mask"], pk, pv, seated))
+        # seated, the padding (before the prefix) does not see it: only the real tokens' outputs agree
+        real = kw["attention_mask"].bool() if seated else torch.ones_like(kw["attention_mask"], dtype=torch.bool)
+        torch.testing.assert_close(model(**kw)[real], want[real], atol=1e-5, rtol=1e-4)
         with ps.disabled(model):
             assert torch.equal(model(**kw), base)
     model.train()  # dropout on the wider probabilities; gradients reach the prefix
@@ -233,13 +252,15 @@ def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_pre
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("arch", ["bloom", "t5", "deberta_v2"])
-def test_a_position_bias_the_prefix_does_not_get_is_said(arch):
-    """ALiBi (added in Bloom's own code), T5's relative bias (passed to the attention function), DeBERTa's
-    disentangled terms (added in its own code)."""
-    with pytest.warns(UserWarning, match=r"prefix keys in \w+ get no position bias") as seen:
-        ps.apply(fresh(arch), "prefix-tuning", num_tokens=2, init="random")
+def test_a_position_bias_the_prefix_does_not_get_is_said():
+    """T5's decoder: its self-attention runs over the decoder's tokens, where the entry seats nothing, so its
+    prefix stays in front of the keys, without position bias (said once); the encoder's sits in the sequence."""
+    model = fresh("t5")
+    with pytest.warns(UserWarning, match=r"prefix keys in T5Attention get no position bias") as seen:
+        ps.apply(model, "prefix-tuning", num_tokens=2, init="random")
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
+    where = {r["site"]: "seated" in r["what"] for r in ps.inspect(model)}
+    assert where == {s: s.startswith("encoder.") for s in where} and len(where) == 6
 
 
 def test_a_float_padding_mask_looked_at_first_does_not_hide_the_position_bias():
@@ -328,3 +349,67 @@ def test_latent_attention_prefix_has_keys_and_values_of_their_own_head_sizes(tmp
     back = ps.load(fresh("deepseek_v3"), str(tmp_path / "a"))
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, mlp(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------- seated prefixes: position biases over the keys
+
+def alibi_model(arch):
+    """Causal LMs that add ALiBi to their scores: bloom (zoo), MPT and Falcon with alibi=True, built tiny."""
+    if arch == "bloom":
+        return fresh("bloom")
+    torch.manual_seed(0)
+    if arch == "mpt":
+        return tf.MptForCausalLM(tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=V, expansion_ratio=2)).eval()
+    return tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                                vocab_size=V, alibi=True)).eval()
+
+
+@pytest.mark.parametrize("arch", ["bloom", "mpt", "falcon_alibi"])
+def test_a_seated_prefix_sits_right_before_the_first_real_token(arch):
+    """Keys and values recorded from tokens t (init=text; causal, so they do not depend on what follows) give on x
+    what the base gives on t followed by x: the prefix has the positions right before x's first real token, also
+    after left padding, and cached generate equals uncached. Put in front of the keys instead (no bias for them)
+    the logits differ by about 1e-3 here."""
+    model = alibi_model(arch)
+    t, x = [5, 9, 11], torch.tensor([[7, 8, 12, 13, 14]])
+    with torch.no_grad():
+        want = model(input_ids=torch.cat([torch.tensor([t]), x], 1)).logits[:, len(t):]
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="text", text="5,9,11")
+    assert all("seated" in r["what"] for r in ps.inspect(model))
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), x], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, want, atol=1e-5, rtol=1e-4)
+        got = model(input_ids=padded, attention_mask=(padded > 0).long()).logits[:, 2:]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        both = torch.cat([padded, torch.cat([x, torch.tensor([[20, 21]])], 1)])
+        mask = torch.cat([(padded > 0).long(), torch.ones(1, 7, dtype=torch.long)])
+        cached = model.generate(input_ids=both, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        plain = model.generate(input_ids=both, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                               use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_a_seated_prefix_shares_the_sequence_with_no_other_virtual_tokens():
+    """Two adapters placing tokens before the first real token would move each other's: refused in one line,
+    either order, the model as it was."""
+    model = fresh("bloom")
+    ps.apply(model, "prompt-tuning", name="prompt", num_tokens=2)
+    snap = snapshot(model)
+    raises_one_line(lambda: ps.apply(model, "prefix-tuning", name="prefix", num_tokens=2, init="random"),
+                    "seated in the sequence", "remove the other adapter")
+    assert_same(model, snap)
+    model = fresh("bloom")
+    ps.apply(model, "prefix-tuning", name="prefix", num_tokens=2, init="random")
+    snap = snapshot(model)
+    raises_one_line(lambda: ps.apply(model, "prompt-tuning", name="prompt", num_tokens=2), "seated in the sequence")
+    assert_same(model, snap)
+
+
+def test_route_refuses_seated_prefixes():
+    model = fresh("bloom")
+    ps.apply(model, "prefix-tuning", name="a", num_tokens=2, init="random")
+    ps.apply(model, "lora", name="b", targets="mlp.up")
+    ids = torch.randint(3, V, (2, 5))
+    with pytest.raises(SurgeryError, match="route\\(\\) does not serve prefixes seated"):
+        with ps.route(model, ["a", "b"]):
+            model(input_ids=ids)

@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from conftest import raises_one_line, tiny_gpt2, tiny_llama, tiny_llama_4bit, tiny_t5
+from zoo import FACTORIES
 from safetensors.torch import load_file, save_file
 
 import peftsurgery as ps
@@ -32,7 +33,7 @@ BASES = {}
 def base(kind: str):
     """One tiny model per kind, located once (deep copies keep the site map)."""
     if kind not in BASES:
-        BASES[kind] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}[kind]()
+        BASES[kind] = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5, "bloom": FACTORIES["bloom"]}[kind]()
         ps.sitemap(BASES[kind])
     return copy.deepcopy(BASES[kind])
 
@@ -361,8 +362,10 @@ def test_multitask_prompt_tuning_t5_refused_both_ways(tmp_path):
 
 # ---------------------------------------------------------------- prefix tuning
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bloom"])
 def test_prefix_tuning_round_trip(kind, projection, tmp_path):
+    """Bloom: PEFT's prefix is past keys and values under an attention mask grown by P, from which Bloom builds
+    its ALiBi, so the prefix has the positions before the real tokens; ours, seated there, agrees."""
     cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
                                   encoder_hidden_size=12)
     peft_folder(kind, cfg, tmp_path / "peft")
@@ -376,6 +379,22 @@ def test_prefix_tuning_round_trip(kind, projection, tmp_path):
     assert (again["prefix_projection"], again["encoder_hidden_size"] if projection else 0) == (projection, 12 * projection)
     assert again["num_layers"] == 2 and again["token_dim"] == config(tmp_path / "peft")["token_dim"]
     assert ps.adapters(ours)["default"].config.projection == (12 if projection else 0)
+
+
+def test_prefix_tuning_bloom_left_padding(tmp_path):
+    """A row padded on the left: PEFT's ALiBi counts positions from the mask (the prefix's ones first, the pads
+    after), ours seats the prefix right before the first real token; both give the padded row's real tokens the
+    logits of the unpadded row."""
+    ref = peft_folder("bloom", peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), tmp_path / "p")
+    ours = base("bloom")
+    ps.load(ours, str(tmp_path / "p"))
+    ids, mask = IDS.clone(), torch.ones_like(IDS)
+    ids[0, :2], mask[0, :2] = 0, 0
+    with torch.no_grad():
+        want, got = (m(input_ids=ids, attention_mask=mask).logits for m in (ref, ours))
+        alone = ours(input_ids=IDS[:1, 2:]).logits
+    close(got[mask.bool()], want[mask.bool()])
+    close(got[0, 2:], alone[0])
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])

@@ -282,6 +282,8 @@ def _from_heads(t: torch.Tensor, perm: list[int]) -> torch.Tensor:
 
 
 def _prepend(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+    if not n:
+        return t
     return torch.cat([torch.full((*t.shape[:-1], n), fill, dtype=t.dtype, device=t.device), t], -1)
 
 
@@ -430,13 +432,17 @@ class _Mode(TorchFunctionMode):
             raise SurgeryError(f"at {self.path}: an editor added {added} keys but "
                                f"{v2.shape[-2] - v4.shape[-2]} values")
         k2 = _from_heads(k2, kp)
+        kind = type(self.module).__name__
+
+        def added_to(t, key):   # keys edited in place (seated prefixes) have the model's own bias
+            if added:
+                note_bias(self.hooks, t, kind, key)
         if sbias is not None and sbias.dim() and sbias.shape[-1] == n:
-            note_bias(self.hooks, sbias, type(self.module).__name__, "score bias")
+            added_to(sbias, "score bias")
             sbias = _prepend(sbias, added, 0)
         x = srebuild(k2, q, sbias) if key_left else srebuild(q, k2, sbias)
         for i, (node, at) in enumerate(way[1:]):
-            x = _replay(node, at, x, n, added, lambda t, loc, i=i: note_bias(self.hooks, t, type(self.module).__name__,
-                                                                             (i, loc)))
+            x = _replay(node, at, x, n, added, lambda t, loc, i=i: added_to(t, (i, loc)))
         v2 = _from_heads(v2, vp)
         return rebuild(x, v2, bias) if probs == 0 else rebuild(v2, x, bias)
 
@@ -526,6 +532,10 @@ def _forget(ref) -> None:
         _last_mask[0] = None
 
 
+# while a list: the kinds of module in which note_bias found a position bias, and no warning (prefix.Prefix's look)
+biased: list = [None]
+
+
 def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
     """t is added to the scores over the keys and is 0 in the prefix columns: a mask leaves nothing out, but a
     position bias (ALiBi, relative positions) then gives the prefix no position. Each place (`key`: a mask, a
@@ -537,9 +547,13 @@ def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
     looked.add(key)
     kept = t[t.isfinite() & (t > -1e4)]   # masked keys: -inf, the dtype's lowest value, or -10000
     if bool((kept != 0).any()):
+        if biased[0] is not None:
+            biased[0].append(kind)
+            return
         warnings.warn(f"prefix keys in {kind} get no position bias: the position bias it adds to the scores (ALiBi, "
-                      "relative positions) is 0 for them, so the virtual tokens do not sit at positions before the "
-                      "first real token", stacklevel=3)
+                      "relative positions) is 0 for them where the prefix cannot be seated in the sequence (keys "
+                      "that are not the model input's tokens, such as a decoder's), so there the virtual tokens do "
+                      "not sit at positions before the first real token", stacklevel=3)
 
 
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):

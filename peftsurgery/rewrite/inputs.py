@@ -44,7 +44,7 @@ def holds_state(past) -> bool:
     has = getattr(past, "has_previous_state", None)
     try:
         return bool(has()) if callable(has) else False
-    except ValueError:   # no recurrent layers
+    except (ValueError, AttributeError):   # no recurrent layers (an encoder-decoder's cache has no layers of its own)
         return False
 
 
@@ -71,8 +71,17 @@ class Entry:
         # the token argument at the entry: the model input found to feed the embedding, else input_ids
         self.ids = sitemap.token_input if sitemap.token_input in self.params else "input_ids"
         self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
+        self.lead = None    # this call's left padding per row, (batch, 1), where the virtual tokens sit after it
 
     def attach(self, model: nn.Module):
+        if self.prompt is not None:
+            placed = [h.__self__.prompt for h in self.module._forward_pre_hooks.values()
+                      if isinstance(getattr(h, "__self__", None), Entry) and h.__self__.prompt is not None]
+            seats = [getattr(p, "seated", False) for p in placed + [self.prompt]]
+            if placed and any(seats):
+                raise SurgeryError("a prefix seated in the sequence (this model adds a position bias to its scores) "
+                                   "cannot share it with another adapter's virtual tokens; remove the other adapter "
+                                   "or use one at a time")
         yield Hooked(model, self.entry, self.pre, pre=True, with_kwargs=True)
         if self.prompt is not None:  # only tokens placed in the sequence are taken out of the outputs
             yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True)
@@ -110,6 +119,7 @@ class Entry:
         decoding = (mask is not None and mask.shape[-1] > S) or past > 0 or holds_state(cache)
         prepend = self.prompt is not None and not decoding
         layout = Layout(mask, B, S, P, dev) if prepend else None
+        self.lead = None
         if self.prompt is not None:
             if mask is not None or prepend and "attention_mask" in self.params:
                 if mask is None:
@@ -117,6 +127,7 @@ class Entry:
                 if mask.dim() == 2:  # while decoding the prompt is in the cache, after the same left padding
                     grown = layout if prepend else Layout(mask, B, mask.shape[1], P, dev)
                     mask = grown.place(torch.cat([self._head(B, mask.dtype, dev), mask], 1))
+                    self.lead = None if grown.plain else grown.lead
                 kwargs["attention_mask"] = mask
             if self.lens is not None and (mask is None or mask.dim() != 2):
                 raise SurgeryError("route() with prompts of different lengths in one batch needs a (batch, "
@@ -129,7 +140,7 @@ class Entry:
             if "inputs_embeds" in self.params:
                 if embeds is None:
                     embeds = self.embed(ids)
-                kwargs["inputs_embeds"] = layout.place(torch.cat([self.prompt(B).to(embeds.dtype), embeds], 1))
+                kwargs["inputs_embeds"] = layout.place(torch.cat([self.prompt(B).to(embeds), embeds], 1))
                 kwargs[self.ids] = None
         if "position_ids" in self.params:
             kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, past, layout, dev)
@@ -159,7 +170,7 @@ class Entry:
     def on_embed(self, module, args, out):
         layout = self.pending[-1] if self.pending else 0
         if layout and out.dim() == 3 and out.shape[1] + self.num == layout.total:
-            return layout.place(torch.cat([self.prompt(out.shape[0]).to(out.dtype), out], 1))
+            return layout.place(torch.cat([self.prompt(out.shape[0]).to(out), out], 1))
         return None
 
     def post(self, module, args, kwargs, out):
@@ -241,6 +252,7 @@ class Layout:
             torch.zeros(B, 1, dtype=torch.long, device=dev)
         # no padding on the left: nothing to move (decided from the data, so not inside torch.compile)
         self.P, self.total, self.plain = P, S + P, not torch.compiler.is_compiling() and not bool(lead.any())
+        self.lead = lead
         j, i = torch.arange(S + P, device=dev), torch.arange(S, device=dev)
         self.src = torch.where(j < lead, j + P, torch.where(j < lead + P, j - lead, j))   # (B, S + P)
         self.kept = torch.where(i < lead, i, i + P)                                         # (B, S)

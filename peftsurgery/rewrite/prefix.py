@@ -2,6 +2,11 @@
 
 The prefix is added inside the attention call (see attention.py), after rotary embeddings and after any cache
 update, so it never enters the cache and nothing depends on the layout of cache objects.
+
+Where the model adds a position bias to the scores over the keys (ALiBi, relative positions), keys put in front of
+the call's own would have no position. There the prefix is seated in the sequence instead: the entry puts as many
+placeholder tokens right before each row's first real token (as a prompt), so the model gives their keys positions,
+masks and biases itself, and at every attention call their keys and values are replaced by the prefix's.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..sites import Site
+from . import attention
 from .attention import NO_MASK, Intercepted, extend_mask, note_bias, repeat_heads
 from .base import Rule, Switch
 from .inputs import Entry
@@ -118,6 +124,95 @@ class _Editor:
                                                                                      name))
 
 
+class Seats:
+    """The placeholder tokens of a seated prefix: zero vectors in the sequence, whose keys and values _Seated
+    replaces at every attention call (so what they hold does not reach the real tokens)."""
+    seated = True
+
+    def __init__(self, num: int, dim: int):
+        self.num, self.dim = num, dim
+
+    def __call__(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.num, self.dim)
+
+
+class _Seated:
+    """Attention editor of a seated prefix: the keys and values of the placeholder tokens the entry put after each
+    row's left padding become the prefix's."""
+
+    def __init__(self, source: nn.Module, switch: Switch, entry: Entry):
+        self.source, self.switch, self.entry = source, switch, entry
+
+    def __call__(self, module, q, k, v, mask, kwargs):
+        if not self.switch.on:
+            return k, v, mask, kwargs
+        pk, pv = self.source()
+        return seat(k, pk, self.entry.lead), seat(v, pv, self.entry.lead), mask, kwargs
+
+
+def seat(t: torch.Tensor, p: torch.Tensor, lead) -> torch.Tensor:
+    """t, (batch, heads, keys, dim), with p, (kv_heads, n, dim), in the n key columns after each row's `lead`
+    ((batch, 1) left padding; None: none)."""
+    B, H, n = t.shape[0], t.shape[1], p.shape[-2]
+    p = repeat_heads(p, H).to(t.dtype).unsqueeze(0).expand(B, -1, -1, -1)
+    if lead is None:
+        return torch.cat([p, t[:, :, n:]], -2)
+    where = (lead + torch.arange(n, device=t.device)).view(B, 1, n, 1).expand(B, H, n, t.shape[-1])
+    return t.scatter(2, where, p)
+
+
+def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> frozenset:
+    """The sites where a prefix of `num` tokens sits in the sequence: none unless one forward on the example inputs
+    with zero keys and values put in front at every site finds a position bias added to the scores somewhere; then
+    those a second forward, with placeholders seated, shows attending over the seated sequence (an
+    encoder-decoder's decoder does not: its self-attention keeps the prefix in front, with apply's warning).
+    Without example inputs (or on the meta device): none."""
+    embed = next((s.path for s in sitemap if s.role == "embed"), None)
+    p = next(model.parameters(), None)
+    if not sitemap.inputs or embed is None or sitemap.entry is None or p is None or p.device.type == "meta":
+        return frozenset()
+
+    def zeros(s):
+        return lambda: (p.new_zeros(s.kv_heads, num, s.head_dim), p.new_zeros(s.kv_heads, num, _vdim(s)))
+    attention.biased[0] = []
+    try:
+        _run(model, sitemap, [Intercepted(model, s.path, _Editor(zeros(s), Switch(), bool(s.causal)), s.impl or "",
+                                          s.heads) for s in sites])
+        found = bool(attention.biased[0])
+    except Exception:   # apply's own forward says what is wrong
+        return frozenset()
+    finally:
+        attention.biased[0] = None
+    if not found:
+        return frozenset()
+    switch, seen = Switch(), {}
+    entry = Entry(model, sitemap, embed, num, Seats(num, model.get_submodule(embed).weight.shape[-1]), switch)
+
+    def recorder(path):
+        def ed(module, q, k, v, mask, kwargs):
+            at = entry.pending[-1] if entry.pending else 0
+            seen[path] = seen.get(path, True) and bool(at) and k.shape[-2] == at.total
+            return k, v, mask, kwargs
+        return ed
+    try:
+        _run(model, sitemap, [*entry.attach(model), *(Intercepted(model, s.path, recorder(s.path), s.impl or "",
+                                                                  s.heads) for s in sites)])
+    except SurgeryError:   # it cannot be seated beside another adapter's virtual tokens
+        raise
+    except Exception:
+        return frozenset()
+    return frozenset(s.path for s in sites if seen.get(s.path))
+
+
+def _run(model: nn.Module, sitemap, changes: list) -> None:
+    """One forward on the example inputs with `changes` made (as they are made: on construction), then undone."""
+    try:
+        sitemap.run(model)
+    finally:
+        for c in reversed(changes):
+            c.undo(model)
+
+
 def extended(kwargs: dict, mask, old: int, n: int, added_to=lambda t, name: None) -> dict:
     """An attention call's other arguments once n prefix keys precede its `old` keys: no is_causal flag where a
     mask now says it, and additive biases over the keys (relative position bias) zero for the prefix (each seen by
@@ -140,9 +235,11 @@ class Prefix(Rule):
     def __init__(self, targets: str, num_tokens: int, projection: int = 0, init=None):
         super().__init__(targets)
         self.num_tokens, self.projection, self.init = num_tokens, projection, init
+        self.seated = frozenset()   # the sites where it sits in the sequence, decided by build (see seated())
 
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
+        self.seated = seated(model, sites, sitemap, self.num_tokens)
         p = next(model.parameters())
         dev = p.device
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
@@ -177,14 +274,26 @@ class Prefix(Rule):
         return out
 
     def attach(self, model, sites, built, switch, sitemap):
+        embed = next((x.path for x in sitemap if x.role == "embed"), None)
+        if self.seated:
+            seats = Seats(self.num_tokens, model.get_submodule(embed).weight.shape[-1])
+            entry = Entry(model, sitemap, embed, self.num_tokens, seats, switch)
+            yield from entry.attach(model)
+            for s in sites:
+                ed = _Seated(built[s.path], switch, entry) if s.path in self.seated else \
+                    _Editor(built[s.path], switch, bool(s.causal))
+                yield Intercepted(model, s.path, ed, s.impl or "", s.heads)
+            return
         for s in sites:
             yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "", s.heads)
-        embed = next((x.path for x in sitemap if x.role == "embed"), None)
         if embed is not None:
             yield from Entry(model, sitemap, embed, self.num_tokens, None, switch).attach(model)
 
     def route(self, model, entries, rows, cache):
         """Row i gets its adapter's keys/values at every site (see rowprefix.py)."""
+        if self.seated:
+            raise SurgeryError("route() does not serve prefixes seated in the sequence (this model adds a position "
+                               "bias to its scores); run each adapter by itself with set_active")
         from .rowprefix import route_prefixes
         return route_prefixes(model, entries, rows, cache)
 
@@ -205,7 +314,8 @@ class Prefix(Rule):
     def describe(self, site: Site, built):
         shape = f"{site.kv_heads}x{site.head_dim}" + (f", values {site.kv_heads}x{_vdim(site)}"
                                                      if _vdim(site) != site.head_dim else "")
-        return f"{self.num_tokens} prefix keys/values ({shape}) prepended in attention"
+        where = "seated before the first real token" if site.path in self.seated else "prepended in attention"
+        return f"{self.num_tokens} prefix keys/values ({shape}) {where}"
 
 
 def _vdim(site: Site) -> int:
