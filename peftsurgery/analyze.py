@@ -276,13 +276,16 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                if op.kind == "embedding" and op.site_kind == "embedding"}
     for name in g.user_inputs:
         op = indexed.get(name)
-        if op is not None:
-            st, bl = block_of(op.site)
-            mod = model.get_submodule(op.site)
-            sites.setdefault(op.site, Site(op.site, "embedding", "embed", found, bl, st,
-                                           mod.num_embeddings, mod.embedding_dim))
-            entry = {"stack": op.stack, "input": name}
-            break
+        if op is None:
+            continue
+        if entry:   # later inputs indexing an embedding: token types, an encoder-decoder's decoder ids
+            entry["later"].append((op.stack, op.site))
+            continue
+        st, bl = block_of(op.site)
+        mod = model.get_submodule(op.site)
+        sites.setdefault(op.site, Site(op.site, "embedding", "embed", found, bl, st,
+                                       mod.num_embeddings, mod.embedding_dim))
+        entry = {"stack": op.stack, "input": name, "later": []}
     _consumers(g, sites)
     return list(sites.values()), entry
 

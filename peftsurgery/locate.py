@@ -223,7 +223,12 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
     ent = _entry(model, entry.get("stack", ()))
     fwd = inspect.signature(model.get_submodule(ent).forward).parameters if ent is not None else {}
     cfg = getattr(model, "config", None)
+    # a second module taking token ids beside the entry (not inside it, not around it): a decoder's stack
+    second, embed = next(((p, site) for p, site in ((_entry(model, st), site) for st, site in entry.get("later", ()))
+                          if p and ent and p != ent and not p.startswith(ent + ".") and not ent.startswith(p + ".")),
+                         ("", ""))
     return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd), token_input=entry.get("input", ""),
+                   decoder_entry=second, decoder_embed=embed,
                    encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
                        s.role.startswith("xattn") for s in sites),
                    seconds=time.perf_counter() - t0, inputs=kwargs)

@@ -443,9 +443,7 @@ class MultitaskPromptMapping(Mapping):
 
 # ---------------------------------------------------------------------------------------------------- prefix tuning
 ENC_DEC_PREFIX = ("PEFT's prefix tuning on an encoder-decoder reaches the decoder's self-attention only (decoder "
-                  "layer i reads PEFT layer 2i mod num_layers); the model's own position bias (T5's relative bias) "
-                  "sees the prefix as positions before the decoder's tokens under PEFT and is zero for it here, so "
-                  "outputs agree only where that bias is zero")
+                  "layer i reads PEFT layer 2i mod num_layers)")
 
 
 def _prefix_sites(sm: SiteMap) -> list[Site]:

@@ -78,6 +78,8 @@ class SiteMap:
     entry: str = ""                  # module whose forward receives the token ids (prompt methods hook it)
     entry_params: tuple = ()         # names that forward accepts
     token_input: str = ""            # the model's forward argument that carries the token ids (by data flow)
+    decoder_entry: str = ""          # an encoder-decoder's decoder stack, taking the decoder's token ids ("": none)
+    decoder_embed: str = ""          # the embedding those ids index
     encoder_decoder: bool = False
     seconds: float = 0.0
     inputs: dict = field(default_factory=dict, repr=False, compare=False)   # the example inputs it was found with

@@ -229,7 +229,7 @@ def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_pre
     with torch.no_grad():
         base = model(**kw)
     if not seated:
-        monkeypatch.setattr(prefix_rule, "seated", lambda *a: frozenset())
+        monkeypatch.setattr(prefix_rule, "seated", lambda *a: {})
         with pytest.warns(UserWarning, match="prefix keys in Handmade get no position bias"):
             ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
     else:
@@ -252,29 +252,45 @@ def test_every_tensor_combined_with_the_scores_gets_the_neutral_value_in_the_pre
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+class VectorsLM(HandmadeLM):
+    """The handmade attention fed vectors, not token ids: no sequence of tokens to seat a prefix in."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 32)
+
+    def forward(self, features, attention_mask):
+        h = self.embed(features)
+        return self.head(h + self.attn(h, attention_mask))
+
+
 def test_a_position_bias_the_prefix_does_not_get_is_said():
-    """T5's decoder: its self-attention runs over the decoder's tokens, where the entry seats nothing, so its
-    prefix stays in front of the keys, without position bias (said once); the encoder's sits in the sequence."""
-    model = fresh("t5")
-    with pytest.warns(UserWarning, match=r"prefix keys in T5Attention get no position bias") as seen:
-        ps.apply(model, "prefix-tuning", num_tokens=2, init="random")
+    """With no token ids to sit among, the prefix stays in front of the keys, without position bias: said once."""
+    kw = {"features": torch.randn(2, 6, 4), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    with pytest.warns(UserWarning, match=r"prefix keys in Handmade get no position bias") as seen:
+        ps.apply(VectorsLM().eval(), "prefix-tuning", num_tokens=2, init="random", example_inputs=kw)
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
-    where = {r["site"]: "seated" in r["what"] for r in ps.inspect(model)}
-    assert where == {s: s.startswith("encoder.") for s in where} and len(where) == 6
 
 
-def test_a_float_padding_mask_looked_at_first_does_not_hide_the_position_bias():
-    """Eager T5 hands its attention a float padding mask and, apart, its relative bias: each is looked at on its
-    own (the mask used to settle the question for the site, and the bias went unsaid)."""
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+def test_t5_is_seated_in_encoder_and_decoder(eager, recwarn):
+    """T5's relative bias is found beside sdpa's mask, and beside the float padding mask eager T5 hands its
+    attention (that mask, looked at first, used to settle the question for the site and hide the bias). Encoder and
+    decoder self-attention sit in their own sequences; cross-attention keeps the prefix in front (its keys are the
+    encoder's outputs, T5 adds no bias there); nothing is said."""
     model = fresh("t5")
-    model.set_attn_implementation("eager")
-    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.warns(UserWarning, match="prefix keys in T5Attention get no position bias"):
-        ps.apply(model, "prefix-tuning", num_tokens=2, init="random",
-                 example_inputs={"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4],
-                                 "use_cache": False})
+    kw = {}
+    if eager:
+        model.set_attn_implementation("eager")
+        ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        kw = {"example_inputs": {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :4],
+                                 "use_cache": False}}
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random", **kw)
+    where = {r["site"]: "seated" in r["what"] for r in ps.inspect(model)}
+    assert where == {s: "EncDecAttention" not in s for s in where} and len(where) == 6
+    assert not [w for w in recwarn if "position bias" in str(w.message)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "mha_net", "einsum_lm", "handmade"])

@@ -552,8 +552,8 @@ def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
             return
         warnings.warn(f"prefix keys in {kind} get no position bias: the position bias it adds to the scores (ALiBi, "
                       "relative positions) is 0 for them where the prefix cannot be seated in the sequence (keys "
-                      "that are not the model input's tokens, such as a decoder's), so there the virtual tokens do "
-                      "not sit at positions before the first real token", stacklevel=3)
+                      "over no token ids it could sit among, as in a model fed vectors), so there the virtual tokens "
+                      "do not sit at positions before the first real token", stacklevel=3)
 
 
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):

@@ -55,12 +55,13 @@ def find_cache(kwargs: dict):
 
 
 class Entry:
-    """Hooks on the entry module, shared by every virtual-token rule of one adapter (`prompt` given: `num` tokens
-    placed in the sequence; else a prefix of `num` keys/values, which only shifts positions)."""
+    """Hooks on the entry module (`at`: another module taking token ids, such as a decoder's stack), shared by
+    every virtual-token rule of one adapter (`prompt` given: `num` tokens placed in the sequence; else a prefix of
+    `num` keys/values, which only shifts positions)."""
 
     def __init__(self, model: nn.Module, sitemap, embed: str | None, num: int, prompt=None,
-                 switch: Switch | None = None):
-        self.entry, self.embed_path = sitemap.entry, embed
+                 switch: Switch | None = None, at: str | None = None):
+        self.entry, self.embed_path = sitemap.entry if at is None else at, embed
         self.module = model.get_submodule(self.entry)
         self.embed = model.get_submodule(embed) if embed else None
         self.prompt, self.switch = prompt, switch

@@ -161,47 +161,65 @@ def seat(t: torch.Tensor, p: torch.Tensor, lead) -> torch.Tensor:
     return t.scatter(2, where, p)
 
 
-def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> frozenset:
-    """The sites where a prefix of `num` tokens sits in the sequence: none unless one forward on the example inputs
-    with zero keys and values put in front at every site finds a position bias added to the scores somewhere; then
-    those a second forward, with placeholders seated, shows attending over the seated sequence (an
-    encoder-decoder's decoder does not: its self-attention keeps the prefix in front, with apply's warning).
-    Without example inputs (or on the meta device): none."""
+def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, str]:
+    """Where a prefix of `num` tokens sits in the sequence: {site path: the entry whose tokens its keys are}. None
+    unless one forward on the example inputs with zero keys and values put in front at every site finds a position
+    bias added to the scores somewhere. Then a second forward seats placeholders at each module taking token ids
+    (the entry; an encoder-decoder's decoder stack), more at each than any site saw keys and a different number at
+    each, so a site's key count tells whose sequence it attends over (cross-attention reads the encoder's outputs,
+    placeholders already dropped: in front). Without example inputs (or on the meta device): none."""
     embed = next((s.path for s in sitemap if s.role == "embed"), None)
     p = next(model.parameters(), None)
     if not sitemap.inputs or embed is None or sitemap.entry is None or p is None or p.device.type == "meta":
-        return frozenset()
+        return {}
+    longest = [0]
 
-    def zeros(s):
-        return lambda: (p.new_zeros(s.kv_heads, num, s.head_dim), p.new_zeros(s.kv_heads, num, _vdim(s)))
+    def in_front(s):
+        ed = _Editor(lambda: (p.new_zeros(s.kv_heads, num, s.head_dim), p.new_zeros(s.kv_heads, num, _vdim(s))),
+                     Switch(), bool(s.causal))
+
+        def edit(module, q, k, v, mask, kwargs):
+            longest[0] = max(longest[0], k.shape[-2])
+            return ed(module, q, k, v, mask, kwargs)
+        return edit
     attention.biased[0] = []
     try:
-        _run(model, sitemap, [Intercepted(model, s.path, _Editor(zeros(s), Switch(), bool(s.causal)), s.impl or "",
-                                          s.heads) for s in sites])
+        _run(model, sitemap, [Intercepted(model, s.path, in_front(s), s.impl or "", s.heads) for s in sites])
         found = bool(attention.biased[0])
     except Exception:   # apply's own forward says what is wrong
-        return frozenset()
+        return {}
     finally:
         attention.biased[0] = None
     if not found:
-        return frozenset()
-    switch, seen = Switch(), {}
-    entry = Entry(model, sitemap, embed, num, Seats(num, model.get_submodule(embed).weight.shape[-1]), switch)
+        return {}
+    entries = {}
+    for i, (at, emb) in enumerate(_entries(sitemap, embed)):
+        n = (longest[0] + 1) * (i + 1)
+        entries[at] = Entry(model, sitemap, emb, n, Seats(n, model.get_submodule(emb).weight.shape[-1]), Switch(),
+                            at=at)
+    seen = {}
 
     def recorder(path):
         def ed(module, q, k, v, mask, kwargs):
-            at = entry.pending[-1] if entry.pending else 0
-            seen[path] = seen.get(path, True) and bool(at) and k.shape[-2] == at.total
+            at = next((a for a, e in entries.items() if e.pending and e.pending[-1]
+                       and k.shape[-2] == e.pending[-1].total), None)
+            seen[path] = at if seen.get(path, at) == at else None   # every call over one entry's tokens
             return k, v, mask, kwargs
         return ed
     try:
-        _run(model, sitemap, [*entry.attach(model), *(Intercepted(model, s.path, recorder(s.path), s.impl or "",
-                                                                  s.heads) for s in sites)])
+        _run(model, sitemap, [*(c for e in entries.values() for c in e.attach(model)),
+                              *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads) for s in sites)])
     except SurgeryError:   # it cannot be seated beside another adapter's virtual tokens
         raise
     except Exception:
-        return frozenset()
-    return frozenset(s.path for s in sites if seen.get(s.path))
+        return {}
+    return {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
+
+
+def _entries(sitemap, embed: str) -> list[tuple[str, str]]:
+    """(module, embedding) of each place token ids come in: the entry, and an encoder-decoder's decoder stack."""
+    return [(sitemap.entry, embed)] + ([(sitemap.decoder_entry, sitemap.decoder_embed)]
+                                       if sitemap.decoder_entry else [])
 
 
 def _run(model: nn.Module, sitemap, changes: list) -> None:
@@ -235,7 +253,7 @@ class Prefix(Rule):
     def __init__(self, targets: str, num_tokens: int, projection: int = 0, init=None):
         super().__init__(targets)
         self.num_tokens, self.projection, self.init = num_tokens, projection, init
-        self.seated = frozenset()   # the sites where it sits in the sequence, decided by build (see seated())
+        self.seated = {}   # site -> entry, where it sits in the sequence: decided by build (see seated())
 
     def build(self, model, sites, sitemap):
         init, self.init = self.init, None  # used once here; the rule stays on the model and must pickle
@@ -275,18 +293,18 @@ class Prefix(Rule):
 
     def attach(self, model, sites, built, switch, sitemap):
         embed = next((x.path for x in sitemap if x.role == "embed"), None)
-        if self.seated:
-            seats = Seats(self.num_tokens, model.get_submodule(embed).weight.shape[-1])
-            entry = Entry(model, sitemap, embed, self.num_tokens, seats, switch)
-            yield from entry.attach(model)
-            for s in sites:
-                ed = _Seated(built[s.path], switch, entry) if s.path in self.seated else \
-                    _Editor(built[s.path], switch, bool(s.causal))
-                yield Intercepted(model, s.path, ed, s.impl or "", s.heads)
-            return
+        entries = {}
+        for at, emb in _entries(sitemap, embed) if self.seated else ():
+            if at in self.seated.values():
+                seats = Seats(self.num_tokens, model.get_submodule(emb).weight.shape[-1])
+                entries[at] = Entry(model, sitemap, emb, self.num_tokens, seats, switch, at=at)
+                yield from entries[at].attach(model)
         for s in sites:
-            yield Intercepted(model, s.path, _Editor(built[s.path], switch, bool(s.causal)), s.impl or "", s.heads)
-        if embed is not None:
+            at = self.seated.get(s.path)
+            ed = _Editor(built[s.path], switch, bool(s.causal)) if at is None else \
+                _Seated(built[s.path], switch, entries[at])
+            yield Intercepted(model, s.path, ed, s.impl or "", s.heads)
+        if embed is not None and sitemap.entry not in entries:   # real tokens' positions after the prefix
             yield from Entry(model, sitemap, embed, self.num_tokens, None, switch).attach(model)
 
     def route(self, model, entries, rows, cache):
