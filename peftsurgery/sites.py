@@ -86,9 +86,9 @@ class SiteMap:
     layouts: dict = field(default_factory=dict, repr=False, compare=False)  # fused path -> None (slices confirmed
     #                                                 by a probe forward, see rewrite/slices.py) or why they are not
 
-    def run(self, model) -> None:
+    def run(self, model):
         """One forward of `model` on the example inputs (moved to its device), in eval mode and without
-        gradients; the training mode comes back after. What the model raises propagates."""
+        gradients, and its output; the training mode comes back after. What the model raises propagates."""
         import torch
         dev = next((p.device for p in model.parameters()), None)
         inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) and dev is not None else v
@@ -97,7 +97,7 @@ class SiteMap:
         model.eval()
         try:
             with torch.no_grad():
-                model(**inputs)
+                return model(**inputs)
         finally:
             model.train(was)
 

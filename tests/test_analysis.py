@@ -162,6 +162,17 @@ def test_t5_cross_attention_stays_cross():
     assert sm.by_path("decoder.block.0.layer.1.EncDecAttention").role == "xattn"
     assert sm.by_path("decoder.block.1.layer.1.EncDecAttention").role == "xattn"   # the query has seen both
     assert roles(sm)["decoder.block.0.layer.1.EncDecAttention.k"] == "xattn.k"
+    assert (sm.entry, sm.decoder_entry, sm.decoder_embed) == ("encoder", "decoder", "decoder.embed_tokens")
+
+
+@pytest.mark.parametrize("arch, where", [("bart", ("model.encoder", "model.decoder")), ("bert", ("bert", "")),
+                                         ("whisper", ("model.decoder", ""))])
+def test_a_decoder_stack_is_found_by_its_token_ids(arch, where):
+    """The decoder's stack: another model input indexes an embedding in a module beside the entry. BERT's token
+    types index an embedding inside the entry (none); Whisper's only token ids are the decoder's (the entry)."""
+    from test_zoo import fresh
+    sm = ps.locate(fresh(arch))
+    assert (sm.entry, sm.decoder_entry) == where
 
 
 class TwoInputs(nn.Module):

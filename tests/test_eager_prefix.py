@@ -429,3 +429,18 @@ def test_route_refuses_seated_prefixes():
     with pytest.raises(SurgeryError, match="route\\(\\) does not serve prefixes seated"):
         with ps.route(model, ["a", "b"]):
             model(input_ids=ids)
+
+
+@pytest.mark.parametrize("terms", [["c2p"], ["p2c"], ["p2c", "c2p"]])
+def test_deberta_reading_the_placeholders_keys_is_said(terms, recwarn):
+    """DeBERTa's position-to-content term (p2c) multiplies the keys apart from the score product, so the seated
+    placeholders' own keys reach it: seen at apply (outputs differ with what the placeholders hold) and said. Its
+    content-to-position term (c2p) reads only queries: nothing to say."""
+    torch.manual_seed(0)
+    model = tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        relative_attention=True, position_buckets=16, pos_att_type=terms)).eval()
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random")
+    said = [w for w in recwarn if "reads the seated placeholders' own keys" in str(w.message)]
+    assert len(said) == ("p2c" in terms)
+    assert all("seated" in r["what"] for r in ps.inspect(model))

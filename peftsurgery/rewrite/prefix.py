@@ -10,6 +10,8 @@ masks and biases itself, and at every attention call their keys and values are r
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -125,14 +127,18 @@ class _Editor:
 
 
 class Seats:
-    """The placeholder tokens of a seated prefix: zero vectors in the sequence, whose keys and values _Seated
-    replaces at every attention call (so what they hold does not reach the real tokens)."""
+    """The placeholder tokens of a seated prefix: zero vectors in the sequence (`ramp`: -1 to 1 along the features,
+    which a norm does not flatten to what zeros give), whose keys and values _Seated replaces at every attention
+    call (so what they hold does not reach the real tokens, unless the model reads their keys elsewhere: see
+    seated())."""
     seated = True
 
     def __init__(self, num: int, dim: int):
-        self.num, self.dim = num, dim
+        self.num, self.dim, self.ramp = num, dim, False
 
     def __call__(self, batch: int) -> torch.Tensor:
+        if self.ramp:
+            return torch.linspace(-1, 1, self.dim).expand(batch, self.num, -1)
         return torch.zeros(batch, self.num, self.dim)
 
 
@@ -199,21 +205,45 @@ def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, 
                             at=at)
     seen = {}
 
-    def recorder(path):
+    def recorder(path):   # zero keys and values seated where a call's keys are an entry's tokens
         def ed(module, q, k, v, mask, kwargs):
             at = next((a for a, e in entries.items() if e.pending and e.pending[-1]
                        and k.shape[-2] == e.pending[-1].total), None)
             seen[path] = at if seen.get(path, at) == at else None   # every call over one entry's tokens
-            return k, v, mask, kwargs
+            if at is None:
+                return k, v, mask, kwargs
+            e = entries[at]
+            return tuple(seat(t, t.new_zeros(t.shape[1], e.num, t.shape[-1]), e.lead) for t in (k, v)) + (mask, kwargs)
         return ed
+    outs = []
     try:
-        _run(model, sitemap, [*(c for e in entries.values() for c in e.attach(model)),
-                              *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads) for s in sites)])
+        for ramp in (False, True):   # the placeholders' content must not reach the output once their keys are swapped
+            for e in entries.values():
+                e.prompt.ramp = ramp
+            outs.append(_run(model, sitemap, [
+                *(c for e in entries.values() for c in e.attach(model)),
+                *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads) for s in sites)]))
     except SurgeryError:   # it cannot be seated beside another adapter's virtual tokens
         raise
     except Exception:
         return {}
-    return {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
+    where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
+    if where and not _same(*outs):
+        warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values beside "
+                      "the attention products where they are swapped for the prefix's (as DeBERTa's position-to-content "
+                      "term does), so there the prefix does not take their place", stacklevel=4)
+    return where
+
+
+def _same(a, b) -> bool:
+    """Whether two model outputs hold the same tensors, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return True
 
 
 def _entries(sitemap, embed: str) -> list[tuple[str, str]]:
@@ -222,10 +252,11 @@ def _entries(sitemap, embed: str) -> list[tuple[str, str]]:
                                        if sitemap.decoder_entry else [])
 
 
-def _run(model: nn.Module, sitemap, changes: list) -> None:
-    """One forward on the example inputs with `changes` made (as they are made: on construction), then undone."""
+def _run(model: nn.Module, sitemap, changes: list):
+    """One forward on the example inputs with `changes` made (as they are made: on construction), then undone: its
+    output."""
     try:
-        sitemap.run(model)
+        return sitemap.run(model)
     finally:
         for c in reversed(changes):
             c.undo(model)
