@@ -37,3 +37,31 @@ def test_compiles_in_one_graph_and_trains_alike(method, cfg):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# attention in a module's own code (reached by a torch-function mode), seated prefixes (ALiBi, relative positions)
+OWN = ["bloom", "gptj", "xglm", "deberta_v2", "t5", "mha_net", "einsum_lm"]
+
+
+@pytest.mark.parametrize("arch", OWN)
+def test_prefix_compiles_in_one_graph_where_attention_is_in_the_models_own_code(arch):
+    from test_zoo import fresh, inputs, main
+    kw = inputs(arch)
+    torch._dynamo.reset()
+    torch.compile(fresh(arch), fullgraph=True, backend="eager")(**kw)   # the bare base traces in one graph
+    model = fresh(arch)
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+
+    def step(m):
+        out = main(m(**kw)).float().pow(2).mean()
+        return out, torch.autograd.grad(out, params)
+
+    torch._dynamo.reset()
+    (want, want_grads), (got, got_grads) = step(model), step(torch.compile(model, fullgraph=True, backend="eager"))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -370,13 +370,14 @@ class _Mode(TorchFunctionMode):
             if isinstance(out, torch.Tensor):
                 self.tracked[id(out)] = (out, _Node(func, args, kwargs, "product", []))
             return out
+        if func is torch.Tensor.unflatten:   # its Python method calls super(), which torch.compile cannot follow
+            func = torch.unflatten
         out = func(*args, **kwargs)
         if self.tracked and isinstance(out, torch.Tensor) and out.dim():
             name = getattr(func, "__name__", "")
             if name in _KEEPS:
-                parents = [(at, e[1]) for at, t in _tensors(args, kwargs)
-                           if (e := self.tracked.get(id(t))) is not None and e[0] is t and t.dim()
-                           and t.shape[-1] == out.shape[-1]]
+                parents = [(at, self.node(t)) for at, t in _tensors(args, kwargs)
+                           if self.node(t) is not None and t.dim() and t.shape[-1] == out.shape[-1]]
                 if name == "softmax":
                     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
                     parents = parents if dim in (-1, out.dim() - 1) else []
@@ -385,6 +386,10 @@ class _Mode(TorchFunctionMode):
                                                         parents))
         return out
 
+    def node(self, t: torch.Tensor) -> _Node | None:
+        """The node that made t, if t is tracked (the same tensor, not one that reused its id)."""
+        e = self.tracked.get(id(t))
+        return e[1] if e is not None and e[0] is t else None
 
     def _value_product(self, func, args, kwargs):
         """The value product's result with every editor's keys and values, or None when this call is not a value
@@ -394,8 +399,7 @@ class _Mode(TorchFunctionMode):
             return None
         left, right, bias, rebuild, letters = p
         probs = next((i for i, t in enumerate((left, right)) if isinstance(t, torch.Tensor)
-                      and (e := self.tracked.get(id(t))) is not None and e[0] is t
-                      and (letters is not None or i == 0)), None)
+                      and self.node(t) is not None and (letters is not None or i == 0)), None)
         posts = _ways(self.tracked[id((left, right)[probs])][1], "softmax") if probs is not None else []
         if not posts:
             return None
@@ -558,15 +562,17 @@ def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
 
 def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
     """Prepend n always-visible key positions to an attention mask (bool, additive float, or None). The result
-    is reused while the same mask (same tensor, unchanged) or the same causal shape comes back."""
+    is reused while the same mask (same tensor, unchanged) or the same causal shape comes back (not while
+    torch.compile traces: a traced graph computes it once anyway)."""
     if mask is None:
         if not causal or q.shape[-2] == 1:
             return None
         key = (q.shape[-2], k_len_new, q.device)
     else:
-        key = (mask._version, n)
+        key = None if torch.compiler.is_compiling() else (mask._version, n)
     last = _last_mask[0]  # one read: other threads may replace it meanwhile
-    if last is not None and last[1] == key and (last[0] is None if mask is None else last[0]() is mask):
+    if last is not None and key is not None and last[1] == key and (
+            last[0] is None if mask is None else last[0]() is mask):
         return last[2]
     if mask is None:  # causal over the real keys; the n prefix keys precede them all, so visible to every query
         out = torch.ones(q.shape[-2], k_len_new, dtype=torch.bool, device=q.device).tril(k_len_new - q.shape[-2])
@@ -578,6 +584,8 @@ def extend_mask(mask, q, k_len_new: int, n: int, causal: bool):
         else:
             pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
         out = torch.cat([pad, mask], -1)
+    if key is None:
+        return out
     if mask is not None:
         _last_mask[0] = (weakref.ref(mask, _forget), key, out)
     elif out.numel() <= _KEEP:
