@@ -169,16 +169,20 @@ def seat(t: torch.Tensor, p: torch.Tensor, lead) -> torch.Tensor:
 
 def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, str]:
     """Where a prefix of `num` tokens sits in the sequence: {site path: the entry whose tokens its keys are}. None
-    unless one forward on the example inputs with zero keys and values put in front at every site finds a position
-    bias added to the scores somewhere. Then a second forward seats placeholders at each module taking token ids
-    (the entry; an encoder-decoder's decoder stack), more at each than any site saw keys and a different number at
-    each, so a site's key count tells whose sequence it attends over (cross-attention reads the encoder's outputs,
-    placeholders already dropped: in front). Without example inputs (or on the meta device): none."""
+    unless a forward with the prefix in front finds a position bias (_biased); then a forward with placeholders
+    seated tells where they go (_seatings). Without example inputs (or on the meta device): none."""
     embed = next((s.path for s in sitemap if s.role == "embed"), None)
     p = next(model.parameters(), None)
     if not sitemap.inputs or embed is None or sitemap.entry is None or p is None or p.device.type == "meta":
         return {}
-    longest = [0]
+    longest = _biased(model, sites, sitemap, num)
+    return _seatings(model, sites, sitemap, embed, longest) if longest else {}
+
+
+def _biased(model: nn.Module, sites: list[Site], sitemap, num: int) -> int:
+    """One forward on the example inputs with `num` zero keys and values put in front at every site: if a position
+    bias is added to the scores somewhere, the most keys a site saw (else 0)."""
+    p, longest = next(model.parameters()), [0]
 
     def in_front(s):
         ed = _Editor(lambda: (p.new_zeros(s.kv_heads, num, s.head_dim), p.new_zeros(s.kv_heads, num, _vdim(s))),
@@ -191,21 +195,27 @@ def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, 
     attention.biased[0] = []
     try:
         _run(model, sitemap, [Intercepted(model, s.path, in_front(s), s.impl or "", s.heads) for s in sites])
-        found = bool(attention.biased[0])
+        return longest[0] if attention.biased[0] else 0
     except Exception:   # apply's own forward says what is wrong
-        return {}
+        return 0
     finally:
         attention.biased[0] = None
-    if not found:
-        return {}
+
+
+def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest: int) -> dict[str, str]:
+    """Placeholders seated at each module taking token ids (the entry; an encoder-decoder's decoder stack), more at
+    each than any site saw keys and a different number at each, so a site's key count tells whose sequence it
+    attends over (cross-attention reads the encoder's outputs, placeholders already dropped: it keeps the prefix in
+    front). Zero keys and values are swapped in there, and two forwards with different placeholders must give the
+    same outputs; where they do not, the model reads the placeholders beside the swapped products: said."""
     entries = {}
     for i, (at, emb) in enumerate(_entries(sitemap, embed)):
-        n = (longest[0] + 1) * (i + 1)
+        n = (longest + 1) * (i + 1)
         entries[at] = Entry(model, sitemap, emb, n, Seats(n, model.get_submodule(emb).weight.shape[-1]), Switch(),
                             at=at)
     seen = {}
 
-    def recorder(path):   # zero keys and values seated where a call's keys are an entry's tokens
+    def recorder(path):
         def ed(module, q, k, v, mask, kwargs):
             at = next((a for a, e in entries.items() if e.pending and e.pending[-1]
                        and k.shape[-2] == e.pending[-1].total), None)
@@ -217,7 +227,7 @@ def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, 
         return ed
     outs = []
     try:
-        for ramp in (False, True):   # the placeholders' content must not reach the output once their keys are swapped
+        for ramp in (False, True):
             for e in entries.values():
                 e.prompt.ramp = ramp
             outs.append(_run(model, sitemap, [
@@ -231,7 +241,7 @@ def seated(model: nn.Module, sites: list[Site], sitemap, num: int) -> dict[str, 
     if where and not _same(*outs):
         warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values beside "
                       "the attention products where they are swapped for the prefix's (as DeBERTa's position-to-content "
-                      "term does), so there the prefix does not take their place", stacklevel=4)
+                      "term does), so there the prefix does not take their place", stacklevel=5)
     return where
 
 
