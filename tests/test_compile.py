@@ -40,7 +40,7 @@ def test_compiles_in_one_graph_and_trains_alike(method, cfg):
 
 
 # attention in a module's own code (reached by a torch-function mode), seated prefixes (ALiBi, relative positions)
-OWN = ["bloom", "gptj", "xglm", "deberta_v2", "t5", "mha_net", "einsum_lm"]
+OWN = ["bloom", "gptj", "falcon", "xglm", "deberta_v2", "t5", "mha_net", "einsum_lm"]
 
 
 @pytest.mark.parametrize("arch", OWN)

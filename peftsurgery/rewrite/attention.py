@@ -343,7 +343,7 @@ class _Mode(TorchFunctionMode):
     def __init__(self, module, hooks: _ModeHooks):
         super().__init__()
         self.module, self.heads, self.path, self.hooks = module, hooks.heads, hooks.path, hooks
-        self.tracked: dict[int, tuple] = {}   # id(tensor) -> (tensor, node)
+        self.tracked: dict[int, tuple] = {}   # id(tensor) (while traced: order of tracking) -> (tensor, node)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -368,7 +368,7 @@ class _Mode(TorchFunctionMode):
             out = self._value_product(func, args, kwargs) if self.tracked else None
             out = func(*args, **kwargs) if out is None else out
             if isinstance(out, torch.Tensor):
-                self.tracked[id(out)] = (out, _Node(func, args, kwargs, "product", []))
+                self.track(out, _Node(func, args, kwargs, "product", []))
             return out
         if func is torch.Tensor.unflatten:   # its Python method calls super(), which torch.compile cannot follow
             func = torch.unflatten
@@ -382,12 +382,17 @@ class _Mode(TorchFunctionMode):
                     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
                     parents = parents if dim in (-1, out.dim() - 1) else []
                 if parents:
-                    self.tracked[id(out)] = (out, _Node(func, args, kwargs, "softmax" if name == "softmax" else "op",
-                                                        parents))
+                    self.track(out, _Node(func, args, kwargs, "softmax" if name == "softmax" else "op", parents))
         return out
 
+    def track(self, t: torch.Tensor, node: _Node) -> None:
+        self.tracked[len(self.tracked) if torch.compiler.is_compiling() else id(t)] = (t, node)
+
     def node(self, t: torch.Tensor) -> _Node | None:
-        """The node that made t, if t is tracked (the same tensor, not one that reused its id)."""
+        """The node that made t, if t is tracked (the same tensor, not one that reused its id). While torch.compile
+        traces, found by identity among all: a guard on the id of a tensor made in the traced frame fails."""
+        if torch.compiler.is_compiling():
+            return next((n for x, n in self.tracked.values() if x is t), None)
         e = self.tracked.get(id(t))
         return e[1] if e is not None and e[0] is t else None
 
@@ -400,7 +405,7 @@ class _Mode(TorchFunctionMode):
         left, right, bias, rebuild, letters = p
         probs = next((i for i, t in enumerate((left, right)) if isinstance(t, torch.Tensor)
                       and self.node(t) is not None and (letters is not None or i == 0)), None)
-        posts = _ways(self.tracked[id((left, right)[probs])][1], "softmax") if probs is not None else []
+        posts = _ways(self.node((left, right)[probs]), "softmax") if probs is not None else []
         if not posts:
             return None
         post = posts[0]
