@@ -39,8 +39,9 @@ def test_compiles_in_one_graph_and_trains_alike(method, cfg):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# attention in a module's own code (reached by a torch-function mode), seated prefixes (ALiBi, relative positions)
-OWN = ["bloom", "gptj", "falcon", "xglm", "deberta_v2", "t5", "mha_net", "einsum_lm"]
+# attention in a module's own code (reached by a torch-function mode; tokens_lm's in the compiled module's own
+# forward), seated prefixes (ALiBi, relative positions)
+OWN = ["bloom", "gptj", "falcon", "xglm", "deberta_v2", "t5", "mha_net", "einsum_lm", "tokens_lm"]
 
 
 @pytest.mark.parametrize("arch", OWN)

@@ -17,6 +17,7 @@ call's own keys and merged by log-sum-exp instead of being put in front of the c
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 import warnings
@@ -28,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
-from .base import Change, Hooked, Watcher
+from .base import Change, Watcher
 
 PREFIX = "peftsurgery+"
 NO_MASK = "peftsurgery_no_mask"   # in an editor's kwargs: the mask it returns is not used (see _Mode)
@@ -340,9 +341,9 @@ class _Mode(TorchFunctionMode):
     in the module's own code it tracks the tensors that products make, through the calls that keep their last dim
     (the keys), so that at the value product it knows the score product and every call between them."""
 
-    def __init__(self, module, hooks: _ModeHooks):
+    def __init__(self, module, owner: _ModeForward):
         super().__init__()
-        self.module, self.heads, self.path, self.hooks = module, hooks.heads, hooks.path, hooks
+        self.module, self.heads, self.path, self.owner = module, owner.heads, owner.path, owner
         self.tracked: dict[int, tuple] = {}   # id(tensor) (while traced: order of tracking) -> (tensor, node)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -445,7 +446,7 @@ class _Mode(TorchFunctionMode):
 
         def added_to(t, key):   # keys edited in place (seated prefixes) have the model's own bias
             if added:
-                note_bias(self.hooks, t, kind, key)
+                note_bias(self.owner, t, kind, key)
         if sbias is not None and sbias.dim() and sbias.shape[-1] == n:
             added_to(sbias, "score bias")
             sbias = _prepend(sbias, added, 0)
@@ -456,24 +457,31 @@ class _Mode(TorchFunctionMode):
         return rebuild(x, v2, bias) if probs == 0 else rebuild(v2, x, bias)
 
 
-class _ModeHooks:
-    """Enter a _Mode while the module runs, if one of its editors is on (off, the module takes its own paths:
-    nn.MultiheadAttention's fast path is not taken while a mode is active)."""
+class _ModeForward:
+    """The forward of a module whose attention is reached by a _Mode: its own forward (or the one set on it before,
+    kept and given back), run inside a _Mode if one of its editors is on (off, the module takes its own paths:
+    nn.MultiheadAttention's fast path is not taken while a mode is active). A wrapper rather than a pre-hook
+    entering the mode and a hook leaving it: torch.compile of the module that holds such hooks computes other
+    outputs than eager; a `with` it follows. Its signature is the forward's (callers read parameter names)."""
 
-    def __init__(self, heads: int | None = None, path: str = ""):
-        self.modes, self.heads, self.path = [], heads, path
+    def __init__(self, module: nn.Module, heads: int | None, path: str):
+        self.module, self.heads, self.path = module, heads, path
+        self.inner = module.__dict__.get("forward")
 
-    def pre(self, module, args):
-        m = None
-        if any(getattr(getattr(e, "fn", e), "on", True) for e in _editors(module)):
-            m = _Mode(module, self)
-            m.__enter__()
-        self.modes.append(m)
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        if not any(getattr(getattr(e, "fn", e), "on", True) for e in _editors(m)):
+            return self._forward(*args, **kwargs)
+        with _Mode(m, self):
+            return self._forward(*args, **kwargs)
 
-    def post(self, module, args, out):
-        m = self.modes.pop() if self.modes else None
-        if m is not None:
-            m.__exit__(None, None, None)
+    def _forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs) if self.inner is not None else type(self.module).forward(self.module, *args,
+                                                                                                      **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.inner if self.inner is not None else type(self.module).forward.__get__(self.module))
 
 
 def _dispatches(module: nn.Module) -> bool:
@@ -489,23 +497,26 @@ class Intercepted(Change):
     def __init__(self, model: nn.Module, path: str, editor, impl: str, heads: int | None = None):
         module = model.get_submodule(path)
         cfg = getattr(module, "config", None)
-        self.path, self.editor, self.original, self.hooks = path, editor, None, []
+        self.path, self.editor, self.original = path, editor, None
         if cfg is not None and hasattr(cfg, "_attn_implementation") and _dispatches(module):
             current = cfg._attn_implementation or "eager"
             self.original = current[len(PREFIX):] if current.startswith(PREFIX) else current
             if not current.startswith(PREFIX):
                 cfg._attn_implementation = _register(self.original)
-        else:
-            mode = _ModeHooks(heads, path)
-            self.hooks = [Hooked(model, path, mode.pre, pre=True), Hooked(model, path, mode.post, always_call=True)]
+        elif not isinstance(module.__dict__.get("forward"), _ModeForward):   # one per module, for all its editors
+            module.forward = _ModeForward(module, heads, path)
         _editors(module).append(editor)
 
     def undo(self, model):
         module = model.get_submodule(self.path)
         eds = _editors(module)
         eds[:] = [e for e in eds if e is not self.editor]
-        for h in self.hooks:
-            h.undo(model)
+        wrapper = module.__dict__.get("forward")
+        if isinstance(wrapper, _ModeForward) and not eds:
+            if wrapper.inner is not None:
+                module.forward = wrapper.inner
+            else:
+                del module.__dict__["forward"]
         if self.original is not None:  # the config goes back once no module using it has editors left
             cfg = module.config
             if not any(getattr(m, "config", None) is cfg and m.__dict__.get("_peftsurgery_editors")
