@@ -190,10 +190,13 @@ class Handmade(nn.Module):
         q, k, v = (t.view(B, S, H, d).transpose(1, 2) for t in self.qkv(x).split(D, -1))
         k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
         pos = mask.cumsum(-1)
-        pos, before = (torch.where(pos > 0, pos + P, pos), torch.arange(1, P + 1.0)) if seated else (pos, torch.zeros(P))
+        if seated:
+            pos, before = torch.where(pos > 0, pos + P, pos), torch.arange(1, P + 1.0)
+        else:
+            before = torch.zeros(P)
+        slopes = self.slopes[:, None, None]
         scores = q @ k.transpose(-1, -2) * d ** -0.5 + torch.cat(
-            [self.slopes[:, None, None] * before.expand(B, 1, 1, P), self.slopes[:, None, None] * pos[:, None, None, :]],
-            -1)
+            [slopes * before.expand(B, 1, 1, P), slopes * pos[:, None, None, :]], -1)
         full = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)[:, None, None, :]
         scores = scores.masked_fill(full == 0, -1e9) * full.float()
         scores = scores.where(torch.cat([torch.ones(S, P, dtype=torch.bool), self.causal[:S, :S]], 1), -1e9)
@@ -375,7 +378,8 @@ def alibi_model(arch):
         return fresh("bloom")
     torch.manual_seed(0)
     if arch == "mpt":
-        return tf.MptForCausalLM(tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=V, expansion_ratio=2)).eval()
+        return tf.MptForCausalLM(tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=V,
+                                              expansion_ratio=2)).eval()
     return tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                                 vocab_size=V, alibi=True)).eval()
 

@@ -476,12 +476,14 @@ class _ModeForward:
             return self._forward(*args, **kwargs)
 
     def _forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs) if self.inner is not None else type(self.module).forward(self.module, *args,
-                                                                                                      **kwargs)
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     @property
     def __signature__(self):
-        return inspect.signature(self.inner if self.inner is not None else type(self.module).forward.__get__(self.module))
+        fwd = self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
+        return inspect.signature(fwd)
 
 
 def _dispatches(module: nn.Module) -> bool:

@@ -239,9 +239,9 @@ def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest:
         return {}
     where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
     if where and not _same(*outs):
-        warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values beside "
-                      "the attention products where they are swapped for the prefix's (as DeBERTa's position-to-content "
-                      "term does), so there the prefix does not take their place", stacklevel=5)
+        warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values "
+                      "beside the attention products where they are swapped for the prefix's (as DeBERTa's "
+                      "position-to-content term does), so there the prefix does not take their place", stacklevel=5)
     return where
 
 
