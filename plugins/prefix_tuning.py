@@ -8,7 +8,7 @@ from peftsurgery import SurgeryError, hookimpl
 from peftsurgery.checks import integer, one_line, selector
 from peftsurgery.rewrite import Prefix, check_text_init, record_kv, text_ids
 
-__version__ = "1.0"
+__version__ = "1.1"   # 1.1: the prefix sits in the sequence where the model adds a position bias
 INITS = ("random", "vocab", "text")
 
 

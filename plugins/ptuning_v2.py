@@ -11,7 +11,7 @@ from peftsurgery.checks import fraction, integer, selector
 from peftsurgery.errors import SurgeryError
 from peftsurgery.rewrite import Head, Prefix
 
-__version__ = "1.0"
+__version__ = "1.1"   # 1.1: the prefix sits in the sequence where the model adds a position bias
 
 
 @dataclass
