@@ -238,7 +238,7 @@ def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest:
     except Exception:
         return {}
     where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
-    if where and not _same(*outs):
+    if where and all(s.path in seen for s in sites) and not _same(*outs):   # (a site never reached: apply refuses)
         warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values "
                       "beside the attention products where they are swapped for the prefix's (as DeBERTa's "
                       "position-to-content term does), so there the prefix does not take their place", stacklevel=5)
