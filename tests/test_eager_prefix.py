@@ -21,12 +21,12 @@ from peftsurgery.sites import CONTAINER
 try:
     from conftest import raises_one_line
     from test_core import assert_same, snapshot
-    from test_zoo import fresh
+    from test_zoo import fresh, inputs
     from zoo import V
 except ImportError:  # tests/ collected as a package
     from tests.conftest import raises_one_line
     from tests.test_core import assert_same, snapshot
-    from tests.test_zoo import fresh
+    from tests.test_zoo import fresh, inputs
     from tests.zoo import V
 
 
@@ -448,3 +448,19 @@ def test_deberta_reading_the_placeholders_keys_is_said(terms, recwarn):
     said = [w for w in recwarn if "reads the seated placeholders' own keys" in str(w.message)]
     assert len(said) == ("p2c" in terms)
     assert all("seated" in r["what"] for r in ps.inspect(model))
+
+
+def test_t5_decoder_alone_is_seated_without_a_word(recwarn):
+    """A prefix on the decoder's self-attention only (PEFT's choice): only the decoder stack gets placeholders at
+    apply, so the encoder's, which no prefix would swap, are not held against it; nothing is said, and the
+    encoder's outputs are the base's."""
+    model = fresh("t5")
+    kw = inputs("t5")
+    with torch.no_grad():
+        base = model(**kw).encoder_last_hidden_state
+    targets = ",".join(f"path:decoder.block.{i}.layer.0.SelfAttention" for i in range(2))
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random", targets=targets)
+    assert [r["site"] for r in ps.inspect(model) if "seated" in r["what"]] == targets.replace("path:", "").split(",")
+    assert not [w for w in recwarn if "seated placeholders" in str(w.message)]
+    with torch.no_grad():
+        assert torch.equal(model(**kw).encoder_last_hidden_state, base)

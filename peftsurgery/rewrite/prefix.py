@@ -225,24 +225,31 @@ def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest:
             e = entries[at]
             return tuple(seat(t, t.new_zeros(t.shape[1], e.num, t.shape[-1]), e.lead) for t in (k, v)) + (mask, kwargs)
         return ed
-    outs = []
+
+    def forward(seated: dict, ramp: bool):
+        for e in seated.values():
+            e.prompt.ramp = ramp
+        return _run(model, sitemap, [*(c for e in seated.values() for c in e.attach(model)),
+                                     *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads)
+                                       for s in sites)])
     try:
-        for ramp in (False, True):
-            for e in entries.values():
-                e.prompt.ramp = ramp
-            outs.append(_run(model, sitemap, [
-                *(c for e in entries.values() for c in e.attach(model)),
-                *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads) for s in sites)]))
+        out = forward(entries, False)
+        where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
+        used = {at: e for at, e in entries.items() if at in where.values()}   # as apply will seat them
+        if not where or not all(s.path in seen for s in sites):   # (a site never reached: apply refuses)
+            return where
+        if len(used) < len(entries):
+            out = forward(used, False)
+        if not _same(out, forward(used, True)):
+            warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values "
+                          "beside the attention products where they are swapped for the prefix's (as DeBERTa's "
+                          "position-to-content term does), so there the prefix does not take their place",
+                          stacklevel=5)
+        return where
     except SurgeryError:   # it cannot be seated beside another adapter's virtual tokens
         raise
     except Exception:
         return {}
-    where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
-    if where and all(s.path in seen for s in sites) and not _same(*outs):   # (a site never reached: apply refuses)
-        warnings.warn(f"prefix tuning: {type(model).__name__} reads the seated placeholders' own keys or values "
-                      "beside the attention products where they are swapped for the prefix's (as DeBERTa's "
-                      "position-to-content term does), so there the prefix does not take their place", stacklevel=5)
-    return where
 
 
 def _same(a, b) -> bool:
