@@ -269,7 +269,8 @@ class VectorsLM(HandmadeLM):
 
 def test_a_position_bias_the_prefix_does_not_get_is_said():
     """With no token ids to sit among, the prefix stays in front of the keys, without position bias: said once."""
-    kw = {"features": torch.randn(2, 6, 4), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    kw = {"features": torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)),
+          "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     with pytest.warns(UserWarning, match=r"prefix keys in Handmade get no position bias") as seen:
         ps.apply(VectorsLM().eval(), "prefix-tuning", num_tokens=2, init="random", example_inputs=kw)
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
@@ -429,7 +430,7 @@ def test_route_refuses_seated_prefixes():
     model = fresh("bloom")
     ps.apply(model, "prefix-tuning", name="a", num_tokens=2, init="random")
     ps.apply(model, "lora", name="b", targets="mlp.up")
-    ids = torch.randint(3, V, (2, 5))
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(SurgeryError, match="route\\(\\) does not serve prefixes seated"):
         with ps.route(model, ["a", "b"]):
             model(input_ids=ids)
@@ -464,3 +465,24 @@ def test_t5_decoder_alone_is_seated_without_a_word(recwarn):
     assert not [w for w in recwarn if "seated placeholders" in str(w.message)]
     with torch.no_grad():
         assert torch.equal(model(**kw).encoder_last_hidden_state, base)
+
+
+@pytest.mark.parametrize("fails_at", [1, 3])
+def test_a_failing_look_for_a_position_bias_leaves_nothing_behind(fails_at, monkeypatch):
+    """The forwards that decide where a prefix sits make their interceptions one by one; when making one fails
+    (the second site of the first look, or the seated look's first site) those made before are undone too, and
+    apply goes on: after remove, no module holds an editor or a wrapped forward."""
+    model = fresh("bloom")
+    made, real = [0], prefix_rule.Intercepted
+
+    def failing(*args, **kwargs):
+        made[0] += 1
+        if made[0] == fails_at + 1:
+            raise RuntimeError("cannot intercept here")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(prefix_rule, "Intercepted", failing)
+    ps.apply(model, "prefix-tuning", num_tokens=2, init="random")
+    monkeypatch.setattr(prefix_rule, "Intercepted", real)
+    ps.remove(model)
+    left = [n for n, m in model.named_modules() if m.__dict__.get("_peftsurgery_editors") or "forward" in m.__dict__]
+    assert left == []

@@ -10,6 +10,7 @@ masks and biases itself, and at every attention call their keys and values are r
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -194,7 +195,7 @@ def _biased(model: nn.Module, sites: list[Site], sitemap, num: int) -> int:
         return edit
     attention.biased[0] = []
     try:
-        _run(model, sitemap, [Intercepted(model, s.path, in_front(s), s.impl or "", s.heads) for s in sites])
+        _run(model, sitemap, (Intercepted(model, s.path, in_front(s), s.impl or "", s.heads) for s in sites))
         return longest[0] if attention.biased[0] else 0
     except Exception:   # apply's own forward says what is wrong
         return 0
@@ -229,9 +230,9 @@ def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest:
     def forward(seated: dict, ramp: bool):
         for e in seated.values():
             e.prompt.ramp = ramp
-        return _run(model, sitemap, [*(c for e in seated.values() for c in e.attach(model)),
-                                     *(Intercepted(model, s.path, recorder(s.path), s.impl or "", s.heads)
-                                       for s in sites)])
+        return _run(model, sitemap, itertools.chain((c for e in seated.values() for c in e.attach(model)),
+                                                    (Intercepted(model, s.path, recorder(s.path), s.impl or "",
+                                                                 s.heads) for s in sites)))
     try:
         out = forward(entries, False)
         where = {s.path: seen[s.path] for s in sites if seen.get(s.path) is not None}
@@ -269,10 +270,12 @@ def _entries(sitemap, embed: str) -> list[tuple[str, str]]:
                                        if sitemap.decoder_entry else [])
 
 
-def _run(model: nn.Module, sitemap, changes: list):
-    """One forward on the example inputs with `changes` made (as they are made: on construction), then undone: its
-    output."""
+def _run(model: nn.Module, sitemap, making):
+    """One forward on the example inputs with the changes `making` makes (each on construction), then every one
+    made undone, also when making one fails: its output."""
+    changes = []
     try:
+        changes.extend(making)
         return sitemap.run(model)
     finally:
         for c in reversed(changes):
