@@ -7,6 +7,8 @@ einsum_lm and deepseek_v3."""
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 
 import peftsurgery as ps
 from peftsurgery import SurgeryError
+from peftsurgery.rewrite import attention
 from peftsurgery.rewrite import prefix as prefix_rule
 from peftsurgery.sites import CONTAINER
 
@@ -274,6 +277,25 @@ def test_a_position_bias_the_prefix_does_not_get_is_said():
     with pytest.warns(UserWarning, match=r"prefix keys in Handmade get no position bias") as seen:
         ps.apply(VectorsLM().eval(), "prefix-tuning", num_tokens=2, init="random", example_inputs=kw)
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
+
+
+def test_a_look_for_a_bias_in_one_thread_neither_takes_nor_silences_another_threads_finding():
+    """While one thread's apply looks for a position bias (note_bias records), a model in another thread whose
+    prefix cannot be seated still gets its warning, and the look's record holds nothing of it."""
+    kw = {"features": torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)),
+          "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    attention.look.found = []   # as prefix tuning's look sets it, here in the main thread
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            other = threading.Thread(target=ps.apply, args=(VectorsLM().eval(), "prefix-tuning"),
+                                     kwargs=dict(num_tokens=2, init="random", example_inputs=kw))
+            other.start()
+            other.join()
+        assert attention.look.found == []
+        assert any("prefix keys in Handmade get no position bias" in str(w.message) for w in seen)
+    finally:
+        attention.look.found = None
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])

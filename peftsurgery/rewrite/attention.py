@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -554,8 +555,13 @@ def _forget(ref) -> None:
         _last_mask[0] = None
 
 
-# while a list: the kinds of module in which note_bias found a position bias, and no warning (prefix.Prefix's look)
-biased: list = [None]
+class _Look(threading.local):
+    """While `found` is a list (prefix.Prefix's look for a bias, in this thread only): the kinds of module in which
+    note_bias found a position bias, recorded instead of warned about."""
+    found: list | None = None
+
+
+look = _Look()
 
 
 def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
@@ -569,8 +575,8 @@ def note_bias(owner, t: torch.Tensor, kind: str, key) -> None:
     looked.add(key)
     kept = t[t.isfinite() & (t > -1e4)]   # masked keys: -inf, the dtype's lowest value, or -10000
     if bool((kept != 0).any()):
-        if biased[0] is not None:
-            biased[0].append(kind)
+        if look.found is not None:
+            look.found.append(kind)
             return
         warnings.warn(f"prefix keys in {kind} get no position bias: the position bias it adds to the scores (ALiBi, "
                       "relative positions) is 0 for them where the prefix cannot be seated in the sequence (keys "

@@ -193,14 +193,14 @@ def _biased(model: nn.Module, sites: list[Site], sitemap, num: int) -> int:
             longest[0] = max(longest[0], k.shape[-2])
             return ed(module, q, k, v, mask, kwargs)
         return edit
-    attention.biased[0] = []
+    attention.look.found = []
     try:
         _run(model, sitemap, (Intercepted(model, s.path, in_front(s), s.impl or "", s.heads) for s in sites))
-        return longest[0] if attention.biased[0] else 0
+        return longest[0] if attention.look.found else 0
     except Exception:   # apply's own forward says what is wrong
         return 0
     finally:
-        attention.biased[0] = None
+        attention.look.found = None
 
 
 def _seatings(model: nn.Module, sites: list[Site], sitemap, embed: str, longest: int) -> dict[str, str]:
