@@ -220,11 +220,11 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
     sites = [s for s in sites if s.path.split(".")[0] != CONTAINER]  # attached adapters are not sites
     order = {p: i for i, (p, _) in enumerate(model.named_modules(remove_duplicate=False))}
     sites.sort(key=lambda s: (order.get(s.path, order.get(s.path.rsplit(".", 1)[0], 0)), s.path))
-    ent = _entry(model, entry.get("stack", ()))
+    ent = _entry(model, entry.get("stack", ()), sites)
     fwd = inspect.signature(model.get_submodule(ent).forward).parameters if ent is not None else {}
     cfg = getattr(model, "config", None)
     # a second module taking token ids beside the entry (not inside it, not around it): a decoder's stack
-    second, embed = next(((p, site) for p, site in ((_entry(model, st), site) for st, site in entry.get("later", ()))
+    second, embed = next(((p, site) for p, site in ((_entry(model, st, sites), site) for st, site in entry.get("later", ()))
                           if p and ent and p != ent and not p.startswith(ent + ".") and not ent.startswith(p + ".")),
                          ("", ""))
     return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd), token_input=entry.get("input", ""),
@@ -248,13 +248,18 @@ def _named(model: nn.Module, sites: list[Site], errors: list[str], strict: bool)
                   RolesByNameWarning, stacklevel=3)
 
 
-def _entry(model: nn.Module, stack: tuple) -> str | None:
-    """The innermost module around the embedding whose forward takes an attention mask (else the root)."""
+def _entry(model: nn.Module, stack: tuple, sites: list[Site]) -> str | None:
+    """The innermost module around the embedding whose forward takes an attention mask and holds layers the
+    embeddings go on to (an attention site, else a linear one), so that virtual tokens put in there pass through
+    them (an embeddings module taking the mask, as ESM's, holds none); else the root."""
+    held = [s.path for s in sites if s.kind == "attention"] or \
+        [s.path for s in sites if s.kind == "linear" and not s.path.startswith(f"{stack[-1] if stack else ''}.")]
     for path in reversed(stack[:-1]):
         try:
             m = model.get_submodule(path)
         except AttributeError:
             continue
-        if "attention_mask" in inspect.signature(m.forward).parameters:
+        if "attention_mask" in inspect.signature(m.forward).parameters and \
+                any(p.startswith(f"{path}.") for p in held):
             return path
     return ""

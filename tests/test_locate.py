@@ -244,6 +244,28 @@ def test_bert_encoder():
     assert sm.encoder_decoder is False
 
 
+def test_the_entry_holds_the_layers_the_embeddings_go_on_to():
+    """ESM's embeddings module takes the attention mask itself (token dropout), yet holds no layer after the
+    embedding: a prompt put in there and taken out of its output never reached the encoder (any prompt gave the
+    base's outputs, with no gradient). The entry is the innermost module around the embedding taking the mask
+    that holds an attention site."""
+    torch.manual_seed(0)
+    model = tf.EsmForMaskedLM(tf.EsmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, pad_token_id=0, mask_token_id=3,
+                                           position_embedding_type="rotary")).eval()
+    ids = torch.randint(4, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        base = model(**kw).logits
+    assert ps.locate(model).entry == "esm"
+    ps.apply(model, "prompt-tuning", num_tokens=3, init="random")
+    prompt, = [p for p in model.parameters() if p.requires_grad]
+    out = model(**kw).logits
+    assert out.shape == base.shape and not torch.allclose(out, base)
+    out.pow(2).mean().backward()
+    assert prompt.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("arch,up,down", [
     ("albert", "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn",
      "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output"),
