@@ -279,6 +279,33 @@ def test_a_position_bias_the_prefix_does_not_get_is_said():
     assert len({str(w.message) for w in seen if "position bias" in str(w.message)}) == 1
 
 
+def test_an_attention_computing_its_own_products_beside_one_that_dispatches_in_its_file_gets_its_prefix():
+    """BigBirdPegasus's modelling file reads transformers' attention registry (its decoder attention dispatches),
+    but its encoder attention computes its own score and value products: it used to be given the registry's
+    interception, which never saw a call, and prefix tuning was refused. Each class is now judged by its own code."""
+    torch.manual_seed(0)
+    model = tf.BigBirdPegasusForConditionalGeneration(tf.BigBirdPegasusConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, block_size=4,
+        num_random_blocks=2, decoder_start_token_id=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    enc, dec = model.model.encoder.layers[0].self_attn.self, model.model.decoder.layers[0].self_attn
+    assert not attention._dispatches(enc) and attention._dispatches(dec)
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, decoder_input_ids=ids[:, :4])
+    with torch.no_grad():
+        base = model.model.encoder(input_ids=ids).last_hidden_state
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random")
+    assert {r["site"] for r in ps.inspect(model)} >= {"model.encoder.layers.0.self_attn.self",
+                                                     "model.decoder.layers.0.self_attn"}
+    perturb(model)
+    with torch.no_grad():
+        assert not torch.allclose(model.model.encoder(input_ids=ids).last_hidden_state, base)
+        with ps.disabled(model):
+            assert torch.equal(model.model.encoder(input_ids=ids).last_hidden_state, base)
+    model(**kw).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model._modules[CONTAINER].parameters())
+
+
 def test_a_look_for_a_bias_in_one_thread_neither_takes_nor_silences_another_threads_finding():
     """While one thread's apply looks for a position bias (note_bias records), a model in another thread whose
     prefix cannot be seated still gets its warning, and the look's record holds nothing of it."""

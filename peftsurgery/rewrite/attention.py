@@ -488,9 +488,22 @@ class _ModeForward:
 
 
 def _dispatches(module: nn.Module) -> bool:
-    """Whether the module's modelling code calls attention through transformers' registry (a config naming an
-    implementation is not enough: Falcon's checks the name itself and falls back to its own attention)."""
-    return "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules.get(type(module).__module__, object()))
+    """Whether the module's own code calls attention through transformers' registry: its class's methods, or a
+    function of its modelling file they call, read the registry (a config naming an implementation is not enough:
+    Falcon's checks the name itself and falls back to its own attention; nor is the file importing the registry:
+    BigBirdPegasus's encoder attention computes its own products beside a decoder attention that dispatches)."""
+    space = vars(sys.modules.get(type(module).__module__, object()))
+    if "ALL_ATTENTION_FUNCTIONS" not in space:
+        return False
+    own = {n for cls in type(module).__mro__ if cls not in (nn.Module, object)
+           for f in vars(cls).values() if hasattr(f, "__code__") for n in _names(f.__code__)}
+    return "ALL_ATTENTION_FUNCTIONS" in own or any(
+        "ALL_ATTENTION_FUNCTIONS" in _names(space[n].__code__) for n in own if hasattr(space.get(n), "__code__"))
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a code object and the code nested in it read."""
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
 
 class Intercepted(Change):
