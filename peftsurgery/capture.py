@@ -226,6 +226,7 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
         return fqn if fqn is not None and params.get(fqn) is not None and params[fqn].dim() == 1 else None
 
     normed: set[str] = set()
+    roots: set[str] = set()   # square roots (a norm may divide by one)
     for n in gm.graph.nodes:
         ins = [a.name for a in _flat_nodes((n.args, n.kwargs))]
         stack_meta = n.meta.get("nn_module_stack") or {}
@@ -333,9 +334,14 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
             elif name in ("tril", "triu", "le", "lt", "ge", "gt"):
                 op.kind = "compare"
                 op.extra["triangle"] = name in ("tril", "triu")
-            # a norm written out (RMSNorm): x * rsqrt(mean(x^2) + eps), then times a weight (plus a bias)
+            # a norm written out (RMSNorm, LayerNorm): x * rsqrt(mean(x^2) + eps) (or pow(., -0.5), or x divided by
+            # a sqrt), then times a weight (plus a bias)
             after_rsqrt = any(a.name in normed for a in _flat_nodes(args))
-            if name == "rsqrt" or name in MOVES and after_rsqrt:
+            over_root = lambda i: len(args) > i and isinstance(args[i], torch.fx.Node) and args[i].name in roots
+            if name == "sqrt":
+                roots.add(n.name)
+            if (name == "rsqrt" or name == "pow" and len(args) > 1 and args[1] == -0.5 or name in MOVES and after_rsqrt
+                    or name == "div" and over_root(1) or name == "reciprocal" and over_root(0)):
                 normed.add(n.name)
             if name == "mul" and after_rsqrt:
                 op.extra["norm"] = [f for a in args if (f := vector(a)) is not None]

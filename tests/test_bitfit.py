@@ -41,6 +41,31 @@ def test_norm_weights_found_by_data_flow(arch):
     assert norms == {f"{n}.weight" for n in every} and norms
 
 
+class _Norm(torch.nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.weight, self.bias = how, torch.nn.Parameter(torch.ones(16)), torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        if self.how == "layer":   # a LayerNorm written out: divided by a square root, times a weight, plus a bias
+            x = x - x.mean(-1, keepdim=True)
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight + self.bias
+        ms = x.pow(2).mean(-1, keepdim=True) + 1e-6
+        return x * (torch.pow(ms, -0.5) if self.how == "pow" else torch.rsqrt(ms)) * self.weight
+
+
+@pytest.mark.parametrize("how", ["rsqrt", "pow", "layer"])
+def test_norms_written_out_each_way_are_found(how):
+    """x * rsqrt(ms), x * pow(ms, -0.5) (Gemma-3n's RMS norms: none was found there, so norm tuning was refused) and
+    x / sqrt(var) all normalise; the vector multiplying the result is the norm's weight (one added after it is a
+    bias, as a LayerNorm's)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 16), _Norm(how), torch.nn.Linear(16, 100))
+    sm = ps.locate(model, example_inputs={"input": ids()})
+    found = {s.path: s.role for s in sm if s.kind == "tensor"}
+    assert found["1.weight"] == "norm"
+    assert found.get("1.bias") == ("bias" if how == "layer" else None)
+
+
 def test_training_the_delta_is_training_the_biases():
     x = ids()
     m = FACTORIES["gpt2"]()
