@@ -38,16 +38,18 @@ def _one_line_warnings():
     """peftsurgery's own warnings become one line on stderr, without the file and line Python adds."""
     from .locate import RolesByNameWarning
     from .peftformat import PeftFormatWarning
+    from .surgery import SelectorWarning
+    own = (RolesByNameWarning, PeftFormatWarning, SelectorWarning)
     show = warnings.showwarning
 
     def one_line(message, category, *rest, **kw):
-        if not issubclass(category, (RolesByNameWarning, PeftFormatWarning)):
+        if not issubclass(category, own):
             return show(message, category, *rest, **kw)
         print(f"peftsurgery: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     warnings.showwarning = one_line
-    warnings.simplefilter("always", RolesByNameWarning)
-    warnings.simplefilter("always", PeftFormatWarning)
+    for category in own:
+        warnings.simplefilter("always", category)
 
 
 def _build_parser() -> argparse.ArgumentParser:

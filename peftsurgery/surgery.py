@@ -120,17 +120,33 @@ def prepare(model: nn.Module, rules: list[Rule], sm: SiteMap, config: tuple[str,
     (method name, its config), to name the option whose selector matches nothing."""
     rules = sorted(rules, key=lambda r: r.phase)
     chosen = []
+    name, cfg = config or ("", None)
     for r in rules:
+        opt = next((f for f in fields(cfg) if getattr(cfg, f.name) == r.targets), None) if is_dataclass(cfg) else None
         try:
             chosen.append(r.select(sm))
         except SurgeryError as e:
-            name, cfg = config or ("", None)
-            opt = next((f.name for f in fields(cfg) if getattr(cfg, f.name) == r.targets), None) \
-                if is_dataclass(cfg) else None
-            raise SurgeryError(f"{name} option {opt}={r.targets!r}: {e}" if opt else str(e)) from None
+            raise SurgeryError(f"{name} option {opt.name}={r.targets!r}: {e}" if opt else str(e)) from None
+        if opt is not None and r.targets != opt.default:
+            _unmatched_terms(sm, r, f"{name} option {opt.name}={r.targets!r}")
     for r, sites in zip(rules, chosen):
         r.check(model, sites)
     return [Record(r, sites, r.build(model, sites, sm)) for r, sites in zip(rules, chosen)]
+
+
+def _unmatched_terms(sm: SiteMap, rule: Rule, what: str) -> None:
+    """A selector the user gave whose other terms matched: each term matching nothing by itself is said (a typo, or
+    a role this model lacks, such as experts it does not hold as moe.*), since it adds nothing."""
+    for term in (t.strip() for t in str(rule.targets).split(",")):
+        if term and not term.startswith("blocks:"):
+            try:
+                sm.select(term, rule.kinds)
+            except SurgeryError as e:
+                warnings.warn(f"{what}: the term {term!r} adds nothing here ({e})", SelectorWarning, stacklevel=4)
+
+
+class SelectorWarning(UserWarning):
+    """A term of a selector the user gave that matches nothing on this model."""
 
 
 def _count(records: list[Record]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -109,6 +110,21 @@ def test_apply_errors_leave_model_untouched(model, plugin, config, needles):
     assert_same(model, before)
     ps.apply(model, "lora")  # the model is still usable
     assert list(ps.adapters(model)) == ["default"]
+
+
+def test_a_term_of_a_given_selector_that_matches_nothing_is_said(model, recwarn):
+    """A typo, or a role the model lacks (experts it does not hold as moe.*), beside terms that match: the rest is
+    applied and the dead term is said once, naming the option and the roles there are. A method's own default,
+    meant for many models (prefix tuning's attn,xattn on a decoder-only model), stays quiet."""
+    from peftsurgery.surgery import SelectorWarning
+    ps.apply(model, "lora", targets="attn.q,atn.v")
+    said = [str(w.message) for w in recwarn if issubclass(w.category, SelectorWarning)]
+    assert len(said) == 1 and re.search(r"targets='attn.q,atn.v'.*'atn.v' adds nothing.*roles here: attn.k", said[0])
+    assert {r["site"].rsplit(".", 1)[-1] for r in ps.inspect(model)} == {"q_proj"}
+    recwarn.clear()
+    ps.apply(model, "prefix-tuning", name="p")
+    ps.apply(model, "adapter", name="a", targets="attn.o,mlp.down")   # given, but the default: every term matches
+    assert not [w for w in recwarn if issubclass(w.category, SelectorWarning)]
 
 
 @pytest.mark.parametrize("name", ["", "a.b"])
