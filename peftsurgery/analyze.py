@@ -168,8 +168,12 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                               runner=op.module if op.site_kind == "param-linear" else None, experts=experts)
         role[name] = r
 
+    # a router: a linear whose scores reach a choice (top-k) before any other linear; it picks among experts
+    # (JetMoE's query experts among them) but projects nothing
+    routers = {n for op in ops.values() if op.extra.get("choice") and op.inputs
+               for n in lin(origin.get(op.inputs[0], ()))}
     for a in [o for o in ops.values() if o.kind == "attention"]:
-        full = {x: set(lin(origin.get(a.extra[x], ()))) for x in "qkv"}
+        full = {x: set(lin(origin.get(a.extra[x], ()))) - routers for x in "qkv"}
         if not all(full.values()):
             continue
         proj = set().union(*full.values())
@@ -222,11 +226,8 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
             if block_of(ops[n].site)[1] is None:
                 add_linear(n, "head")
 
-    # a router: a linear whose scores reach a choice (top-k) before any other linear
-    for op in ops.values():
-        if op.extra.get("choice") and op.inputs:
-            for n in lin(origin.get(op.inputs[0], ())):
-                add_linear(n, "router")
+    for n in sorted(routers):
+        add_linear(n, "router")
 
     # feed-forward: a linear fed only by linears (not by the residual stream) that feed nothing else
     for name, op in ops.items():

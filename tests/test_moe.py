@@ -53,6 +53,22 @@ def test_experts_are_sites_by_data_flow(arch):
     assert {s.path for s in experts} <= picked and not picked & {r.path for r in routers}
 
 
+def test_a_router_picking_query_experts_is_a_router_not_a_query_projection():
+    """JetMoE's attention has query experts picked by a router: the router's scores reach the queries (as the
+    experts' weights), so the router was labelled attn.q and default LoRA trained it. A linear whose scores reach a
+    top-k choice is a router, wherever its choice leads."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.JetMoeForCausalLM(tf.JetMoeConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)).eval()
+    roles = {s.path: s.role for s in ps.locate(model) if "router" in s.path}
+    assert roles == {"model.layers.0.mlp.router.layer": "router",
+                     "model.layers.0.self_attention.experts.router.layer": "router"}
+    ps.apply(model, "lora", r=4)
+    assert not any("router" in r["site"] for r in ps.inspect(model))
+
+
 @pytest.mark.parametrize("arch", MOE)
 def test_lora_on_experts_whatever_runs_them(arch):
     """Each of transformers' expert implementations (a grouped matmul, batched matmuls, a loop over the experts
