@@ -127,6 +127,30 @@ def test_a_term_of_a_given_selector_that_matches_nothing_is_said(model, recwarn)
     assert not [w for w in recwarn if issubclass(w.category, SelectorWarning)]
 
 
+class _FixedLength(torch.nn.Module):
+    """Runs on sequences of 5 tokens only (as Nystromformer's segment means need one length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = torch.nn.Embedding(V, 16), torch.nn.Linear(16, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        return self.out(h.view(h.shape[0], 5, 16))
+
+
+def test_a_change_the_model_cannot_run_with_is_refused_saying_so():
+    model = _FixedLength()
+    before = copy.deepcopy(model.state_dict())
+    raises_one_line(lambda: ps.apply(model, "prompt-tuning", num_tokens=2, example_inputs={"input_ids": IDS}),
+                    "prompt-tuning broke the model's forward", "does not run with this change", "another method")
+    assert not ps.adapters(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items()) and model.state_dict().keys() == \
+        before.keys()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert model(IDS).shape == (2, 5, V)
+
+
 @pytest.mark.parametrize("name", ["", "a.b"])
 def test_bad_adapter_name(model, name):
     before = snapshot(model)

@@ -369,7 +369,8 @@ def test_linear_subclasses_are_quantized_only_when_they_compute_f_linear(cls, wo
     x = torch.randint(0, VOCAB, (2, 5))
     before = {n: t.clone() for n, t in model.state_dict().items()}
     if not works:
-        with pytest.raises(SurgeryError, match=r"cannot quantize 1: it is a _DoubledLinear, which is neither") as e:
+        with pytest.raises(SurgeryError, match=r"cannot quantize 1: it is a _DoubledLinear, which is neither.*; "
+                                               r"leave it out of quantize") as e:
             ps.apply(model, "qlora", r=2, targets="path:1", quantize="path:1")
         assert "\n" not in str(e.value) and all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
         return

@@ -68,7 +68,9 @@ class Quantize(Rule):
                        "CPUs with AVX-512 for widths that are multiples of 16 but not of 64); leave it out of quantize")
             else:
                 continue
-            raise SurgeryError(f"cannot quantize {s.path}: {why}")
+            fix = "" if "leave it out" in why or "meta" in why else \
+                "; leave it out of quantize (a selector without it, e.g. attn.*,mlp.*)"
+            raise SurgeryError(f"cannot quantize {s.path}: {why}{fix}")
 
     def attach(self, model, sites, built, switch, sitemap):
         bnb = _bnb()
