@@ -215,9 +215,12 @@ class SiteMap:
         if not out:
             roles = sorted({s.role for s in pool})
             paths = [s.path for s in pool][:6]
+            guessed = "; roles were guessed from module names, as torch.export and torch.fx could not capture " \
+                "this model (attention, biases and norms are then not found): pass example_inputs they can run " \
+                "or select by path:" if self.method == "hooks" else ""
             raise SurgeryError(
                 f"selector {selector!r} matches no {'/'.join(k for k in kinds if k != 'slice')} site; roles here: "
-                f"{', '.join(roles) or 'none'}; paths like: {', '.join(paths) or 'none'}")
+                f"{', '.join(roles) or 'none'}; paths like: {', '.join(paths) or 'none'}{guessed}")
         return out
 
 

@@ -13,6 +13,11 @@ import peftsurgery as ps
 from peftsurgery import SurgeryError
 from peftsurgery.locate import RolesByNameWarning
 
+try:
+    from conftest import raises_one_line
+except ImportError:  # tests/ collected as a package
+    from tests.conftest import raises_one_line
+
 V, D = 128, 32
 
 
@@ -475,6 +480,15 @@ def test_hooks_fallback_finds_sites_by_name_and_says_so():
     assert "roles of _Untraceable's 6 sites were guessed from module names" in msg
     assert "by_export: GuardOnDataDependentSymNode" in msg and "by_fx: TypeError" in msg
     assert "example_inputs" in msg and "strict=True" in msg
+
+
+def test_a_selector_matching_nothing_on_roles_from_names_says_why():
+    """The name fallback finds no attention, bias or norm sites: a selector asking for them says that this is
+    why, not only that nothing matched."""
+    m = _Untraceable().eval()
+    with pytest.warns(RolesByNameWarning):
+        raises_one_line(lambda: ps.apply(m, "bitfit"), "matches no tensor site", "guessed from module names",
+                        "example_inputs", "path:")
 
 
 def test_hooks_fallback_is_quiet_apart_from_the_warning(capsys):
