@@ -359,7 +359,7 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
     return Graph(ops, outputs, user_inputs, method, sorted(ran))
 
 
-def by_export(model: nn.Module, kwargs: dict) -> Graph:
+def by_export(model: nn.Module, kwargs: dict, method: str = "export") -> Graph:
     import torch.fx.config as fx_config
     # the analysis never reads stack traces; recording them is ~15% of export (the switch is new in torch 2.13)
     before = getattr(fx_config, "do_not_emit_stack_traces", None)
@@ -375,7 +375,17 @@ def by_export(model: nn.Module, kwargs: dict) -> Graph:
     for k, v in getattr(sig, "inputs_to_buffers", {}).items():
         param_of.setdefault(k, v)
     user = [s for s in sig.user_inputs]
-    return from_fx(ep.graph_module, model, "export", param_of, user)
+    return from_fx(ep.graph_module, model, method, param_of, user)
+
+
+def by_real_export(model: nn.Module, kwargs: dict) -> Graph:
+    """torch.export with real tensors carried beside the traced ones (what torch.export.draft_export does, without
+    the trace log it writes to the temporary folder): a branch on a tensor's value (LED's and Longformer's padding
+    checks) is decided by the example inputs' real values instead of failing, so the graph holds the path these
+    inputs take, which is all the analysis reads."""
+    from torch._functorch import config
+    with config.patch(fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True):
+        return by_export(model, kwargs, method="real_export")
 
 
 def by_fx(model: nn.Module, kwargs: dict) -> Graph:

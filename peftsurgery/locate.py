@@ -160,7 +160,7 @@ def _traced(how, model: nn.Module, kwargs: dict) -> capture.Graph:
 def _capture(model: nn.Module, kwargs: dict) -> tuple[capture.Graph, list[str]]:
     """The graph of the first way that works, and why the ways before it failed."""
     errors = []
-    for how in (capture.by_export, capture.by_fx, capture.by_hooks):
+    for how in (capture.by_export, capture.by_real_export, capture.by_fx, capture.by_hooks):
         try:
             return _traced(how, model, kwargs), errors
         except Exception as e:  # each way fails on some models; the next one is tried

@@ -369,14 +369,15 @@ def test_factory_errors_are_one_line(capsys, tmp_path, monkeypatch, spec, words)
 
 
 MISLEADING = """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class Misleading(nn.Module):
-    \"\"\"Branches on a tensor's value, which neither torch.export nor torch.fx captures; its attention output is
-    called `setup` (the name says mlp.up) and its head `classify` (the name says nothing).\"\"\"
+    \"\"\"Reads a tensor's values through NumPy, which no tracer sees through; its attention output is called
+    `setup` (the name says mlp.up) and its head `classify` (the name says nothing).\"\"\"
 
     def __init__(self, d=16):
         super().__init__()
@@ -386,7 +387,7 @@ class Misleading(nn.Module):
 
     def forward(self, input_ids):
         h = self.emb(input_ids)
-        if float(h.sum()) > 1e9:
+        if float(np.asarray(h.detach()).sum()) > 1e9:
             h = h * 2
         q, k, v = (p(h)[:, None] for p in (self.q_proj, self.k_proj, self.v_proj))
         return self.classify(h + self.setup(F.scaled_dot_product_attention(q, k, v)[:, 0]))
