@@ -12,9 +12,9 @@ import peftsurgery
 from peftsurgery.rewrite import kernels
 from peftsurgery.rewrite.lowrank import LowRankBranch
 
-from .common import (Ctx, Result, bandwidth, branch_bytes, clock, clone, floor_inputs_require_grad, flop_ideal,
-                     interleave, linear_targets, llama, med, mib, peak_cuda, saved_activations, tokens, train_step,
-                     trainable_bytes)
+from .common import (Ctx, Result, bandwidth, branch_bytes, branch_flops, clock, clone, floor_inputs_require_grad,
+                     flop_ideal, interleave, linear_targets, llama, matmul_rate, med, mib, peak_cuda, saved_activations,
+                     tokens, train_step, trainable_bytes)
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -128,9 +128,19 @@ def case_lora_train(ctx: Ctx) -> Result:
     for n in ("ours", "peft"):
         over = sum(med(samples, n, ph) - med(samples, "floor", ph) for ph in ("forward", "backward"))
         res.extra[f"{n}_over_traffic_floor"] = over / floor_s
+    # the arithmetic floor beside it: the branches' FLOPs at the rate dense products of these shapes reach here;
+    # where it exceeds the traffic floor the device runs the branches compute-bound, out of the traffic goal's reach
+    flops = branch_flops(16, linear_targets(base), z["batch"] * z["seq"])
+    compute_s = flops / matmul_rate(ctx.device, z["batch"] * z["seq"], linear_targets(base), ctx.dtype)
+    res.extra.update(branch_flops=flops, compute_floor_ms=compute_s * 1e3)
+    for n in ("ours", "peft"):
+        res.extra[f"{n}_over_compute_floor"] = res.extra[f"{n}_over_traffic_floor"] * floor_s / compute_s
     res.target("branch time (fwd+bwd above the floor) / memory-traffic floor", res.extra["ours_over_traffic_floor"],
                1.3, note=f"{(moved['forward'] + moved['backward']) / 2**20:.0f} MiB at {rate / 1e9:.1f} GB/s = "
-                         f"{floor_s * 1e3:.2f} ms; PEFT {res.extra['peft_over_traffic_floor']:.2f}")
+                         f"{floor_s * 1e3:.2f} ms; PEFT {res.extra['peft_over_traffic_floor']:.2f}; their "
+                         f"{flops / 1e9:.1f} GFLOP at the dense products' rate take {compute_s * 1e3:.2f} ms "
+                         f"(ours {res.extra['ours_over_compute_floor']:.2f}x that, PEFT "
+                         f"{res.extra['peft_over_compute_floor']:.2f}x)")
     # the same three with transformers' gradient checkpointing (the forward runs again inside backward)
     for m in (ours, pm, floor):
         m.gradient_checkpointing_enable()

@@ -135,6 +135,26 @@ def branch_bytes(r: int, shapes, tokens: int, elem: int) -> dict[str, int]:
     return {"forward": fwd * elem, "backward": bwd * elem}
 
 
+def matmul_rate(device: str, tokens: int, shapes, dtype=torch.float32, reps: int = 5) -> float:
+    """FLOP/s of the dense products x W^T at these linear shapes and token count, the best of `reps`: the rate a
+    branch's arithmetic could at most reach here (its products are thinner, so this floor is optimistic)."""
+    ws = [torch.randn(o, i, device=device, dtype=dtype) for i, o in shapes]
+    xs = [torch.randn(tokens, w.shape[1], device=device, dtype=dtype) for w in ws]
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock(device)
+        for x, w in zip(xs, ws):
+            x @ w.t()
+        best = min(best, clock(device) - t0)
+    return sum(2 * tokens * w.shape[0] * w.shape[1] for w in ws) / best
+
+
+def branch_flops(r: int, shapes, tokens: int) -> int:
+    """FLOPs of rank-r branches on these linears in a training step: forward x A^T then h B^T, backward B's and
+    A's gradients and the two products carrying the gradient back to x (six products of T x r x (in or out))."""
+    return sum(6 * tokens * r * (i + o) for i, o in shapes)
+
+
 def bandwidth(device: str, mib_size: int = 256, reps: int = 5) -> float:
     """Bytes per second of a large copy (read + write), the best of `reps`: the memory-traffic floor's rate."""
     a = torch.empty(mib_size << 18, device=device).uniform_()
