@@ -224,7 +224,8 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
     fwd = inspect.signature(model.get_submodule(ent).forward).parameters if ent is not None else {}
     cfg = getattr(model, "config", None)
     # a second module taking token ids beside the entry (not inside it, not around it): a decoder's stack
-    second, embed = next(((p, site) for p, site in ((_entry(model, st, sites), site) for st, site in entry.get("later", ()))
+    later = ((_entry(model, st, sites), site) for st, site in entry.get("later", ()))
+    second, embed = next(((p, site) for p, site in later
                           if p and ent and p != ent and not p.startswith(ent + ".") and not ent.startswith(p + ".")),
                          ("", ""))
     return SiteMap(sites, graph.method, entry=ent or "", entry_params=tuple(fwd), token_input=entry.get("input", ""),

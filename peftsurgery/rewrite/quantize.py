@@ -54,23 +54,22 @@ class Quantize(Rule):
             m = model.get_submodule(s.path)
             if _is_quantized(bnb, m):
                 continue
+            out = "; leave it out of quantize (a selector without it, e.g. attn.*,mlp.*)"
             if type(m) not in _float_classes() and not _computes_linear(m):
                 why = (f"it is a {type(m).__name__}, which is neither nn.Linear, transformers' Conv1D, nor an "
-                       "nn.Linear subclass computing F.linear(x, weight, bias) (checked on a random input)")
+                       "nn.Linear subclass computing F.linear(x, weight, bias) (checked on a random input)" + out)
             elif (w := _out_in(m)).device.type == "meta":
                 why = "it is on the meta device; load real weights before quantizing"
             elif w.dtype not in COMPUTE_DTYPES:
-                why = f"its weights are {w.dtype}; bitsandbytes quantizes float32, bfloat16 and float16 only"
+                why = f"its weights are {w.dtype}; bitsandbytes quantizes float32, bfloat16 and float16 only" + out
             elif w.numel() == 2:  # one packed byte, which bitsandbytes then takes for a transposed weight
-                why = "its weight is 1 x 2 (or 2 x 1), which bitsandbytes' 4-bit layer cannot multiply"
+                why = "its weight is 1 x 2 (or 2 x 1), which bitsandbytes' 4-bit layer cannot multiply" + out
             elif not _round_trips(bnb, w.shape[1], w.dtype, w.device):
                 why = (f"bitsandbytes on this machine dequantizes 4-bit weights {w.shape[1]} wide wrongly (seen on "
                        "CPUs with AVX-512 for widths that are multiples of 16 but not of 64); leave it out of quantize")
             else:
                 continue
-            fix = "" if "leave it out" in why or "meta" in why else \
-                "; leave it out of quantize (a selector without it, e.g. attn.*,mlp.*)"
-            raise SurgeryError(f"cannot quantize {s.path}: {why}{fix}")
+            raise SurgeryError(f"cannot quantize {s.path}: {why}")
 
     def attach(self, model, sites, built, switch, sitemap):
         bnb = _bnb()
