@@ -195,13 +195,15 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
                 graph = _traced(capture.by_export, model, kwargs)
             except Exception:
                 graph = None
+            if graph is not None:   # read while the representatives stand at the paths the graph names
+                sites, entry = analyse(graph, model)
     finally:
         for ml, mods in saved:
             ml._modules = mods
     if graph is None:
         lists = []
         graph, errors = _capture(model, kwargs)
-    sites, entry = analyse(graph, model)
+        sites, entry = analyse(graph, model)
     model.train(was_training)
     _named(model, sites, errors, strict)
     # map the representatives' sites to every block of their kind

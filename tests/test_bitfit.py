@@ -66,6 +66,33 @@ def test_norms_written_out_each_way_are_found(how):
     assert found.get("1.bias") == ("bias" if how == "layer" else None)
 
 
+class _Head(torch.nn.Module):
+    """A list whose layers of one kind are not all at its front (YOLOS's detection head): 16->16, 16->16, 16->100."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 100)])
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_a_repeated_list_analysed_by_its_representatives_gives_each_site_its_own_width():
+    """locate analyses one layer of each kind (here layers 0 and 2, standing at 0 and 1 while captured); the last
+    bias was measured at the restored list's position 1 (16 wide) and named layers.2 (100 wide), and bitfit was
+    refused as a plugin whose budget is wrong."""
+    model = _Head()
+    sm = ps.locate(model, example_inputs={"input_ids": ids()})
+    widths = {s.path: s.out_features for s in sm if s.kind == "tensor"}
+    assert widths == {f"layers.{i}.bias": model.layers[i].bias.numel() for i in range(3)}
+    ps.apply(model, "bitfit")
+    assert ps.budget(model)["trainable"] == 16 + 16 + 100
+
+
 def test_training_the_delta_is_training_the_biases():
     x = ids()
     m = FACTORIES["gpt2"]()
