@@ -57,7 +57,8 @@ def example_inputs(model: nn.Module) -> dict:
         kw["input_ids"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
         if "attention_mask" in params:   # some models build a missing one only when not traced
             kw["attention_mask"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
-    size = _setting(cfg, "image_size")
+    # images of the config's size (else 64 x 64, which a ConvNet's stride-32 stem still leaves pixels of)
+    size = _setting(cfg, "image_size") or (64 if cfg is not None else None)
     # a model that takes images as placeholder tokens in input_ids (Llava-like) runs on the ids alone
     in_text = any(_setting(cfg, k) is not None for k in ("image_token_id", "image_token_index"))
     if "pixel_values" in params and size and not in_text:
@@ -67,8 +68,16 @@ def example_inputs(model: nn.Module) -> dict:
     if "input_features" in params and bins:
         frames = 2 * (_setting(cfg, "max_source_positions") or SEQ)
         kw["input_features"] = torch.zeros(1, bins, frames, dtype=dtype, device=device)
+    elif "input_features" in params and (per := _setting(cfg, "input_feat_per_channel")):
+        # frames first (Speech2Text): enough for its convolutional subsampling to leave SEQ of them
+        frames = SEQ * 2 ** len(_setting(cfg, "conv_kernel_sizes") or (1, 1))
+        kw["input_features"] = torch.zeros(1, frames, per * (_setting(cfg, "input_channels") or 1), dtype=dtype,
+                                           device=device)
     if "input_values" in params and not kw:
-        kw["input_values"] = torch.zeros(1, _samples(cfg), dtype=dtype, device=device)
+        if bins and _setting(cfg, "max_length"):   # a spectrogram, frames first (Audio Spectrogram Transformer)
+            kw["input_values"] = torch.zeros(1, _setting(cfg, "max_length"), bins, dtype=dtype, device=device)
+        else:   # raw audio
+            kw["input_values"] = torch.zeros(1, _samples(cfg), dtype=dtype, device=device)
     if kw:
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = torch.ones(1, SEQ // 2, dtype=torch.long, device=device)

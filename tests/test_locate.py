@@ -1,6 +1,7 @@
 """locate(): sites and roles found by data flow on HF models and on custom modules with arbitrary names."""
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -491,6 +492,29 @@ def test_a_branch_on_values_is_decided_by_the_example_inputs_and_roles_come_from
         "head": "head", "": "attn"}
     assert not [w for w in recwarn if issubclass(w.category, RolesByNameWarning)]
     assert m.calls.item() == 0
+
+
+GUESSED = {   # models whose inputs the guesses used to get wrong
+    "resnet": lambda: tf.ResNetForImageClassification(tf.ResNetConfig(   # no image_size in its config
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3)),
+    "ast": lambda: tf.ASTForAudioClassification(tf.ASTConfig(   # a spectrogram, frames first, not raw audio
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, max_length=32,
+        num_mel_bins=16, frequency_stride=4, time_stride=4, patch_size=8, num_labels=3)),
+    "speech_to_text": lambda: tf.Speech2TextForConditionalGeneration(tf.Speech2TextConfig(   # features frames first
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, input_feat_per_channel=16,
+        conv_channels=32, max_source_positions=64, max_target_positions=64)),
+}
+
+
+@pytest.mark.parametrize("arch", GUESSED)
+def test_guessed_inputs_run_images_without_a_size_spectrograms_and_frames_first_features(arch):
+    torch.manual_seed(0)
+    model = GUESSED[arch]().eval()
+    kw = importlib.import_module("peftsurgery.locate").example_inputs(model)
+    with torch.no_grad():
+        model(**kw)
+    assert ps.locate(model).method == "export"
 
 
 def test_hooks_fallback_finds_sites_by_name_and_says_so():
