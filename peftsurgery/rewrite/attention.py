@@ -17,6 +17,7 @@ call's own keys and merged by log-sum-exp instead of being put in front of the c
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -492,10 +493,16 @@ def _dispatches(module: nn.Module) -> bool:
     function of its modelling file they call, read the registry (a config naming an implementation is not enough:
     Falcon's checks the name itself and falls back to its own attention; nor is the file importing the registry:
     BigBirdPegasus's encoder attention computes its own products beside a decoder attention that dispatches)."""
-    space = vars(sys.modules.get(type(module).__module__, object()))
+    return _class_dispatches(type(module))
+
+
+@functools.cache
+def _class_dispatches(kind: type) -> bool:
+    """_dispatches for every module of one class (read once per class: every site and seating forward asks)."""
+    space = vars(sys.modules.get(kind.__module__, object()))
     if "ALL_ATTENTION_FUNCTIONS" not in space:
         return False
-    own = {n for cls in type(module).__mro__ if cls not in (nn.Module, object)
+    own = {n for cls in kind.__mro__ if cls not in (nn.Module, object)
            for f in vars(cls).values() if hasattr(f, "__code__") for n in _names(f.__code__)}
     return "ALL_ATTENTION_FUNCTIONS" in own or any(
         "ALL_ATTENTION_FUNCTIONS" in _names(space[n].__code__) for n in own if hasattr(space.get(n), "__code__"))
