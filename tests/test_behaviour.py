@@ -439,3 +439,24 @@ def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatc
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with ps.disabled(m):
         assert (decode() - want).abs().max() > 1e-2   # the prefix matters here
+
+
+def test_two_prompts_at_once_are_one_prompt_of_both():
+    """Two prompt adapters on at once put their tokens in front of each other and both are taken out of the outputs
+    (the last one placed first; the first prompt's positions stayed in the logits before): the logits are those of
+    one prompt holding the second's vectors then the first's, with left padding, also through a cache."""
+    m, one = llama(), llama()
+    ps.apply(m, "prompt-tuning", name="p", num_tokens=4, init="random")
+    ps.apply(m, "prompt-tuning", name="o", num_tokens=2, init="random", seed=1)
+    w = {n: next(iter(ps.adapters(m)[n].records[0].built.values())).weight for n in ("p", "o")}
+    ps.apply(one, "prompt-tuning", num_tokens=6)
+    with torch.no_grad():
+        next(one._peftsurgery.parameters()).copy_(torch.cat([w["o"], w["p"]]))
+    ids, mask = padded(SEQS, "left")
+    real = mask.bool()
+    with torch.no_grad():
+        for kw in ({}, {"past_key_values": tf.DynamicCache(config=m.config), "use_cache": True}):
+            got = m(input_ids=ids, attention_mask=mask, **kw).logits
+            assert got.shape == (*ids.shape, V)
+            torch.testing.assert_close(got[real], one(input_ids=ids, attention_mask=mask).logits[real], atol=1e-5,
+                                       rtol=0)

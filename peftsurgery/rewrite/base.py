@@ -68,15 +68,15 @@ _ALL_HOOKS = tuple(k for k in vars(nn.Module()) if "hook" in k)   # every hook d
 
 class Hooked(Change):
     """A forward (or forward-pre) hook on the module at `path`, removed by identity from whatever module is
-    there when undone."""
+    there when undone (first: run before the hooks already there)."""
 
     def __init__(self, model: nn.Module, path: str, hook, pre: bool = False, with_kwargs: bool = False,
-                 always_call: bool = False, acts: bool = True):
+                 always_call: bool = False, acts: bool = True, first: bool = False):
         module = model.get_submodule(path)
         if pre:
-            module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+            module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=first)
         else:
-            module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call)
+            module.register_forward_hook(hook, with_kwargs=with_kwargs, always_call=always_call, prepend=first)
         self.path, self.hook, self.acts = path, hook, acts  # acts=False: a clean-up hook, nothing to prove
 
     def undo(self, model):

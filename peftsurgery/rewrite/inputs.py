@@ -84,8 +84,9 @@ class Entry:
                                    "cannot share it with another adapter's virtual tokens; remove the other adapter "
                                    "or use one at a time")
         yield Hooked(model, self.entry, self.pre, pre=True, with_kwargs=True)
-        if self.prompt is not None:  # only tokens placed in the sequence are taken out of the outputs
-            yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True)
+        if self.prompt is not None:  # only tokens placed in the sequence are taken out of the outputs, the last
+            # placed first (another adapter's prompt put in front of these is taken out before)
+            yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True, first=True)
             if "inputs_embeds" not in self.params:
                 yield Hooked(model, self.embed_path, self.on_embed)
 
