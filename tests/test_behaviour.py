@@ -441,6 +441,110 @@ def test_decoding_attends_prefix_apart_from_the_cache_as_if_prepended(monkeypatc
         assert (decode() - want).abs().max() > 1e-2   # the prefix matters here
 
 
+# ---------------------------------------------------------------- a prompt attended apart from the cache
+def _prompt_decode(m, ids, mask, steps, fill):
+    """Logits of a prefill and decoding steps (each step's token after the mask), and the cache's length after the
+    prefill: with fill, an empty cache is passed to the prefill (as generate() does); without, the model makes
+    its own."""
+    kw = {"past_key_values": tf.DynamicCache(config=m.config)} if fill else {}
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        cache, logits, held = out.past_key_values, [out.logits], out.past_key_values.get_seq_length()
+        for t in steps:
+            mask = torch.cat([mask, torch.ones_like(t)], 1)
+            logits.append(m(input_ids=t, attention_mask=mask, past_key_values=cache, use_cache=True).logits)
+    return torch.cat(logits, 1), held
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon", "mixtral"])
+def test_decoding_attends_a_prompt_apart_from_the_cache_as_in_the_sequence(monkeypatch, arch):
+    """Prompt tuning on a causal decoder: a prefill given an empty cache runs the prompt alone once and every layer
+    adds its keys and values as a prefix's, so the cache holds the real tokens only and each decoding step attends
+    to the prompt apart, merged by log-sum-exp. The logits are those of the prompt in the sequence (what a model
+    that makes its own cache, and training, compute), with left padding and grouped-query heads (llama), absolute
+    position embeddings (gpt2), attention in the model's own code (falcon) and a mixture of experts (mixtral); the
+    same after a deep copy of the model."""
+    import copy
+
+    from peftsurgery.rewrite import attention
+    from zoo import FACTORIES
+    m = llama() if arch == "llama" else gpt2() if arch == "gpt2" else FACTORIES[arch]()
+    ps.apply(m, "prompt-tuning", num_tokens=4, init="random")
+    with torch.no_grad():
+        next(m._peftsurgery.parameters()).normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    assert "attended apart from the cache" in ps.inspect(m)[0]["what"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    steps = [torch.randint(3, V, (3, 1), generator=g) for _ in range(3)]
+    calls = []
+    merged = attention._merged
+    monkeypatch.setattr(attention, "_merged", lambda *a: calls.append(a) or merged(*a))
+    got, held = _prompt_decode(m, ids, mask, steps, fill=True)
+    layers = m.config.num_hidden_layers
+    assert held == 6 and len(calls) == layers * len(steps)   # the prompt is not in the cache; every step merged it
+    want, held = _prompt_decode(m, ids, mask, steps, fill=False)
+    assert held == 6 + 4 and len(calls) == layers * len(steps)   # in the sequence: cached, nothing merged
+    real = torch.cat([mask] + [torch.ones_like(t) for t in steps], 1).bool()   # what padding positions give differs
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(_prompt_decode(copy.deepcopy(m), ids, mask, steps, fill=True)[0][real], want[real],
+                               atol=1e-5, rtol=0)
+    with ps.disabled(m):
+        assert (_prompt_decode(m, ids, mask, steps, fill=True)[0] - want)[real].abs().max() > 1e-2   # it matters
+
+
+def test_a_prompt_trained_through_a_cache_stays_in_the_sequence():
+    """With gradients the prompt is in the sequence even where a cache is filled: its gradient is the one of a call
+    without a cache."""
+    m = adapted(llama, "prompt-tuning")
+    ids = torch.tensor([SEQS[0]])
+    prompt = next(m._peftsurgery.parameters())
+    grads = []
+    for kw in ({"past_key_values": tf.DynamicCache(config=m.config), "use_cache": True}, {"use_cache": False}):
+        prompt.grad = None
+        m(input_ids=ids, **kw).logits.sum().backward()
+        grads.append(prompt.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
+
+
+def _jamba():
+    torch.manual_seed(0)
+    return tf.JambaForCausalLM(tf.JambaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=4, mamba_d_state=8,
+        mamba_expand=2, mamba_dt_rank=8, use_mamba_kernels=False, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2)).eval()
+
+
+def _windowed():
+    torch.manual_seed(0)
+    return tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=12, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("make,dtype", [(bert, "float32"), (_jamba, "float32"), (_jamba, "bfloat16"),
+                                        (_windowed, "float32"), ("bloom", "float32")],
+                         ids=["bidirectional", "recurrent layers", "recurrent layers, bf16", "sliding window", "alibi"])
+def test_a_prompt_stays_in_the_sequence_where_apart_would_compute_otherwise(make, dtype):
+    """Where attending to the prompt apart would change what the model computes, the prompt stays in the sequence
+    (and in the cache): the prompt sees the real tokens (BERT), reaches them through a recurrent state as well
+    (Jamba's Mamba layers; in bfloat16 too, where that is within rounding of the prompt's whole effect), leaves a
+    sliding window (of 12 tokens: longer than the example inputs, so apply sees no difference; generation goes
+    past it), or gets a position bias (ALiBi)."""
+    from zoo import FACTORIES
+    m = (FACTORIES[make]() if isinstance(make, str) else make()).to(getattr(torch, dtype))
+    ps.apply(m, "prompt-tuning", num_tokens=3, init="random")
+    assert "apart" not in ps.inspect(m)[0]["what"]
+    if make is not bert and dtype == "float32":
+        ids, mask = torch.tensor([SEQS[0]]), torch.ones(1, len(SEQS[0]), dtype=torch.long)
+        with torch.no_grad():
+            got = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+        assert got.tolist() == greedy(m, ids, mask, 8).tolist()
+
+
 def test_two_prompts_at_once_are_one_prompt_of_both():
     """Two prompt adapters on at once put their tokens in front of each other and both are taken out of the outputs
     (the last one placed first; the first prompt's positions stayed in the logits before): the logits are those of

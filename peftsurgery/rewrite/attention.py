@@ -12,8 +12,9 @@ Two ways, chosen per site:
 Each intercepted module keeps a list of editors: edit(module, q, k, v, mask, kwargs) -> (k, v, mask, kwargs), with
 q, k, v laid out (batch, heads, seq, head_dim). Editors that add keys and values put them first; one that does only
 that may also have apart() -> (keys, values, visible): (kv_heads, n, head_dim) or (batch, kv_heads, n, head_dim) and
-which of the n each row sees ((batch, n) bool, or None): in a decoding step they are then attended apart from the
-call's own keys and merged by log-sum-exp instead of being put in front of the cache (_apart).
+which of the n each row sees ((batch, n) bool, or None), or None when it adds none in this call: in a decoding step
+they are then attended apart from the call's own keys and merged by log-sum-exp instead of being put in front of the
+cache (_apart).
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ def _apart(module, query, key, value, kwargs):
     if not eds or not all(hasattr(ed, "apart") for ed in eds):
         return None
     B, H = key.shape[:2]
-    parts = [ed.apart() for ed in eds]   # k, v: (kv_heads, n, dim), or (batch, kv_heads, n, dim)
+    parts = [ed.apart() for ed in eds]   # k, v: (kv_heads, n, dim), or (batch, kv_heads, n, dim); None: not now
+    if any(p is None for p in parts):
+        return None
     for k, v, _ in parts:
         if (v.shape[-1] != value.shape[-1] or H % k.shape[-3] or query.shape[1] % H
                 or k.dim() == 4 and k.shape[0] != B):   # the editor's own call says what is wrong

@@ -7,7 +7,10 @@ The entry is the module whose forward receives the token ids (found by locate). 
 - for every kind: gives real tokens position ids that follow the attention mask, shifted by the number of
   virtual tokens, so padding (left or right) does not move them and virtual tokens sit just before the first
   real token.
-During cached decoding (the mask is longer than the new tokens) nothing is prepended again.
+During cached decoding (the mask is longer than the new tokens) nothing is prepended again. Where a prompt is
+attended apart (`apart`, see prompt.Apart), a call without gradients that fills an empty cache puts nothing in the
+sequence either: the prompt's keys and values are recorded once and every attention call of it and of the decoding
+steps on that cache adds them, as a prefix's, and the real tokens' positions are shifted as a prefix shifts them.
 Under route() one RoutedEntry serves every routed adapter: row i gets its own adapter's prompt, right-aligned in as
 many slots as the batch's longest (the slots before a shorter prompt are masked out), and positions shifted by its
 own prefix length.
@@ -73,6 +76,8 @@ class Entry:
         self.ids = sitemap.token_input if sitemap.token_input in self.params else "input_ids"
         self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
         self.lead = None    # this call's left padding per row, (batch, 1), where the virtual tokens sit after it
+        self.apart = None   # a prompt's keys and values attended apart from the cache (prompt.Apart), where proven
+        self.recording = False   # the entry runs on the prompt alone (Apart.record): nothing to add
 
     def attach(self, model: nn.Module):
         if self.prompt is not None:
@@ -103,7 +108,7 @@ class Entry:
         return (torch.arange(self.num, device=dev) >= self.num - self.lens).to(dtype)
 
     def pre(self, module, args, kwargs):
-        if not self.switch.on:
+        if not self.switch.on or self.recording:
             self._push(0)
             return None
         kwargs = {**dict(zip(self.params, args)), **kwargs}
@@ -116,13 +121,16 @@ class Entry:
         P, dev = self.num, x.device
         self.check_batch(B)
         mask = kwargs.get("attention_mask")
-        cache = find_cache(kwargs) if mask is None else None
+        found = find_cache(kwargs)
+        cache = found if mask is None else None
         past = cache_length(cache)
         decoding = (mask is not None and mask.shape[-1] > S) or past > 0 or holds_state(cache)
-        prepend = self.prompt is not None and not decoding
+        apart = self.apart is not None and self.apart.takes(self, kwargs, found, decoding)
+        P, shift = (0, self.num) if apart else (P, self.shift)
+        prepend = self.prompt is not None and not decoding and not apart
         layout = Layout(mask, B, S, P, dev) if prepend else None
         self.lead = None
-        if self.prompt is not None:
+        if self.prompt is not None and not apart:
             if mask is not None or prepend and "attention_mask" in self.params:
                 if mask is None:
                     mask = torch.ones(B, S, dtype=torch.long, device=dev)
@@ -145,17 +153,18 @@ class Entry:
                 kwargs["inputs_embeds"] = layout.place(torch.cat([self.prompt(B).to(embeds), embeds], 1))
                 kwargs[self.ids] = None
         if "position_ids" in self.params:
-            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, past, layout, dev)
+            kwargs["position_ids"] = self._positions(kwargs.get("position_ids"), mask, B, S, past, layout, dev, P,
+                                                     shift)
         self._push(layout or 0)
         return (), kwargs
 
     def check_batch(self, B: int) -> None:
         """Under route(): the batch must have one row per name."""
 
-    def _positions(self, given, mask, B, S, past, layout, dev):
-        """Real tokens follow the mask (or the given position ids) after the virtual tokens; prompt tokens count
-        from 0 right before a row's first real token; prefix keys take the first `shift` positions."""
-        P, shift = self.num, self.shift
+    def _positions(self, given, mask, B, S, past, layout, dev, P, shift):
+        """Real tokens follow the mask (or the given position ids) after the P virtual tokens in the sequence;
+        prompt tokens count from 0 right before a row's first real token; prefix keys (and a prompt attended apart)
+        take the first `shift` positions."""
         if given is not None:
             pos = given + (P if self.lens is None else self.lens) + shift
             if layout is not None:
@@ -176,6 +185,8 @@ class Entry:
         return None
 
     def post(self, module, args, kwargs, out):
+        if self.apart is not None and not self.recording:
+            self.apart.current = None
         layout = self.pending.pop() if self.pending else 0
         return _drop(out, layout) if layout else None
 
