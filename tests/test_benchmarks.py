@@ -37,9 +37,10 @@ def test_quick_cases_write_json_and_chart(tmp_path):
     assert cases["3"]["extra"]["parity_max_abs_diff_prefill"] < 1e-4
     for n in cases["8"]["setup"]["adapters"]:   # a decoding step with each count of adapters, one per row
         assert cases["8"]["extra"][f"parity_max_abs_diff_{n}"] < 1e-4
-    # a step per count of adapters, prefix and prompt decoding, and the first prefill after one adapter of the most
-    # is replaced
-    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 3
+    # a step per count of adapters, prefix and prompt decoding (the prompt also in the sequence), and the first
+    # prefill after one adapter of the most is replaced
+    assert len([r for r in cases["8"]["rows"] if r["unit"] == "ms"]) == len(cases["8"]["setup"]["adapters"]) + 4
+    assert cases["8"]["extra"]["prompt_apart_vs_in_sequence_max_abs_diff"] < 1e-4
     assert [r for r in cases["8"]["rows"] if "replaced" in r["metric"]][0]["ours_steady"] > 0
     # the sites of the case-5 model, counted here from its modules: every linear (head included), the embedding,
     # every norm weight, one attention per layer
