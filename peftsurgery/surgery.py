@@ -199,8 +199,9 @@ def prove(model: nn.Module, att: Attached, sm: SiteMap) -> None:
         sm.run(model)
     except Exception as e:
         raise SurgeryError(f"{att.method} broke the model's forward on its example inputs ({one_line(e)}): the "
-                           "model does not run with this change (virtual tokens, say, lengthen a sequence it needs "
-                           "at a fixed length); choose other targets or another method") from e
+                           "model does not run with this change (its code may need a sequence of fixed length, or "
+                           "the token ids themselves where virtual tokens come as embeddings); choose other targets "
+                           "or another method") from e
     finally:
         verdicts = [(rec, c, stop()) for rec, c, stop in watches]
     for rec, c, why in verdicts:
