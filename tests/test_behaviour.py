@@ -564,3 +564,28 @@ def test_two_prompts_at_once_are_one_prompt_of_both():
             assert got.shape == (*ids.shape, V)
             torch.testing.assert_close(got[real], one(input_ids=ids, attention_mask=mask).logits[real], atol=1e-5,
                                        rtol=0)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
+def test_generate_in_several_threads_at_once_is_generate_alone(method):
+    """Threads generating on one model at once (a server) each get what generating alone gives: what a call holds
+    at the entry (its layout, its padding, a prompt run alone for its keys and values, the keys and values it adds)
+    is per thread. With one flag for the whole model, a thread recording its prompt made the others run without it."""
+    import threading
+    m = adapted(llama, method)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(3, V, (2, 5 + i), generator=g) for i in range(6)]
+
+    def gen(ids):
+        with torch.no_grad():
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, pad_token_id=PAD)
+    want = [gen(x) for x in inputs]
+    for _ in range(3):
+        got = [None] * len(inputs)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, gen(inputs[i]))) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(a is not None and torch.equal(a, b) for a, b in zip(got, want))

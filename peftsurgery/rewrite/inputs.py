@@ -18,6 +18,7 @@ own prefix length.
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,11 @@ def find_cache(kwargs: dict):
     return past if past is not None else next((v for v in kwargs.values() if hasattr(v, "get_seq_length")), None)
 
 
+class _PerCall(threading.local):
+    def __init__(self):
+        self.pending, self.lead, self.recording = [], None, False
+
+
 class Entry:
     """Hooks on the entry module (`at`: another module taking token ids, such as a decoder's stack), shared by
     every virtual-token rule of one adapter (`prompt` given: `num` tokens placed in the sequence; else a prefix of
@@ -74,10 +80,21 @@ class Entry:
         self.params = list(inspect.signature(self.module.forward).parameters)
         # the token argument at the entry: the model input found to feed the embedding, else input_ids
         self.ids = sitemap.token_input if sitemap.token_input in self.params else "input_ids"
-        self.pending = []   # per call: number of virtual tokens prepended (0 while decoding)
-        self.lead = None    # this call's left padding per row, (batch, 1), where the virtual tokens sit after it
+        self.call = _PerCall()
         self.apart = None   # a prompt's keys and values attended apart from the cache (prompt.Apart), where proven
-        self.recording = False   # the entry runs on the prompt alone (Apart.record): nothing to add
+
+    # what one call holds, per thread (two threads may run the model at once): the layouts of the calls under way
+    # (0 where nothing was prepended), this call's left padding per row ((batch, 1), where the virtual tokens sit
+    # after it), and whether the entry runs on the prompt alone (Apart.record: nothing to add)
+    pending = property(lambda self: self.call.pending)
+    lead = property(lambda self: self.call.lead, lambda self, v: setattr(self.call, "lead", v))
+    recording = property(lambda self: self.call.recording, lambda self, v: setattr(self.call, "recording", v))
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "call"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, call=_PerCall())
 
     def attach(self, model: nn.Module):
         if self.prompt is not None:

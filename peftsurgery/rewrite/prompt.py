@@ -9,6 +9,7 @@ instead of reading P more cached positions per layer.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import replace
 
@@ -146,17 +147,20 @@ class Apart:
     cache filled that way (a weak reference: they go with the cache)."""
 
     def __init__(self, sites):
-        self.sites, self.current, self.got = sites, None, None   # got: {site index: (k, v)} while recording
+        self.sites, self.call = sites, _Call()
         self.served = weakref.WeakKeyDictionary()
 
+    # per thread: the keys and values this call adds, and {site index: (k, v)} while recording
+    current = property(lambda self: self.call.current, lambda self, v: setattr(self.call, "current", v))
+    got = property(lambda self: self.call.got, lambda self, v: setattr(self.call, "got", v))
     on = property(lambda self: self.current is not None)
     forced = False   # prove(): an apart call without a cache
 
-    def __getstate__(self):   # what a call holds is not part of the model
-        return {**self.__dict__, "current": None, "got": None, "served": None}
+    def __getstate__(self):   # what calls hold is not part of the model
+        return {k: v for k, v in self.__dict__.items() if k not in ("call", "served")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, served=weakref.WeakKeyDictionary())
+        self.__dict__.update(state, call=_Call(), served=weakref.WeakKeyDictionary())
 
     @classmethod
     def attach(cls, model: nn.Module, sitemap, entry: Entry):
@@ -272,6 +276,11 @@ class Apart:
             return False
         apart = run("A", x, forced=True)
         return apart is not None and _agree(apart, out_a, out_b, (1e-3, 5e-2))
+
+
+class _Call(threading.local):
+    current = None
+    got = None
 
 
 class _Slot(_Editor):
