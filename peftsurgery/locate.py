@@ -82,7 +82,8 @@ def example_inputs(model: nn.Module) -> dict:
         if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = torch.ones(1, SEQ // 2, dtype=torch.long, device=device)
         takes_more = any(q.kind == q.VAR_KEYWORD for q in params.values())
-        if "use_cache" in params or (takes_more and hasattr(cfg, "use_cache")):   # **kwargs reaching a decoder
+        # **kwargs reaching a decoder (whose setting may be in a sub-config: Llava's text_config)
+        if "use_cache" in params or (takes_more and _setting(cfg, "use_cache") is not None):
             kw["use_cache"] = False
         return kw
     first = next((n for n, q in params.items() if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)), None)

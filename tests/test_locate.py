@@ -601,9 +601,21 @@ def _long_t5():
         decoder_start_token_id=0)).eval()
 
 
+def _llava():
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=V + 4, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    vision = dict(model_type="clip_vision_model", hidden_size=D, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=16, patch_size=8)
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision,
+                                                           image_token_index=V)).eval()
+
+
 @pytest.mark.parametrize("factory,roles", [
     # its forward takes use_cache only through **kwargs: without use_cache=False export met the cache in the output
     (_granite_moe, {"attn.q", "moe.up", "moe.down", "router"}),
+    # the same, its use_cache setting in a sub-config (text_config): roles had been guessed from names
+    (_llava, {"attn", "attn.q", "mlp.up", "norm"}),
     # builds a missing attention mask only when not traced: without one in the inputs, export met None
     (_long_t5, {"attn.q", "xattn.q", "mlp.up", "mlp.down"}),
 ])
