@@ -350,13 +350,15 @@ def merge(model: nn.Module, name: str | None = None, unload: bool = False) -> nn
     computed before; with unload=True also detach them, leaving a plain model. Every site of every adapter is
     checked first: a refusal leaves the model as it was."""
     targets = [_get(model, name)] if name else [a for a in adapters(model).values() if a.switch.on]
-    todo = []
+    todo, holders = [], None
     for a in targets:
         for rec in a.records:
             if rec.rule.phase == 0 or rec.merged:  # phase-0 rules (quantization) change the base itself
                 continue
             try:
                 rec.rule.check_merge(model, rec.sites, rec.built)
+                holders = _holders(model) if holders is None else holders
+                _check_untied(model, rec, holders)
             except SurgeryError as e:
                 raise SurgeryError(f"adapter {a.name!r} ({a.method}) cannot be merged: {e}") from None
             todo.append(rec)
@@ -401,6 +403,35 @@ def _entangled(a: Record, b: Record) -> str | None:
             if m == n and (rows is None or other is None or not (rows[1] <= other[0] or other[1] <= rows[0])):
                 return m
     return None
+
+
+def _holders(model: nn.Module) -> dict[int, dict[int, str]]:
+    """For each parameter (by id), the modules holding it (by id) and a path of each."""
+    out: dict[int, dict[int, str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for t in mod._parameters.values():
+            if t is not None:
+                out.setdefault(id(t), {}).setdefault(id(mod), path)
+    return out
+
+
+def _check_untied(model: nn.Module, rec: Record, holders: dict) -> None:
+    """SurgeryError where a tensor a site's merge writes into is also held by a module other than the site's own
+    and those around it (tied weights, as in Zamba's shared block, or an output head tied to the embedding):
+    merging would change that module as well, and two sites' updates would add up in it."""
+    for s in rec.sites:
+        path = own = s.fused or s.path
+        try:
+            t = model.get_parameter(path)
+            own = path.rpartition(".")[0]
+        except AttributeError:
+            t = getattr(model.get_submodule(path), "weight", None)
+        # a module around the site holding the same tensor only registers it twice (BERT's prediction head bias)
+        other = next((p for p in holders.get(id(t), {}).values()
+                      if p != own and not own.startswith(p + ".") and p != ""), None)
+        if other is not None:
+            raise SurgeryError(f"the tensor its merge writes at {path} is also {other}'s (tied "
+                               "weights), so merging would change that module too; keep the adapter unmerged")
 
 
 def _written(rec: Record) -> list[tuple[str, tuple | None]]:

@@ -124,6 +124,50 @@ def test_refused_merge_merges_no_site():
     assert not any(r.merged for r in ps.adapters(model)["lo"].records)
 
 
+class _Tied(nn.Module):
+    """Two linears holding one weight tensor (tied, as Zamba's shared block is in every hybrid layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.l1, self.l2, self.l3 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.l2.weight = self.l1.weight
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for lin in (self.l1, self.l2, self.l3):
+            h = h + torch.relu(lin(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method,targets", [("lora", "path:l1,path:l2"), ("lora", "path:l1"), ("ia3", "path:l2"),
+                                            ("dora", "path:l1")])
+def test_merge_into_a_tied_weight_is_refused_and_merges_nothing(method, targets):
+    """A weight two modules hold: merging a site's update into it would change the other module too (and two
+    sites' updates added up in it, silently: each linear computed W + dW1 + dW2). Refused in one line naming both,
+    before anything is folded; an untied site merges."""
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    ids = torch.randint(0, 32, (2, 6))
+    ps.apply(model, method, name="t", targets=targets, **({"r": 2} if method != "ia3" else {"feedforward": ""}))
+    ps.apply(model, "lora", name="free", r=2, targets="path:l3")
+    randomize(model, "t")
+    randomize(model, "free")
+    with torch.no_grad():
+        before = model(ids)
+    snap = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"cannot be merged: .*(l1|l2) is also (l1|l2)'s \(tied weights\).*keep the "
+                                           r"adapter unmerged") as e:
+        ps.merge(model)
+    assert "\n" not in str(e.value)
+    assert_same(model, snap)
+    assert not any(r.merged for a in ps.adapters(model).values() for r in a.records)
+    ps.merge(model, "free")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=0)
+
+
 class Exploding(Rule):
     """A rule that hooks its first site, then fails on the second."""
 
