@@ -625,3 +625,41 @@ def test_guessed_inputs_let_export_capture_models_that_needed_a_mask_or_no_cache
         sm = ps.locate(factory(), strict=True)
     assert set(sm.summary()["found_by"]) == {"export+dataflow"}
     assert roles <= {s.role for s in sm.sites}
+
+
+class _GradBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _NoGradRegion(nn.Module):
+    """A block run inside `with torch.no_grad()` in the forward (as Reformer's reversible layers are), another inside
+    autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.a, self.b, self.c = nn.Embedding(V, D), _GradBlock(), _GradBlock(), _GradBlock()
+        self.head = nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        h = self.a(self.embed(input_ids))
+        with torch.no_grad():
+            h = self.b(h)
+        with torch.autocast("cpu", enabled=False):
+            h = self.c(h)
+        return self.head(h)
+
+
+def test_layers_in_a_no_grad_or_autocast_region_are_located_by_data_flow():
+    """export wraps such a region in a higher-order op with a graph of its own; its layers had no sites at all (and
+    Reformer's 12 projections none), without a word."""
+    torch.manual_seed(0)
+    sm = ps.locate(_NoGradRegion().eval(), strict=True)
+    roles = {s.path: (s.role, s.found_by) for s in sm.sites}
+    for block in "abc":
+        assert roles[f"{block}.up"] == ("mlp.up", "export+dataflow")
+        assert roles[f"{block}.down"] == ("mlp.down", "export+dataflow")
