@@ -381,7 +381,8 @@ def by_export(model: nn.Module, kwargs: dict, method: str = "export") -> Graph:
 def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The regions export wraps in a higher-order op with a graph of their own (a `with torch.no_grad()` or autocast
     block in the forward, as Reformer's layers have) put back in line, so that their layers are analysed like the
-    others (from_fx reads one graph: those layers had no sites). A region holding constants of its own stays."""
+    others (from_fx reads one graph: those layers had no sites). A region holding constants of its own, or whose
+    results are read other than one by one, stays."""
     g = gm.graph
     for _ in range(8):   # regions nested in regions come in line one level per round
         hops = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "_name", "") in
@@ -392,7 +393,8 @@ def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
                        and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)), None)
             sub = getattr(gm, n.args[at].target) if at is not None else None
-            if sub is None or any(x.op == "get_attr" for x in sub.graph.nodes):
+            if (sub is None or any(x.op == "get_attr" for x in sub.graph.nodes)
+                    or not all(u.target is operator.getitem for u in n.users)):
                 continue
             env = dict(zip([x for x in sub.graph.nodes if x.op == "placeholder"], n.args[at + 1:]))
             outs = ()
@@ -403,11 +405,10 @@ def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                     elif x.op != "placeholder":
                         env[x] = g.node_copy(x, lambda y: env[y])
             outs = [env.get(o, o) for o in outs]
-            if all(u.target is operator.getitem for u in n.users):
-                for u in list(n.users):
-                    u.replace_all_uses_with(outs[u.args[1]])
-                    g.erase_node(u)
-                g.erase_node(n)
+            for u in list(n.users):
+                u.replace_all_uses_with(outs[u.args[1]])
+                g.erase_node(u)
+            g.erase_node(n)
     return gm
 
 
