@@ -11,10 +11,10 @@ writes), and a *source*: the model inputs that reach it through anything. From t
   heads from the key, divided by any repeat on its way from the projections (grouped-query attention);
 - a linear whose input comes from an attention op is attn.o;
 - a linear outside the repeated blocks whose output reaches a model output is the head;
-- a linear fed only by linears (not by the residual stream) that feed nothing else is mlp.down, and those are
-  mlp.up, or mlp.gate when their path passes an activation; moe.* for stacked expert weights (one per expert);
-  a single one whose output is cut into two parts multiplied together, one through an activation, is a fused
-  mlp.gate_up, its parts' rows followed through the cuts (Site.parts);
+- a linear fed only by linears (not by the residual stream) that feed nothing else is mlp.down, and those (fed by
+  the residual stream or a norm's output) are mlp.up, or mlp.gate when their path passes an activation; moe.* for
+  stacked expert weights (one per expert); a single one whose output is cut into two parts multiplied together,
+  one through an activation, is a fused mlp.gate_up, its parts' rows followed through the cuts (Site.parts);
 - a linear whose scores reach a top-k choice is a mixture of experts' router;
 - any other linear is `linear`, and a linear module that ran is never left out;
 - base tensors a rule may train (kind "tensor"): a linear site's bias (role bias), a norm's weight (role norm,
@@ -234,8 +234,9 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
         if op.kind != "linear" or name in role or not fed_by_linears(name):
             continue
         ups = origin[op.inputs[0]]
-        if all(role.get(s) in (None, "mlp.up", "mlp.gate") and feeds[s] == {name} and not fed_by_linears(s)
-               for s in ups):
+        # (after a norm, only a pair with an activation between is a feed-forward: not Zamba2's low-rank adapters)
+        if all(role.get(s) in (None, "mlp.up", "mlp.gate") and feeds[s] == {name} and (not fed_by_linears(s) or (
+                _after_norm(g, ops[s].inputs[0]) and act.get(op.inputs[0]))) for s in ups):
             gated = act.get(op.inputs[0], frozenset())
             for s in sorted(ups):
                 if s in role:
@@ -340,6 +341,13 @@ def _gate_up(g: Graph, origin: dict, act: dict, fused: str, into: str) -> dict |
     if not gating:
         return None
     return "its outputs are not a gate part and an up part side by side (interleaved, or cut in a way not followed)"
+
+
+def _after_norm(g: Graph, name: str) -> bool:
+    """Whether a tensor is a norm's output (through views): a feed-forward after a norm starts a stage of its own
+    even where no residual stream reaches it (Zamba's shared block: attention, norm, feed-forward)."""
+    op = g.ops.get(_strip(g, name))
+    return op is not None and ("norm" in op.extra or "norm_bias" in op.extra)
 
 
 def _fed_by_linears(g: Graph, origin: dict, name: str) -> bool:

@@ -663,3 +663,31 @@ def test_layers_in_a_no_grad_or_autocast_region_are_located_by_data_flow():
     for block in "abc":
         assert roles[f"{block}.up"] == ("mlp.up", "export+dataflow")
         assert roles[f"{block}.down"] == ("mlp.down", "export+dataflow")
+
+
+class _NoResidualBlock(nn.Module):
+    """Zamba's shared block in small: a projection, a norm, then a gated feed-forward with no residual stream
+    around it; `lowrank` adds a down-up pair without an activation beside it (as Zamba2's adapters)."""
+
+    def __init__(self, lowrank: bool):
+        super().__init__()
+        self.embed, self.proj, self.norm = nn.Embedding(V, D), nn.Linear(D, D), nn.RMSNorm(D)
+        self.gate, self.up, self.down = nn.Linear(D, 2 * D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.a, self.b = nn.Linear(D, 4), nn.Linear(4, D)
+        self.lowrank, self.head = lowrank, nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        h = self.norm(self.proj(self.embed(input_ids)))
+        out = self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+        if self.lowrank:
+            out = out + self.b(self.a(self.norm(out)))
+        return self.head(out)
+
+
+def test_a_feed_forward_after_a_norm_without_a_residual_stream_is_found():
+    """Its inputs come from linears only (through the norm), which had made its gate, up and down plain `linear`
+    (Zamba's shared block); a down-up pair without an activation after a norm stays `linear`."""
+    torch.manual_seed(0)
+    roles = {s.path: s.role for s in ps.locate(_NoResidualBlock(True).eval(), strict=True).sites}
+    assert (roles["gate"], roles["up"], roles["down"]) == ("mlp.gate", "mlp.up", "mlp.down")
+    assert (roles["a"], roles["b"]) == ("linear", "linear")
