@@ -151,6 +151,16 @@ def test_a_change_the_model_cannot_run_with_is_refused_saying_so():
     assert model(IDS).shape == (2, 5, V)
 
 
+def test_prompt_tuning_on_a_model_without_a_token_embedding_says_what_to_use():
+    """A vision model (patches, no table the ids index): the refusal says why there is no embedding site and which
+    methods go instead."""
+    from zoo import FACTORIES
+    model = FACTORIES["vit"]()
+    raises_one_line(lambda: ps.apply(model, "prompt-tuning", num_tokens=2), "matches no embedding site",
+                    "a table the token ids index themselves", "use a method that changes linears (lora, ia3)")
+    assert not ps.adapters(model)
+
+
 @pytest.mark.parametrize("name", ["", "a.b"])
 def test_bad_adapter_name(model, name):
     before = snapshot(model)
