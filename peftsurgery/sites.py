@@ -215,15 +215,15 @@ class SiteMap:
         if not out:
             roles = sorted({s.role for s in pool})
             paths = [s.path for s in pool][:6]
-            guessed = "; roles were guessed from module names, as torch.export and torch.fx could not capture " \
+            hint = "; roles were guessed from module names, as torch.export and torch.fx could not capture " \
                 "this model (attention, biases and norms are then not found): pass example_inputs they can run " \
                 "or select by path:" if self.method == "hooks" else ""
             if not pool and "embedding" in kinds:   # what prompt methods need and vision, audio, hashed ids lack
-                guessed += "; an embedding site is a table the token ids index themselves: models fed images or " \
-                    "audio, or ids hashed first (CANINE), have none: use a method that changes linears (lora, ia3)"
+                hint += "; an embedding site is a table the token ids index themselves: models fed images or " \
+                    "audio, or ids hashed first (CANINE), have none: use a method that changes linear layers"
             raise SurgeryError(
                 f"selector {selector!r} matches no {'/'.join(k for k in kinds if k != 'slice')} site; roles here: "
-                f"{', '.join(roles) or 'none'}; paths like: {', '.join(paths) or 'none'}{guessed}")
+                f"{', '.join(roles) or 'none'}; paths like: {', '.join(paths) or 'none'}{hint}")
         return out
 
 

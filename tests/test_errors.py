@@ -157,7 +157,7 @@ def test_prompt_tuning_on_a_model_without_a_token_embedding_says_what_to_use():
     from zoo import FACTORIES
     model = FACTORIES["vit"]()
     raises_one_line(lambda: ps.apply(model, "prompt-tuning", num_tokens=2), "matches no embedding site",
-                    "a table the token ids index themselves", "use a method that changes linears (lora, ia3)")
+                    "a table the token ids index themselves", "use a method that changes linear layers")
     assert not ps.adapters(model)
 
 

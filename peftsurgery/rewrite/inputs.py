@@ -98,8 +98,7 @@ class Entry:
 
     def attach(self, model: nn.Module):
         if self.prompt is not None:
-            placed = [h.__self__.prompt for h in self.module._forward_pre_hooks.values()
-                      if isinstance(getattr(h, "__self__", None), Entry) and h.__self__.prompt is not None]
+            placed = [e.prompt for e in self.others() if e.prompt is not None]
             seats = [getattr(p, "seated", False) for p in placed + [self.prompt]]
             if placed and any(seats):
                 raise SurgeryError("a prefix seated in the sequence (this model adds a position bias to its scores) "
@@ -111,6 +110,11 @@ class Entry:
             yield Hooked(model, self.entry, self.post, with_kwargs=True, always_call=True, first=True)
             if "inputs_embeds" not in self.params:
                 yield Hooked(model, self.embed_path, self.on_embed)
+
+    def others(self) -> list["Entry"]:
+        """The other adapters' entries hooked on the same module."""
+        return [e for h in self.module._forward_pre_hooks.values()
+                if isinstance(e := getattr(h, "__self__", None), Entry) and e is not self]
 
     def _push(self, done) -> None:
         """What this call prepended, for post() to take out (prompts only: prefixes put nothing in the sequence)."""

@@ -164,27 +164,28 @@ class Apart:
 
     @classmethod
     def attach(cls, model: nn.Module, sitemap, entry: Entry):
-        """Editors at every self-attention site, and entry.apart set, where the prompt is proven to be attendable
-        apart (prove()); else nothing: the prompt stays in the sequence."""
+        """Editors at every attention site, and entry.apart set, where the prompt is proven to be attendable apart
+        (prove()); else nothing: the prompt stays in the sequence and the model is as it was."""
         sites = [s for s in sitemap if s.kind == "attention"]
         p = next(model.parameters(), None)
         if (not sites or not sitemap.inputs or sitemap.decoder_entry or p is None or p.device.type == "meta"
                 or entry.embed is None or not {"inputs_embeds", "past_key_values"} <= set(entry.params)):
             return   # no cache to keep the prompt out of, or no way to run the prompt alone
-        apart, made = cls(sites), []
+        apart, made, proven = cls(sites), [], False
         try:
             for i, s in enumerate(sites):
                 made.append(_Unproven(model, s.path, _Slot(apart, i, bool(s.causal)), s.impl or "", s.heads))
             entry.apart = apart
             proven = apart.prove(model, sitemap, entry)
         except Exception:   # any failure leaves the prompt in the sequence, which apply then proves
-            proven = False
-        if not proven:
-            entry.apart = None
-            for c in reversed(made):
-                c.undo(model)
-            return
-        yield from made
+            pass
+        finally:   # (also when interrupted: these changes are not yet the caller's to undo)
+            if not proven:
+                entry.apart = None
+                for c in reversed(made):
+                    c.undo(model)
+        if proven:
+            yield from made
 
     def takes(self, entry: Entry, kwargs: dict, cache, decoding: bool) -> bool:
         """Whether this call adds the recorded keys and values (set as current) instead of putting the prompt in
@@ -194,7 +195,8 @@ class Apart:
             self.current = None if cache is None else self.served.get(cache)
             return self.current is not None
         if ((cache is None and not self.forced) or torch.is_grad_enabled() or kwargs.get("output_attentions")
-                or cache_length(cache) or holds_state(cache) or entry.lens is not None or _others_on(entry)):
+                or cache_length(cache) or holds_state(cache) or entry.lens is not None
+                or any(e.switch.on for e in entry.others())):   # another adapter's virtual tokens are on
             return False
         self.current = self.record(entry)
         if cache is not None and self.current is not None:
@@ -314,12 +316,6 @@ class _Unproven(Intercepted):
 
     def watch(self, model):
         return None
-
-
-def _others_on(entry: Entry) -> bool:
-    """Whether another adapter's virtual tokens (a prompt, a prefix's positions) are on at the same entry."""
-    return any(isinstance(getattr(h, "__self__", None), Entry) and h.__self__ is not entry and h.__self__.switch.on
-               for h in entry.module._forward_pre_hooks.values())
 
 
 def _agree(x, a, b=None, tol: tuple = (1e-4, 0.0)) -> bool:
