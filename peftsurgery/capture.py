@@ -67,6 +67,7 @@ class Graph:
     user_inputs: list[str]
     method: str
     ran: list[str] = field(default_factory=list)   # linear modules whose forward ran (each must become a site)
+    unread: list[str] = field(default_factory=list)   # parameters read only inside regions left out of the graph
 
 
 def _base_name(target) -> str:
@@ -375,40 +376,51 @@ def by_export(model: nn.Module, kwargs: dict, method: str = "export") -> Graph:
     for k, v in getattr(sig, "inputs_to_buffers", {}).items():
         param_of.setdefault(k, v)
     user = [s for s in sig.user_inputs]
-    return from_fx(_inline_regions(ep.graph_module), model, method, param_of, user)
+    gm = _inline_regions(ep.graph_module)
+    graph = from_fx(gm, model, method, param_of, user)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    graph.unread = sorted(param_of[n.name] for n in gm.graph.nodes if n.op == "placeholder" and param_of.get(
+        n.name) in params and n.users and all(_enclosed(u, gm) for u in n.users))
+    return graph
+
+
+def _enclosed(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Whether a node runs a graph of its own (a region left out of line, torch.cond's branches), which the
+    analysis does not enter."""
+    return n.op == "call_function" and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" and isinstance(
+        getattr(gm, a.target, None), torch.fx.GraphModule) for a in _flat_nodes(n.args))
 
 
 def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The regions export wraps in a higher-order op with a graph of their own (a `with torch.no_grad()` or autocast
     block in the forward, as Reformer's layers have) put back in line, so that their layers are analysed like the
-    others (from_fx reads one graph: those layers had no sites). A region holding constants of its own, or whose
-    results are read other than one by one, stays."""
+    others (from_fx reads one graph: those layers had no sites); a region's own regions first. A region holding
+    constants of its own, or whose results are read other than one by one, stays."""
     g = gm.graph
-    for _ in range(8):   # regions nested in regions come in line one level per round
-        hops = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "_name", "") in
-                ("wrap_with_set_grad_enabled", "wrap_with_autocast")]
-        if not hops:
-            break
-        for n in hops:
-            at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                       and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)), None)
-            sub = getattr(gm, n.args[at].target) if at is not None else None
-            if (sub is None or any(x.op == "get_attr" for x in sub.graph.nodes)
-                    or not all(u.target is operator.getitem for u in n.users)):
-                continue
-            env = dict(zip([x for x in sub.graph.nodes if x.op == "placeholder"], n.args[at + 1:]))
-            outs = ()
-            with g.inserting_before(n):
-                for x in sub.graph.nodes:
-                    if x.op == "output":
-                        outs = x.args[0] if isinstance(x.args[0], (tuple, list)) else (x.args[0],)
-                    elif x.op != "placeholder":
-                        env[x] = g.node_copy(x, lambda y: env[y])
-            outs = [env.get(o, o) for o in outs]
-            for u in list(n.users):
-                u.replace_all_uses_with(outs[u.args[1]])
-                g.erase_node(u)
-            g.erase_node(n)
+    for n in [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "_name", "") in
+              ("wrap_with_set_grad_enabled", "wrap_with_autocast")]:
+        at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                   and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)), None)
+        sub = _inline_regions(getattr(gm, n.args[at].target)) if at is not None else None
+        if (sub is None or any(x.op == "get_attr" for x in sub.graph.nodes)
+                or not all(u.target is operator.getitem for u in n.users)):
+            continue
+        env = dict(zip([x for x in sub.graph.nodes if x.op == "placeholder"], n.args[at + 1:]))
+        outs = ()
+        with g.inserting_before(n):
+            for x in sub.graph.nodes:
+                if x.op == "output":
+                    outs = x.args[0] if isinstance(x.args[0], (tuple, list)) else (x.args[0],)
+                elif x.op != "placeholder":
+                    env[x] = g.node_copy(x, lambda y: env[y])
+        outs = [env.get(o, o) for o in outs]
+        for u in list(n.users):
+            u.replace_all_uses_with(outs[u.args[1]])
+            g.erase_node(u)
+        holder = n.args[at]
+        g.erase_node(n)
+        if not holder.users:   # the node naming its graph, which would keep an enclosing region out of line
+            g.erase_node(holder)
     return gm
 
 

@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line_warnings():
     """peftsurgery's own warnings become one line on stderr, without the file and line Python adds."""
-    from .locate import RolesByNameWarning
+    from .locate import RolesByNameWarning, UnreadWarning
     from .peftformat import PeftFormatWarning
     from .surgery import SelectorWarning
-    own = (RolesByNameWarning, PeftFormatWarning, SelectorWarning)
+    own = (RolesByNameWarning, UnreadWarning, PeftFormatWarning, SelectorWarning)
     show = warnings.showwarning
 
     def one_line(message, category, *rest, **kw):

@@ -25,6 +25,10 @@ class RolesByNameWarning(UserWarning):
     """Some roles were guessed from module names: neither torch.export nor torch.fx captured the model."""
 
 
+class UnreadWarning(UserWarning):
+    """Some parameters are used only inside a part of the forward the analysis cannot enter: they have no sites."""
+
+
 def _setting(cfg, name: str):
     """A config value, from the config itself or else from one of its sub-configs (CLIP's vision_config)."""
     value = getattr(cfg, name, None)
@@ -160,6 +164,27 @@ def _loop_free(model: nn.Module):
             c._experts_implementation = "eager"
 
 
+@contextlib.contextmanager
+def _hooks_kept(model: nn.Module):
+    """transformers installs its output-capturing forward hooks once, at the first forward that records hidden
+    states, on the modules present then. A trace with the repeated lists shortened would leave the other layers
+    without them for good (DPT's neck then got 2 hidden states of 4): what a trace installs is taken off again, to
+    be installed at the model's next forward."""
+    flag = "_output_capturing_hooks_installed"
+    before = [(m, set(m._forward_hooks), flag in m.__dict__) for m in model.modules()]
+    try:
+        yield
+    finally:
+        if any(flag in m.__dict__ and not had for m, _, had in before):
+            for m, hooks, had in before:
+                for k in set(m._forward_hooks) - hooks:
+                    del m._forward_hooks[k]
+                    m._forward_hooks_with_kwargs.pop(k, None)
+                    m._forward_hooks_always_called.pop(k, None)
+                if not had:
+                    m.__dict__.pop(flag, None)
+
+
 def _traced(how, model: nn.Module, kwargs: dict) -> capture.Graph:
     if how is capture.by_hooks:  # runs the model for real: its warnings are the user's to see
         return how(model, kwargs)
@@ -193,29 +218,18 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
         kwargs = dict(zip(names, example_inputs))
     was_training = model.training
     model.eval()
-    lists = _repeated_lists(model)
-    saved = [(ml, ml._modules) for _, ml, _, _ in lists]
-    graph, errors = None, []
     try:
-        # analyse one block of each kind: keep only representatives in each repeated list
-        for _, ml, reps, _ in lists:
-            ml._modules = OrderedDict((str(k), ml._modules[str(r)]) for k, r in enumerate(reps))
-        if lists:
-            try:
-                graph = _traced(capture.by_export, model, kwargs)
-            except Exception:
-                graph = None
-            if graph is not None:   # read while the representatives stand at the paths the graph names
-                sites, entry = analyse(graph, model)
+        with _hooks_kept(model):
+            sites, entry, graph, errors, lists = _analysed(model, kwargs)
     finally:
-        for ml, mods in saved:
-            ml._modules = mods
-    if graph is None:
-        lists = []
-        graph, errors = _capture(model, kwargs)
-        sites, entry = analyse(graph, model)
-    model.train(was_training)
+        model.train(was_training)
     _named(model, sites, errors, strict)
+    if graph.unread:
+        some = ", ".join(graph.unread[:3]) + (", ..." if len(graph.unread) > 3 else "")
+        warnings.warn(f"{len(graph.unread)} parameters of {type(model).__name__} ({some}) are used only inside a part "
+                      "of its forward the analysis cannot enter (a no_grad or autocast block it could not put in line, "
+                      "torch.cond's branches): their layers have no sites and no method changes them; move that code "
+                      "out of the block to adapt it", UnreadWarning, stacklevel=2)
     # map the representatives' sites to every block of their kind
     for path, _, reps, members in lists:
         out = []
@@ -245,6 +259,34 @@ def locate(model: nn.Module, example_inputs: dict | tuple | None = None, strict:
                    encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)) or any(
                        s.role.startswith("xattn") for s in sites),
                    seconds=time.perf_counter() - t0, inputs=kwargs)
+
+
+def _analysed(model: nn.Module, kwargs: dict):
+    """Sites and entry from the graph of one block of each kind (the representatives of each repeated list), else
+    of the whole model; the graph, why the ways to capture it failed, and the lists shortened."""
+    lists = _repeated_lists(model)
+    saved = [(ml, ml._modules) for _, ml, _, _ in lists]
+    graph, errors = None, []
+    try:
+        # analyse one block of each kind: keep only representatives in each repeated list
+        for _, ml, reps, _ in lists:
+            ml._modules = OrderedDict((str(k), ml._modules[str(r)]) for k, r in enumerate(reps))
+        if lists:
+            try:
+                with _hooks_kept(model):
+                    graph = _traced(capture.by_export, model, kwargs)
+            except Exception:
+                graph = None
+            if graph is not None:   # read while the representatives stand at the paths the graph names
+                sites, entry = analyse(graph, model)
+    finally:
+        for ml, mods in saved:
+            ml._modules = mods
+    if graph is None:
+        lists = []
+        graph, errors = _capture(model, kwargs)
+        sites, entry = analyse(graph, model)
+    return sites, entry, graph, errors, lists
 
 
 def _named(model: nn.Module, sites: list[Site], errors: list[str], strict: bool) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import peftsurgery as ps
 from peftsurgery import SurgeryError
-from peftsurgery.locate import RolesByNameWarning
+from peftsurgery.locate import RolesByNameWarning, UnreadWarning
 
 try:
     from conftest import raises_one_line
@@ -638,17 +638,19 @@ class _GradBlock(nn.Module):
 
 class _NoGradRegion(nn.Module):
     """A block run inside `with torch.no_grad()` in the forward (as Reformer's reversible layers are), another inside
-    autocast."""
+    autocast, a third in an autocast region inside the no_grad one."""
 
     def __init__(self):
         super().__init__()
-        self.embed, self.a, self.b, self.c = nn.Embedding(V, D), _GradBlock(), _GradBlock(), _GradBlock()
+        self.embed, self.a, self.b, self.c, self.d = nn.Embedding(V, D), *(_GradBlock() for _ in range(4))
         self.head = nn.Linear(D, V)
 
     def forward(self, input_ids):
         h = self.a(self.embed(input_ids))
         with torch.no_grad():
             h = self.b(h)
+            with torch.autocast("cpu", enabled=False):
+                h = self.d(h)
         with torch.autocast("cpu", enabled=False):
             h = self.c(h)
         return self.head(h)
@@ -656,13 +658,40 @@ class _NoGradRegion(nn.Module):
 
 def test_layers_in_a_no_grad_or_autocast_region_are_located_by_data_flow():
     """export wraps such a region in a higher-order op with a graph of its own; its layers had no sites at all (and
-    Reformer's 12 projections none), without a word."""
+    Reformer's 12 projections none), without a word. A region inside a region comes in line too (it had kept the
+    enclosing one out)."""
     torch.manual_seed(0)
-    sm = ps.locate(_NoGradRegion().eval(), strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sm = ps.locate(_NoGradRegion().eval(), strict=True)
     roles = {s.path: (s.role, s.found_by) for s in sm.sites}
-    for block in "abc":
+    for block in "abcd":
         assert roles[f"{block}.up"] == ("mlp.up", "export+dataflow")
         assert roles[f"{block}.down"] == ("mlp.down", "export+dataflow")
+
+
+class _Branching(nn.Module):
+    """A forward choosing between two blocks with torch.cond: each branch is a graph of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.a, self.b, self.c = nn.Embedding(V, D), *(_GradBlock() for _ in range(3))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        h = self.a(self.embed(input_ids))
+        h = torch.cond(h.sum() > 0, lambda t: self.b(t), lambda t: self.c(t), (h,))
+        return self.head(h)
+
+
+def test_layers_the_analysis_cannot_enter_are_named_in_a_warning():
+    """Layers used only inside a graph of their own (torch.cond's branches, a region that cannot come in line) get
+    no sites: that is said, naming their parameters, instead of passing in silence."""
+    torch.manual_seed(0)
+    with pytest.warns(UnreadWarning, match=r"8 parameters of _Branching \(b\.down\.bias, .*no method changes them"):
+        sm = ps.locate(_Branching().eval())
+    paths = {s.path for s in sm.sites}
+    assert {"a.up", "a.down", "head"} <= paths and not any(p.startswith(("b.", "c.")) for p in paths)
 
 
 class _NoResidualBlock(nn.Module):
@@ -691,3 +720,26 @@ def test_a_feed_forward_after_a_norm_without_a_residual_stream_is_found():
     roles = {s.path: s.role for s in ps.locate(_NoResidualBlock(True).eval(), strict=True).sites}
     assert (roles["gate"], roles["up"], roles["down"]) == ("mlp.gate", "mlp.up", "mlp.down")
     assert (roles["a"], roles["b"]) == ("linear", "linear")
+
+
+def _dpt():
+    torch.manual_seed(0)
+    cfg = tf.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+                       fusion_hidden_size=16, head_hidden_size=16)
+    return tf.DPTForDepthEstimation(cfg).eval()
+
+
+def test_locate_leaves_no_output_capturing_hooks_on_a_shortened_model():
+    """transformers installs its hidden-state hooks at the first forward that records them, on the layers present:
+    locate's trace of one layer of each kind had left DPT's other layers without them, so its neck failed (4 hidden
+    states wanted, 2 got) in locate and in every later forward, even of the bare model."""
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = _dpt()(pixel_values=pixels).predicted_depth
+    model = _dpt()
+    sm = ps.locate(model)
+    assert sum(s.role.startswith("attn.") for s in sm.sites) >= 16   # q, k, v, o of all 4 layers
+    assert not any(m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels).predicted_depth, want)
