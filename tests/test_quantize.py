@@ -384,7 +384,8 @@ def test_linear_subclasses_are_quantized_only_when_they_compute_f_linear(cls, wo
 
 def test_a_linear_fed_its_weights_storage_dtype_is_refused_and_the_model_left_as_it_was():
     """LongT5's feed-forward casts its input to `wo`'s weight dtype (T5 marks `wo` _keep_in_fp32_modules, LongT5
-    does not): quantized, `wo` would get uint8 inputs and compute garbage; the probe sees the dtype."""
+    does not). Its code reads that weight, so `wo` stays in float by default, with a warning; named in `quantize`,
+    it would get uint8 inputs and compute garbage: the probe sees the dtype and the apply is refused."""
     import transformers as tf
     torch.manual_seed(0)
     model = tf.LongT5ForConditionalGeneration(tf.LongT5Config(
@@ -393,10 +394,34 @@ def test_a_linear_fed_its_weights_storage_dtype_is_refused_and_the_model_left_as
     snap = snapshot(model)
     with pytest.raises(SurgeryError, match=r"did not act at .*\.wo: its input arrives as torch\.uint8: .*leave this "
                                            r"linear's role out of quantize") as e:
-        ps.apply(model, "qlora", r=2)
+        ps.apply(model, "qlora", r=2, quantize="attn.*,xattn.*,mlp.up,mlp.down")
     assert "\n" not in str(e.value)
     assert_same(snapshot(model), snap)
-    ps.apply(model, "qlora", r=2, quantize="attn.*,xattn.*,mlp.up")   # mlp.down (wo) left in float
+    with pytest.warns(UserWarning, match=r"leaves 2 linears in float: the code around it uses its weight as a tensor"):
+        ps.apply(model, "qlora", r=2)
     assert not any(n.endswith(".wo") for n in quantized(model)) and quantized(model)
     swaps = [c for rec in ps.adapters(model)["default"].records for c in rec.changes if hasattr(c, "original")]
     assert swaps and all(c.original is None for c in swaps)   # proven: the float linears are not kept
+
+
+def test_linears_whose_weight_the_models_code_uses_stay_in_float_and_train():
+    """Gemma-3n clamps one AltUp coefficient linear's weight in place and multiplies by another's directly, in
+    training only: quantized, its first training forward crashed, after an apply that succeeded (the proving forward
+    runs in eval). They stay in float, with a warning; the rest is 4-bit and trains."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.Gemma3nForCausalLM(tf.Gemma3nTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=64,
+        num_kv_shared_layers=0, laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.0, 0.0],
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"])).eval()
+    with pytest.warns(UserWarning, match=r"leaves 4 linears in float: the code around it uses its weight"):
+        ps.apply(model, "qlora", r=2, targets="attn.q,attn.v")
+    kept = {n for n, m in model.named_modules() if n.endswith(("correction_coefs", "prediction_coefs"))}
+    assert kept and not kept & set(quantized(model)) and len(quantized(model)) > 10
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    assert sum(bool(p.grad.abs().sum() > 0) for p in trained) == len(trained) // 2   # B's (A's wait for B)

@@ -5,7 +5,9 @@ The float weights are dropped (that is the memory saving); removing the rule put
 original class and dtype holding the dequantized weights, not the original ones."""
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import sys
 import warnings
 
@@ -36,18 +38,29 @@ class Quantize(Rule):
             raise SurgeryError(f"compute_dtype must be None or one of {', '.join(map(str, COMPUTE_DTYPES))}, "
                                f"got {compute_dtype!r}")
         self.double_quant, self.compute_dtype = double_quant, compute_dtype
-        self.kept: list[str] = []   # selected linears left in float (see check)
+        self.kept: dict[str, str] = {}   # selected linears left in float, and why (see check)
 
     def check(self, model, sites):
         bnb = _bnb()
-        # linears the model's own code needs in float (transformers' _keep_in_fp32_modules: T5 casts the input of
-        # its feed-forward `wo` to that weight's dtype) stay in float, and the user is told
+        # linears the model's own code needs in float stay in float, and the user is told: those transformers keeps
+        # in float32 (_keep_in_fp32_modules: T5 casts the input of its feed-forward `wo` to that weight's dtype), and,
+        # unless `quantize` names their role or path, those whose weight the code around them uses as a tensor
+        # (Gemma-3n clamps one in place and multiplies by another in training; Mamba's CUDA path hands its
+        # projections' weights to a fused kernel), where a 4-bit weight would break or compute garbage
         keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
             getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-        self.kept = [s.path for s in sites if keep & set(s.path.split("."))]
-        if self.kept:
-            warnings.warn(f"quantization leaves {len(self.kept)} linears in float, which {type(model).__name__} "
-                          f"keeps in float32 (_keep_in_fp32_modules), e.g. {self.kept[0]}", stacklevel=2)
+        named = {t.strip() for t in self.targets.split(",")}
+        fp32 = [s.path for s in sites if keep & set(s.path.split("."))]
+        read = [s.path for s in sites if s.path not in fp32 and s.role not in named and f"path:{s.path}" not in named
+                and _weight_read(model, s.path)]
+        self.kept = {**dict.fromkeys(fp32, f"{type(model).__name__} keeps it in float32 (_keep_in_fp32_modules)"),
+                     **dict.fromkeys(read, "the code around it uses its weight as a tensor, bypassing the linear, "
+                                           "where a 4-bit weight breaks (name its role or path in quantize to "
+                                           "quantize it anyway)")}
+        for paths in (fp32, read):
+            if paths:
+                warnings.warn(f"quantization leaves {len(paths)} linears in float: {self.kept[paths[0]]}, e.g. "
+                              f"{paths[0]}", stacklevel=2)
         for s in sites:
             if s.path in self.kept:
                 continue
@@ -103,7 +116,7 @@ class Quantize(Rule):
 
     def describe(self, site, built):
         if site.path in self.kept:
-            return "left in float: the model keeps it in float32 (_keep_in_fp32_modules)"
+            return f"left in float: {self.kept[site.path]}"
         return f"base weights quantized to nf4{' (double quant)' if self.double_quant else ''}"
 
 
@@ -163,6 +176,26 @@ def _round_trips(bnb, width: int, dtype: torch.dtype, device: torch.device) -> b
         got = F.dequantize_4bit(q, state).reshape(-1).float()
         _ROUND_TRIP[key] = bool(((got - expected).abs() <= 1e-2 * expected.abs() + 1e-6).all())
     return _ROUND_TRIP[key]
+
+
+def _weight_read(model: nn.Module, path: str) -> bool:
+    """Whether the code of the module holding this linear (any method but initialisation) uses the linear's weight
+    as a tensor, not only its dtype, device or shape: writes it in place (`self.NAME.weight.data.clamp_(...)`),
+    multiplies by it, or tests it, bypassing the linear's forward."""
+    parent_path, _, name = path.rpartition(".")
+    use = re.compile(rf"\b{re.escape(name)}\.weight\b(?!\s*\.\s*(dtype|device|shape|size|ndim|requires_grad|is_\w+|"
+                     rf"_is_hf_initialized)\b)")
+    for cls in type(model.get_submodule(parent_path)).__mro__:
+        if cls in (nn.Module, object):
+            break
+        for attr, fn in vars(cls).items():
+            if inspect.isfunction(fn) and "init" not in attr and "reset" not in attr:
+                try:
+                    if use.search(inspect.getsource(fn)):
+                        return True
+                except (OSError, TypeError):   # no source (built at run time)
+                    continue
+    return False
 
 
 def _is_quantized(bnb, m: nn.Module) -> bool:
