@@ -13,6 +13,7 @@ from .errors import SurgeryError
 from .locate import locate
 from .registry import Method
 from .rewrite import Change, Rule, Switch
+from .rewrite.slices import confirm
 from .sites import CONTAINER, Site, SiteMap
 
 
@@ -131,6 +132,7 @@ def prepare(model: nn.Module, rules: list[Rule], sm: SiteMap, config: tuple[str,
             _unmatched_terms(sm, r, f"{name} option {opt.name}={r.targets!r}")
     for r, sites in zip(rules, chosen):
         r.check(model, sites)
+        confirm(model, sites, sm)   # slices of fused projections hold what they say, whichever rule acts on them
     return [Record(r, sites, r.build(model, sites, sm)) for r, sites in zip(rules, chosen)]
 
 

@@ -425,3 +425,18 @@ def test_either_part_can_be_left_out_but_not_both():
     with pytest.raises(ps.SurgeryError, match="both empty") as e:
         ps.apply(FACTORIES["llama"](), "ia3", targets="", feedforward="")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "gpt_neox"])
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_low_rank_methods_refuse_interleaved_slices_alike(arch, method):
+    """The layout probe runs in the core for whichever rule acts on a slice: AdaLoRA's rule built its own branches
+    without it and trained rows 0:64 and 128:192 of an interleaved q/k/v as if they were the queries and values."""
+    model = FACTORIES[arch]()
+    ps.sitemap(model)
+    snap = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"attn\.q cannot be cut out of the fused .*query_key_value \(attn\.qkv\): "
+                                           r"its outputs do not hold q in 0:64") as e:
+        ps.apply(model, method)
+    assert "\n" not in str(e.value)
+    assert_same(model, snap)

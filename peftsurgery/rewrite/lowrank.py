@@ -13,7 +13,7 @@ from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
 from . import kernels
 from .base import Hooked, Rule, Switch, hooks_before, park, substitute
-from .slices import apart, confirm, into
+from .slices import apart, into
 
 
 class Factor(nn.Module):
@@ -242,7 +242,6 @@ class LowRank(Rule):
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
 
     def build(self, model, sites, sitemap):
-        confirm(model, sites, sitemap)
         out = {}
         for s in sites:
             w = _weight(model, s)

@@ -10,7 +10,7 @@ from torch import nn
 from ..capture import Conv1D, is_linear_module
 from ..errors import SurgeryError
 from .base import Hooked, Rule, Switch, hooks_before, park, substituted
-from .slices import apart, confirm, into
+from .slices import apart, into
 
 
 class ScaleVector(nn.Module):
@@ -62,7 +62,6 @@ class Scale(Rule):
         return site.out_features
 
     def build(self, model, sites, sitemap):
-        confirm(model, sites, sitemap)
         out = {}
         for s in sites:
             w = _linear(model, s).weight
