@@ -329,3 +329,20 @@ def test_deepcopies_and_pickles_with_the_model():
         torch.testing.assert_close(logits(other), want, atol=1e-5, rtol=0)
         ps.unmerge(other)
         torch.testing.assert_close(logits(other), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_llama_4bit], ids=["float", "4bit"])
+def test_a_linear_with_an_all_zero_weight_row_is_refused(make):
+    """Such a row has no direction: its scale m / ||W + dW|| was 0/0 from the first forward, so the model's outputs
+    were wrong (NaN on xLSTM, whose gate projections start at zero) after an apply that passed its probe."""
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[3].zero_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {"quantize": "attn.*,mlp.*"} if make is tiny_llama_4bit else {}
+    raises_one_line(lambda: ps.apply(model, "dora", **kw), "model.layers.0.self_attn.q_proj has 1 all-zero weight rows",
+                    "leave it out of targets")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not ps.adapters(model)
+    ps.apply(model, "dora", targets="attn.v", **kw)   # the other linears are fine
+    assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()

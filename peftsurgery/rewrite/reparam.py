@@ -250,6 +250,14 @@ class MagnitudeDirection(Reparam):
     def check(self, model, sites):
         super().check(model, sites)
         self.lowrank.check(model, sites)
+        for s in sites:
+            m = _linear(model, s)
+            if m.weight.device.type != "meta":
+                zero = int((torch.linalg.vector_norm(BaseWeight(m, torch.float32).get(), dim=1) == 0).sum())
+                if zero:
+                    raise SurgeryError(f"{s.path} has {zero} all-zero weight rows, which have no direction to "
+                                       "decompose (their scale would be 0/0, NaN); leave it out of targets, or use a "
+                                       "plain low-rank branch there")
 
     def build(self, model, sites, sitemap):
         branches = self.lowrank.build(model, sites, sitemap)
