@@ -338,6 +338,21 @@ def test_prompt_generation_finds_a_cache_of_recurrent_states_by_what_it_is():
     _generates_as_greedy(model)
 
 
+def test_prompt_generation_reads_the_cache_length_past_a_first_layer_without_tokens():
+    """MiniMax keeps its first (linear-attention) layer's state outside the cache's layers, so the cache's length
+    read at layer 0 is 0 while it holds the tokens: the prompt was prepended again at every step."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.MiniMaxForCausalLM(tf.MiniMaxConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=4,
+        layer_types=["linear_attention", "full_attention"], max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)).eval()
+    ps.apply(model, "prompt-tuning", num_tokens=3)
+    perturb(model)
+    _generates_as_greedy(model)
+
+
 def _last_logits(model, ids, mask):
     kw = {"attention_mask": mask}
     if "position_ids" in inspect.signature(model.forward).parameters:   # absolute positions follow the mask

@@ -33,10 +33,16 @@ def cache_length(past) -> int:
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
-        try:
-            return int(past.get_seq_length())
-        except ValueError:   # transformers: only attention layers have a length
-            return 0
+        # the first layer's length, else the longest another layer holds: the first may keep no tokens (MiniMax's
+        # linear attention keeps its state outside the cache's layers, whose first then has length 0)
+        for i in range(max(1, len(getattr(past, "layers", ())))):
+            try:
+                n = int(past.get_seq_length(i) if i else past.get_seq_length())
+            except (ValueError, IndexError):   # transformers: only attention layers have a length
+                continue
+            if n:
+                return n
+        return 0
     try:
         return int(past[0][0].shape[-2])
     except Exception:
