@@ -34,6 +34,9 @@ VIEWS = {"view", "reshape", "transpose", "permute", "t", "numpy_T", "mT", "mH", 
 FLIPS = {"t", "numpy_T", "mT", "mH", "adjoint", "transpose", "permute"}   # on a 2-D weight: swap its two sides
 # ops that copy a tensor several times over (grouped-query attention repeats keys/values with one of these)
 REPEATS = {"expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave", "tile"}
+# ops that mix a tensor along the positions of the sequence (a convolution wider than one position, a running sum)
+CONVS = {"convolution", "conv1d", "conv2d", "conv3d", "_convolution"}
+RUNNING = {"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"}
 COPIES = {"clone", "_to_copy", "to", "contiguous", "float", "type_as", "dropout"}   # views that may not alias
 
 
@@ -350,6 +353,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
                 op.extra["norm_bias"] = [f for a in args if (f := vector(a)) is not None]
             if name in REPEATS:
                 op.extra["repeat"] = True
+            if name in RUNNING or name in CONVS and _wider_than_one(args):
+                op.extra["mixes_positions"] = True
             if name in ("mul", "mul_"):
                 op.extra["product"] = True
             if args and isinstance(args[0], torch.fx.Node) and (
@@ -358,6 +363,12 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
         ops[n.name] = op
     ran = {p for op in ops.values() for p in op.stack if p in modules and is_linear_module(modules[p])}
     return Graph(ops, outputs, user_inputs, method, sorted(ran))
+
+
+def _wider_than_one(args) -> bool:
+    """Whether a convolution's kernel (its second argument) spans more than one position (or is of unknown size)."""
+    val = args[1].meta.get("val") if len(args) > 1 and isinstance(args[1], torch.fx.Node) else None
+    return not isinstance(val, torch.Tensor) or any(k != 1 for k in val.shape[2:])
 
 
 def by_export(model: nn.Module, kwargs: dict, method: str = "export") -> Graph:

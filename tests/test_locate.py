@@ -743,3 +743,51 @@ def test_locate_leaves_no_output_capturing_hooks_on_a_shortened_model():
     assert not any(m._forward_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(pixel_values=pixels).predicted_depth, want)
+
+
+class _ConvMixer(nn.Module):
+    """A block whose projections mix positions through a convolution over the sequence (LFM2's short convolution,
+    a gated delta net's) or a running sum, without attention, then a feed-forward; with `attend`, the mixer is
+    attention and the feed-forward holds a convolution of its own (Segformer's)."""
+
+    def __init__(self, attend: bool, running: bool = False):
+        super().__init__()
+        self.embed, self.attend, self.running = nn.Embedding(V, D), attend, running
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.inp, self.out = nn.Linear(D, D), nn.Linear(D, D)
+        self.conv = nn.Conv1d(2 * D, 2 * D, 3, groups=2 * D, padding=2)
+        self.up, self.down = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        n = h.shape[1]
+        if self.attend:
+            split = lambda t: t.view(t.shape[0], n, 4, D // 4).transpose(1, 2)
+            a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), is_causal=True)
+            h = h + self.out(a.transpose(1, 2).reshape(h.shape))
+            u = self.up(h)
+            h = h + self.down(F.gelu(self.conv(u.transpose(1, 2))[..., :n].transpose(1, 2)))
+        else:
+            x = self.inp(h)
+            conv = lambda t: self.conv(torch.cat([t, t], -1).transpose(1, 2))[..., :n].transpose(1, 2)[..., :D]
+            mixed = x.cumsum(1) if self.running else conv(x)
+            h = h + self.out(mixed * torch.sigmoid(x))
+            h = h + self.down(F.gelu(self.up(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["convolution", "running_sum"])
+def test_a_token_mixers_projections_are_not_a_feed_forward(running):
+    """Their outputs pass a convolution or a running sum over the sequence in a block without attention: they were
+    labelled mlp.up / mlp.down (Qwen3.5's and OLMo-hybrid's gated delta nets, LFM2's short convolutions, xLSTM,
+    RecurrentGemma), so the defaults naming feed-forward roles (adapter's mlp.down, ia3's) acted on the token mixer."""
+    torch.manual_seed(0)
+    roles = {s.path: s.role for s in ps.locate(_ConvMixer(False, running).eval(), strict=True).sites}
+    assert (roles["inp"], roles["out"], roles["up"], roles["down"]) == ("linear", "linear", "mlp.up", "mlp.down")
+
+
+def test_a_feed_forward_with_a_convolution_beside_attention_stays_a_feed_forward():
+    torch.manual_seed(0)
+    roles = {s.path: s.role for s in ps.locate(_ConvMixer(True).eval(), strict=True).sites}
+    assert (roles["q"], roles["out"], roles["up"], roles["down"]) == ("attn.q", "attn.o", "mlp.up", "mlp.down")
