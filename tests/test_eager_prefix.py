@@ -535,3 +535,53 @@ def test_a_failing_look_for_a_position_bias_leaves_nothing_behind(fails_at, monk
     ps.remove(model)
     left = [n for n, m in model.named_modules() if m.__dict__.get("_peftsurgery_editors") or "forward" in m.__dict__]
     assert left == []
+
+
+class _MaskedSoftmax(torch.autograd.Function):
+    """A softmax that zeroes masked probabilities in place and keeps them for its own backward (SEW-D's and
+    DeBERTa v1's XSoftmax)."""
+
+    @staticmethod
+    def forward(ctx, scores, masked):
+        probs = scores.masked_fill(masked, -1e9).softmax(-1)
+        probs.masked_fill_(masked, 0)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, = ctx.saved_tensors
+        return probs * (grad - (grad * probs).sum(-1, keepdim=True)), None
+
+
+class InPlaceSoftmax(Handmade):
+    def forward(self, x, mask):
+        B, S, D = x.shape
+        H, d = self.heads, D // self.heads
+        q, k, v = (t.view(B, S, H, d).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        probs = _MaskedSoftmax.apply(q @ k.transpose(-1, -2) * d ** -0.5, (mask == 0)[:, None, None, :])
+        return self.out((probs @ v).transpose(1, 2).reshape(B, S, D))
+
+
+def test_a_softmax_writing_in_place_inside_an_autograd_function_trains_with_the_prefix():
+    """The calls between the score and value products are replayed with the prefix columns, outside the autograd
+    Function that ran them: its in-place write then broke the backward (SEW-D with prefix tuning). The prefix's
+    gradients are those of the same attention written out with the prefix concatenated."""
+    model = HandmadeLM(InPlaceSoftmax)
+    kw = handmade_inputs()
+    ps.apply(model, "prefix-tuning", num_tokens=3, init="random", example_inputs=kw)
+    perturb(model)
+    params = list(model._modules[CONTAINER].parameters())
+    got = torch.autograd.grad(model(**kw).pow(2).mean(), params)
+    rec = ps.adapters(model)["default"].records[0]
+    (pk, pv), = (rec.built[s.path]() for s in rec.sites)   # functions of the parameters
+    h = model.embed(kw["input_ids"])
+    B, S, D = h.shape
+    full = torch.cat([torch.ones(B, 3, dtype=torch.long), kw["attention_mask"]], 1)
+    q, k, v = (t.view(B, S, 4, 8).transpose(1, 2) for t in model.attn.qkv(h).split(D, -1))
+    k, v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+    probs = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill((full == 0)[:, None, None, :], -1e9).softmax(-1)
+    want = model.head(h + model.attn.out((probs @ v).transpose(1, 2).reshape(B, S, D)))
+    for a, b in zip(got, torch.autograd.grad(want.pow(2).mean(), params)):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -323,7 +323,12 @@ def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambd
                 args[loc] = t
             else:
                 kwargs[loc] = t
-    return node.func(*args, **kwargs)
+    func = node.func
+    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
+        # out of place: a write autograd would reject here (SEW-D's softmax writes its output in place inside an
+        # autograd Function, which the replay, outside it, is not)
+        func = getattr(torch.Tensor, name[:-1])
+    return func(*args, **kwargs)
 
 
 _MHA: list = []
