@@ -5,6 +5,7 @@ The float weights are dropped (that is the memory saving); removing the rule put
 original class and dtype holding the dequantized weights, not the original ones."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -183,12 +184,17 @@ def _weight_read(model: nn.Module, path: str) -> bool:
     as a tensor, not only its dtype, device or shape: writes it in place (`self.NAME.weight.data.clamp_(...)`),
     multiplies by it, or tests it, bypassing the linear's forward."""
     parent_path, _, name = path.rpartition(".")
+    return _reads(type(model.get_submodule(parent_path)), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads(cls: type, name: str) -> bool:
     use = re.compile(rf"\b{re.escape(name)}\.weight\b(?!\s*\.\s*(dtype|device|shape|size|ndim|requires_grad|is_\w+|"
                      rf"_is_hf_initialized)\b)")
-    for cls in type(model.get_submodule(parent_path)).__mro__:
-        if cls in (nn.Module, object):
+    for c in cls.__mro__:
+        if c in (nn.Module, object):
             break
-        for attr, fn in vars(cls).items():
+        for attr, fn in vars(c).items():
             if inspect.isfunction(fn) and "init" not in attr and "reset" not in attr:
                 try:
                     if use.search(inspect.getsource(fn)):
