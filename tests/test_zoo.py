@@ -76,6 +76,8 @@ OPTIONS = {
     ("gpt_neox", "lora"): dict(targets="attn.qkv"),
     ("bloom", "ia3"): dict(targets="attn.qkv"),
     ("gpt_neox", "ia3"): dict(targets="attn.qkv"),
+    ("bloom", "adalora"): dict(targets="attn.qkv"),
+    ("gpt_neox", "adalora"): dict(targets="attn.qkv"),
     ("deepseek_v3", "ia3"): dict(targets="attn.kv"),
     ("deepseek_v3", "dora"): dict(targets="attn.q,attn.kv"),
     ("deepseek_v3", "adalora"): dict(targets="attn.q,attn.kv"),
@@ -95,8 +97,6 @@ REFUSED = {
     **{(arch, "prefix-tuning"): ("matches no attention site", "no attention") for arch in ("mamba", "mamba2")},
     ("longt5", "prefix-tuning"): ("no attention call at .* could be intercepted", "its local attention attends "
                                   "block by block, to keys no single score product holds"),
-    ("longt5", "qlora"): ("wo: its input arrives as torch.uint8", "its feed-forward casts `wo`'s input to the weight's "
-                          "dtype, uint8 once quantized; `quantize=attn.*,xattn.*,mlp.up` leaves it in float"),
     **{("mha_net", m): ("matches no linear site", "q, k, v come from `nn.MultiheadAttention`'s bare "
                         "`in_proj_weight`: no linear module whose output or weight rows the method acts on")
        for m in ("ia3", "dora")},
