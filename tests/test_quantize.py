@@ -425,3 +425,22 @@ def test_linears_whose_weight_the_models_code_uses_stay_in_float_and_train():
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained)
     assert sum(bool(p.grad.abs().sum() > 0) for p in trained) == len(trained) // 2   # B's (A's wait for B)
+
+
+class _Grouped(nn.Linear):
+    """An nn.Linear subclass taking two groups of in_features each, one weight for both (DeepSeek-V4's grouped
+    output projection takes its input in groups)."""
+
+    def forward(self, x):
+        return super().forward(x.view(-1, 2, self.in_features)).flatten(1)
+
+
+def test_a_linear_subclass_whose_forward_wants_other_shapes_is_refused_in_one_line():
+    """Checking whether it computes F.linear ran its forward on a plain input, which raised: a crash, not a
+    refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), _Grouped(64, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match=r"cannot quantize 1: it is a _Grouped, which is neither") as e:
+        ps.apply(model, "qlora", r=2, targets="path:0", quantize="path:*", example_inputs=(torch.randn(2, 64),))
+    assert "\n" not in str(e.value) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

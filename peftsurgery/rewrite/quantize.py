@@ -226,7 +226,11 @@ def _computes_linear(m: nn.Module) -> bool:
         return False
     x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)
     with torch.no_grad():
-        got, want = type(m).forward(m, x), torch.nn.functional.linear(x, m.weight, m.bias)
+        try:
+            got = type(m).forward(m, x)
+        except Exception:   # a forward wanting other shapes (DeepSeek-V4's grouped linear) computes something else
+            return False
+        want = torch.nn.functional.linear(x, m.weight, m.bias)
     return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-4, 1e-5)
 
 
