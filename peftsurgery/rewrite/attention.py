@@ -323,12 +323,13 @@ def _replay(node: _Node, at, x: torch.Tensor, n: int, added: int, added_to=lambd
                 args[loc] = t
             else:
                 kwargs[loc] = t
-    func = node.func
-    if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
-        # out of place: a write autograd would reject here (SEW-D's softmax writes its output in place inside an
-        # autograd Function, which the replay, outside it, is not)
-        func = getattr(torch.Tensor, name[:-1])
-    return func(*args, **kwargs)
+    # in-place calls replayed out of place: a write autograd would reject here (SEW-D's softmax writes its output in
+    # place inside an autograd Function, which the replay, outside it, is not)
+    return (_OUT_OF_PLACE[name] if name in _OUT_OF_PLACE else node.func)(*args, **kwargs)
+
+
+_OUT_OF_PLACE = {n: getattr(torch.Tensor, n[:-1]) for n in dir(torch.Tensor)
+                 if n.endswith("_") and not n.endswith("__") and hasattr(torch.Tensor, n[:-1])}
 
 
 _MHA: list = []
