@@ -199,6 +199,8 @@ def prove(model: nn.Module, att: Attached, sm: SiteMap) -> None:
     watches = [(rec, c, w) for rec in att.records for c in rec.changes if (w := c.watch(model)) is not None]
     try:
         sm.run(model)
+    except SurgeryError as e:   # a hook's own refusal already says what to do
+        raise SurgeryError(f"{att.method}: {e}") from e
     except Exception as e:
         raise SurgeryError(f"{att.method} broke the model's forward on its example inputs ({one_line(e)}): the "
                            "model does not run with this change (its code may need a sequence of fixed length, or "

@@ -589,3 +589,34 @@ def test_generate_in_several_threads_at_once_is_generate_alone(method):
         for t in threads:
             t.join()
         assert all(a is not None and torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _git():
+    torch.manual_seed(0)
+    cfg = tf.GitConfig(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, image_size=16, patch_size=8),
+                       vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    return tf.GitForCausalLM(cfg).eval()
+
+
+def test_a_model_adding_positions_of_its_own_around_the_prompt_is_refused_not_misread():
+    """GIT puts an image's tokens in front of the embedded text: the prompt's positions were taken out at the wrong
+    place (16 logits for 13, every one after the image shifted by 3), silently. With an image in the example inputs
+    the apply is refused; applied on token ids alone, a call with an image is refused in one line."""
+    g = torch.Generator().manual_seed(0)
+    ids, pixels = torch.randint(3, 128, (2, 8), generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    model = _git()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ps.SurgeryError, match=r"prompt-tuning: Git\w+ returned 16 positions for 8 tokens and 3 "
+                                              r"virtual ones: .* call it with token ids alone") as e:
+        ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids, "pixel_values": pixels})
+    assert "\n" not in str(e.value) and not ps.adapters(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (2, 8, 128)
+        with pytest.raises(ps.SurgeryError, match="adds positions of its own .*call it with token ids alone"):
+            model(input_ids=ids, pixel_values=pixels)
+        assert model(input_ids=ids).logits.shape == (2, 8, 128)   # nothing left pending

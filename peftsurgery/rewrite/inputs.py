@@ -215,7 +215,15 @@ class Entry:
         if self.apart is not None and not self.recording:
             self.apart.current = None
         layout = self.pending.pop() if self.pending else 0
-        return _drop(out, layout) if layout else None
+        if not layout:
+            return None
+        first = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, (tuple, dict)) and len(out) else None
+        if isinstance(first, torch.Tensor) and first.dim() >= 3 and first.shape[1] > layout.total:
+            raise SurgeryError(f"{type(module).__name__} returned {first.shape[1]} positions for {layout.total - layout.P}"
+                               f" tokens and {layout.P} virtual ones: it adds positions of its own (an image's or a "
+                               "sound's), so where the virtual tokens sit in its outputs is unknown; call it with "
+                               "token ids alone, or use a method that changes its layers")
+        return _drop(out, layout)
 
 
 class RoutedEntry(Entry):
