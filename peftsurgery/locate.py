@@ -63,16 +63,18 @@ def example_inputs(model: nn.Module) -> dict:
             kw["attention_mask"] = torch.ones(1, SEQ, dtype=torch.long, device=device)
     # images of the config's size (else 64 x 64, which a ConvNet's stride-32 stem still leaves pixels of)
     size = _setting(cfg, "image_size") or (64 if cfg is not None else None)
-    # a model that takes images as placeholder tokens in input_ids (Llava-like) runs on the ids alone
+    # a model that takes images (or sounds) as placeholder tokens in input_ids (Llava-, Qwen2-Audio-like) runs on
+    # the ids alone
     in_text = any(_setting(cfg, k) is not None for k in ("image_token_id", "image_token_index"))
+    heard = any(_setting(cfg, k) is not None for k in ("audio_token_id", "audio_token_index"))
     if "pixel_values" in params and size and not in_text:
         hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         kw["pixel_values"] = torch.zeros(1, _setting(cfg, "num_channels") or 3, *hw, dtype=dtype, device=device)
     bins = _setting(cfg, "num_mel_bins")
-    if "input_features" in params and bins:
+    if "input_features" in params and bins and not heard:
         frames = 2 * (_setting(cfg, "max_source_positions") or SEQ)
         kw["input_features"] = torch.zeros(1, bins, frames, dtype=dtype, device=device)
-    elif "input_features" in params and (per := _setting(cfg, "input_feat_per_channel")):
+    elif "input_features" in params and not heard and (per := _setting(cfg, "input_feat_per_channel")):
         # frames first (Speech2Text): enough for its convolutional subsampling to leave SEQ of them
         frames = SEQ * 2 ** len(_setting(cfg, "conv_kernel_sizes") or (1, 1))
         kw["input_features"] = torch.zeros(1, frames, per * (_setting(cfg, "input_channels") or 1), dtype=dtype,

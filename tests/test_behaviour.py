@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 import transformers as tf
+from torch import nn
 from safetensors import safe_open
 
 import peftsurgery as ps
@@ -601,22 +602,80 @@ def _git():
     return tf.GitForCausalLM(cfg).eval()
 
 
-def test_a_model_adding_positions_of_its_own_around_the_prompt_is_refused_not_misread():
-    """GIT puts an image's tokens in front of the embedded text: the prompt's positions were taken out at the wrong
-    place (16 logits for 13, every one after the image shifted by 3), silently. With an image in the example inputs
-    the apply is refused; applied on token ids alone, a call with an image is refused in one line."""
+def _voxtral():
+    torch.manual_seed(0)
+    text = dict(model_type="llama", vocab_size=132, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.VoxtralForConditionalGeneration(tf.VoxtralConfig(
+        text_config=text, audio_token_id=128,
+        audio_config=dict(model_type="voxtral_encoder", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_mel_bins=16, max_source_positions=16, head_dim=16))).eval()
+
+
+@pytest.mark.parametrize("make, media", [(_git, "pixel_values"), (_voxtral, "input_features")], ids=["git", "voxtral"])
+def test_media_beside_the_token_ids_are_refused_not_lost(make, media):
+    """An image's or a sound's features passed beside the ids, which the virtual tokens turn into embeddings:
+    Voxtral and Qwen2-Audio merge their sound only when given the ids (it was ignored: the same logits for any
+    sound), GIT puts its image's tokens in front (16 logits for 13, shifted). Located on the ids alone (a model
+    taking sounds as placeholder tokens among the ids runs without them), the call with media is refused in one
+    line; apply refuses them among the example inputs, leaving the model as it was."""
     g = torch.Generator().manual_seed(0)
-    ids, pixels = torch.randint(3, 128, (2, 8), generator=g), torch.randn(2, 3, 16, 16, generator=g)
-    model = _git()
+    model = make()
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    if media == "input_features":
+        ids[:, 2:10] = 128   # the sound's placeholder tokens (8 per 32 frames)
+        features = torch.randn(2, 16, 32, generator=g)
+    else:
+        features = torch.randn(2, 3, 16, 16, generator=g)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ps.SurgeryError, match=r"prompt-tuning: Git\w+ returned 16 positions for 8 tokens and 3 "
-                                              r"virtual ones: .* call it with token ids alone") as e:
-        ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids, "pixel_values": pixels})
+    with pytest.raises(ps.SurgeryError, match=rf"prompt-tuning: \w+ is given {media} beside the token ids") as e:
+        ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids, media: features,
+                                                                      "use_cache": False})
     assert "\n" not in str(e.value) and not ps.adapters(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids})
+    ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": ids[:, 10:], "use_cache": False})
     with torch.no_grad():
-        assert model(input_ids=ids).logits.shape == (2, 8, 128)
-        with pytest.raises(ps.SurgeryError, match="adds positions of its own .*call it with token ids alone"):
-            model(input_ids=ids, pixel_values=pixels)
-        assert model(input_ids=ids).logits.shape == (2, 8, 128)   # nothing left pending
+        assert model(input_ids=ids[:, 10:]).logits.shape[:2] == (2, 2)
+        with pytest.raises(ps.SurgeryError, match="call it with token ids alone"):
+            model(input_ids=ids, **{media: features})
+        assert model(input_ids=ids[:, 10:]).logits.shape[:2] == (2, 2)   # nothing left pending
+
+
+class _OwnTokens(nn.Module):
+    """Puts two learned tokens of its own in front of the embedded ids (as models with register tokens do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.own = torch.nn.Embedding(V, 32), torch.nn.Parameter(torch.randn(1, 2, 32))
+        self.qkv, self.head = torch.nn.Linear(32, 96), torch.nn.Linear(32, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        h = torch.cat([self.own.expand(h.shape[0], -1, -1), h], 1)
+        q, k, v = (t.view(*h.shape[:2], 4, 8).transpose(1, 2) for t in self.qkv(h).split(32, -1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h + a.transpose(1, 2).reshape(h.shape))
+
+
+def test_a_model_adding_positions_of_its_own_around_the_prompt_is_refused_not_misread():
+    """Where the entry returns more positions than the tokens and virtual tokens it was given, where the virtual
+    tokens sit in its outputs is unknown: refused in one line, the model left as it was."""
+    model = _OwnTokens().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ps.SurgeryError, match=r"prompt-tuning: _OwnTokens returned 13 positions for 8 tokens and 3 "
+                                              r"virtual ones: it adds positions of its own") as e:
+        ps.apply(model, "prompt-tuning", num_tokens=3, example_inputs={"input_ids": torch.ones(1, 8, dtype=torch.long)})
+    assert "\n" not in str(e.value) and not ps.adapters(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_taking_sounds_as_placeholder_tokens_is_located_on_the_ids_alone():
+    """The guessed example inputs held a sound's features with no placeholder tokens among the ids, on which the
+    bare model fails: every method was refused on Voxtral and Qwen2-Audio."""
+    from peftsurgery.locate import example_inputs
+    model = _voxtral()
+    assert set(example_inputs(model)) == {"input_ids", "attention_mask", "use_cache"}
+    ps.apply(model, "lora")
+    assert any(r["role"] == "attn.q" for r in ps.inspect(model))
