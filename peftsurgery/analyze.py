@@ -170,6 +170,9 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
 
     # a router: a linear whose scores reach a choice (top-k) before any other linear; it picks among experts
     # (JetMoE's query experts among them) but projects nothing
+    indexed = {x for op in ops.values() if op.kind == "embedding" and op.extra.get("index")
+               for x in src.get(op.extra["index"], ())}
+    content = lambda node: frozenset(x for x in src.get(node, ()) if ops[x].extra.get("float") or x in indexed)
     routers = {n for op in ops.values() if op.extra.get("choice") and op.inputs
                for n in lin(origin.get(op.inputs[0], ()))}
     for a in [o for o in ops.values() if o.kind == "attention"]:
@@ -186,8 +189,9 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                     if feeds.get(d, set()) <= proj:
                         down.setdefault(d, set()).add(m)
         part = {x: (full[x] - down.keys()) or full[x] for x in "qkv"}
-        # key/value from another sequence than the query (decided by the model inputs each comes from)
-        pre = "xattn" if src.get(a.extra["q"]) != src.get(a.extra["k"]) else "attn"
+        # key/value from another sequence than the query (decided by the model inputs each comes from that carry a
+        # sequence: ids an embedding reads, features, states; not a mask, which may reach the keys alone)
+        pre = "xattn" if content(a.extra["q"]) != content(a.extra["k"]) else "attn"
         for n in sorted(set().union(*part.values())):
             add_linear(n, f"{pre}.{''.join(x for x in 'qkv' if n in part[x])}")
         for d in sorted(down.keys() - set().union(*part.values())):

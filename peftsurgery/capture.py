@@ -239,6 +239,8 @@ def from_fx(gm: torch.fx.GraphModule, model: nn.Module, method: str, param_of: d
         op = Op(n.name, "other", ins, module, stack, shape=_shape(n))
         if n.op == "placeholder":
             op.kind = "param" if n.name in param_of else ("input" if n.name in user_inputs else "param")
+            if isinstance(val := n.meta.get("val"), torch.Tensor):
+                op.extra["float"] = val.is_floating_point()
         elif n.op == "get_attr":
             op.kind = "param"
         elif n.op == "output":

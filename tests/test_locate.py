@@ -791,3 +791,30 @@ def test_a_feed_forward_with_a_convolution_beside_attention_stays_a_feed_forward
     torch.manual_seed(0)
     roles = {s.path: s.role for s in ps.locate(_ConvMixer(True).eval(), strict=True).sites}
     assert (roles["q"], roles["out"], roles["up"], roles["down"]) == ("attn.q", "attn.o", "mlp.up", "mlp.down")
+
+
+class _MaskedKeys(nn.Module):
+    """Self-attention whose keys and values are computed from the hidden states with padding zeroed by the mask
+    (Inkling runs them through a short convolution masked so), the queries from the states as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.q, self.k, self.v = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.o, self.head = nn.Linear(D, D), nn.Linear(D, V)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        kv = h * attention_mask[..., None].to(h.dtype)
+        split = lambda t: t.view(*t.shape[:2], 4, D // 4).transpose(1, 2)
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(kv)), split(self.v(kv)), is_causal=True)
+        return self.head(h + self.o(a.transpose(1, 2).reshape(h.shape)))
+
+
+def test_a_mask_reaching_the_keys_alone_does_not_make_self_attention_cross_attention():
+    """Cross-attention is told by the model inputs that carry a sequence (ids an embedding reads, features, states):
+    the mask reaching Inkling's keys but not its queries had made its self-attention xattn.*, and every default
+    naming attn.* was refused."""
+    torch.manual_seed(0)
+    roles = {s.path: s.role for s in ps.locate(_MaskedKeys().eval(), strict=True).sites}
+    assert (roles["q"], roles["k"], roles["v"], roles["o"], roles[""]) == ("attn.q", "attn.k", "attn.v", "attn.o",
+                                                                          "attn")
