@@ -237,12 +237,15 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
     # mixer's projections, whose outputs pass a convolution or a running sum over the sequence in a block without
     # attention (a gated delta net's, a short convolution's; Segformer's feed-forward, beside attention, has a
     # convolution of its own)
+    gates = {_strip(g, op.inputs[0]) for op in ops.values() if op.kind == "activation" and op.inputs}
     attended = {block_of(p) for p, site in sites.items() if site.kind == "attention"}
     mixed = {x for op in ops.values() if op.extra.get("mixes_positions") for i in op.inputs
              for x in origin.get(i, ()) if block_of(ops[x].site) not in attended}
     for name, op in ops.items():
         if op.kind != "linear" or name in role or not fed_by_linears(name):
             continue
+        if name in gates:
+            continue   # its output goes straight into an activation: a gate (a gated norm's bottleneck), not a down
         ups = origin[op.inputs[0]]
         # (after a norm, only a pair with an activation between is a feed-forward: not Zamba2's low-rank adapters)
         if all(role.get(s) in (None, "mlp.up", "mlp.gate") and feeds[s] == {name} and s not in mixed and (

@@ -818,3 +818,28 @@ def test_a_mask_reaching_the_keys_alone_does_not_make_self_attention_cross_atten
     roles = {s.path: s.role for s in ps.locate(_MaskedKeys().eval(), strict=True).sites}
     assert (roles["q"], roles["k"], roles["v"], roles["o"], roles[""]) == ("attn.q", "attn.k", "attn.v", "attn.o",
                                                                           "attn")
+
+
+class _GatedNorm(nn.Module):
+    """A norm whose output is scaled by a gate computed by a small two-layer network (AXK2's gated norm; Kimi's
+    output gate), then a feed-forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Embedding(V, D), nn.RMSNorm(D)
+        self.fc1, self.fc2 = nn.Linear(D, 8), nn.Linear(8, D)
+        self.up, self.down, self.head = nn.Linear(D, 2 * D), nn.Linear(2 * D, D), nn.Linear(D, V)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        n = self.norm(h)
+        n = n * torch.sigmoid(self.fc2(F.silu(self.fc1(n))))
+        return self.head(h + self.down(F.gelu(self.up(n))))
+
+
+def test_a_gates_bottleneck_is_not_a_feed_forward():
+    """Its second layer's output goes straight into an activation (the gate), where a feed-forward's goes back to
+    the residual stream: it had been mlp.up / mlp.down, so feed-forward defaults acted on it."""
+    torch.manual_seed(0)
+    roles = {s.path: s.role for s in ps.locate(_GatedNorm().eval(), strict=True).sites}
+    assert (roles["fc1"], roles["fc2"], roles["up"], roles["down"]) == ("linear", "linear", "mlp.up", "mlp.down")
