@@ -353,6 +353,28 @@ def test_prompt_generation_reads_the_cache_length_past_a_first_layer_without_tok
     _generates_as_greedy(model)
 
 
+def test_prompt_takes_position_ids_with_one_row_per_rotary_section():
+    """Multimodal rotary embeddings take position ids of shape (sections, batch, tokens), which generate() passes
+    (Qwen3.5's, Qwen2-VL's): the prompt's positions were joined onto them as a (batch, tokens) block, a crash."""
+    import transformers as tf
+    torch.manual_seed(0)
+    text = dict(vocab_size=V + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, layer_types=["full_attention"])
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=8)
+    model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(
+        text_config=text, vision_config=vision, image_token_id=V, video_token_id=V + 1, vision_start_token_id=V + 2,
+        vision_end_token_id=V + 3)).eval()
+    ps.apply(model, "prompt-tuning", num_tokens=3)
+    perturb(model)
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = model(input_ids=ids, position_ids=torch.arange(5).expand(3, 2, 5)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    _generates_as_greedy(model)
+
+
 def _last_logits(model, ids, mask):
     kw = {"attention_mask": mask}
     if "position_ids" in inspect.signature(model.forward).parameters:   # absolute positions follow the mask

@@ -201,6 +201,8 @@ class Entry:
         """Real tokens follow the mask (or the given position ids) after the P virtual tokens in the sequence;
         prompt tokens count from 0 right before a row's first real token; prefix keys (and a prompt attended apart)
         take the first `shift` positions."""
+        if given is not None and given.dim() == 3:   # one row of positions per rotary section (Qwen2-VL's, Qwen3.5's)
+            return torch.stack([self._positions(g, mask, B, S, past, layout, dev, P, shift) for g in given])
         if given is not None:
             pos = given + (P if self.lens is None else self.lens) + shift
             if layout is not None:
