@@ -176,9 +176,11 @@ class Entry:
                     kwargs[k] = layout.place(torch.cat([torch.zeros(B, P, dtype=v.dtype, device=dev), v], 1))
             if "inputs_embeds" in self.params:
                 if embeds is None:
-                    # an image's or a sound's features (not another sequence's states, which cross-attention reads)
+                    # an image's or a sound's features (not another sequence's states, which cross-attention reads,
+                    # nor a mask given as floats)
                     media = next((k for k, v in kwargs.items() if k != "inputs_embeds" and not k.startswith("encoder_")
-                                  and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 3), None)
+                                  and not k.endswith("mask") and isinstance(v, torch.Tensor) and v.is_floating_point()
+                                  and v.dim() >= 3), None)
                     if media is not None:   # (Qwen2-Audio merges its sound only when given the ids: it was lost)
                         self._push(0)
                         raise SurgeryError(f"{type(module).__name__} is given {media} beside the token ids, which the "
