@@ -224,10 +224,11 @@ def analyse(g: Graph, model: nn.Module) -> tuple[list[Site], dict]:
                                    "o": ops[o_names[0]].site if o_names else None},
                            impl=a.extra.get("impl"))
 
-    # the head: a linear outside the repeated blocks whose output reaches a model output directly
+    # the head: a linear outside the repeated blocks whose output reaches a model output directly, and no block
+    # (an input projection's output reaches the output too, along the residual stream, when there is no head)
     for out in g.outputs:
         for n in lin(origin.get(out, ())):
-            if block_of(ops[n].site)[1] is None:
+            if not _in_blocks(model, ops[n].site) and not any(_in_blocks(model, ops[f].site) for f in feeds.get(n, ())):
                 add_linear(n, "head")
 
     for n in sorted(routers):
@@ -354,6 +355,24 @@ def _gate_up(g: Graph, origin: dict, act: dict, fused: str, into: str) -> dict |
     if not gating:
         return None
     return "its outputs are not a gate part and an up part side by side (interleaved, or cut in a way not followed)"
+
+
+def _in_blocks(model: nn.Module, path: str) -> bool:
+    """Whether a path lies in a repeated block: under a numbered child of a ModuleList, or of a Sequential of
+    several modules of one kind that hold modules of their own (not `Sequential(Flatten, Linear)`, Bit's
+    classifier)."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            try:
+                parent = model.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                return True
+            kids = list(parent.children())
+            if isinstance(parent, nn.ModuleList) or len(kids) > 1 and len({type(k) for k in kids}) == 1 and any(
+                    next(k.children(), None) is not None for k in kids):
+                return True
+    return False
 
 
 def _after_norm(g: Graph, name: str) -> bool:

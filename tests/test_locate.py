@@ -843,3 +843,32 @@ def test_a_gates_bottleneck_is_not_a_feed_forward():
     torch.manual_seed(0)
     roles = {s.path: s.role for s in ps.locate(_GatedNorm().eval(), strict=True).sites}
     assert (roles["fc1"], roles["fc2"], roles["up"], roles["down"]) == ("linear", "linear", "mlp.up", "mlp.down")
+
+
+class _Classifier(nn.Module):
+    """Blocks in a ModuleList, then a classifier in a Sequential(Flatten, Linear) (ResNet's, Bit's); with
+    `head=False`, an input projection and no head at all (Siglip2's vision model, Parakeet's encoder)."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.proj = nn.Linear(8, D)
+        self.blocks = nn.ModuleList(_GradBlock() for _ in range(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * D, 3)) if head else None
+
+    def forward(self, features):
+        h = self.proj(features)
+        for b in self.blocks:
+            h = b(h)
+        return self.classifier(h) if self.classifier is not None else h
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["sequential_head", "no_head"])
+def test_the_head_is_told_by_blocks_not_by_numbers_in_its_path(head):
+    """`classifier.1` had been read as block 1 of `classifier`, so the output layer was `linear` (selector `head`
+    matched nothing, all-linear adapted it); an input projection feeding the blocks, whose output reaches the model's
+    output along the residual stream, had been the head of a model without one."""
+    torch.manual_seed(0)
+    sm = ps.locate(_Classifier(head).eval(), example_inputs={"features": torch.randn(1, 4, 8)}, strict=True)
+    roles = {s.path: s.role for s in sm.sites}
+    assert roles["proj"] == "linear" and roles["blocks.0.up"] == "mlp.up"
+    assert (roles.get("classifier.1") == "head") is head and list(roles.values()).count("head") == int(head)
