@@ -679,3 +679,25 @@ def test_a_model_taking_sounds_as_placeholder_tokens_is_located_on_the_ids_alone
     assert set(example_inputs(model)) == {"input_ids", "attention_mask", "use_cache"}
     ps.apply(model, "lora")
     assert any(r["role"] == "attn.q" for r in ps.inspect(model))
+
+
+class _DictLM(nn.Module):
+    """Returns a plain dict, as some hand-written models do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.qkv, self.head = nn.Embedding(V, 16), nn.Linear(16, 48), nn.Linear(16, V)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        q, k, v = (t.view(*h.shape[:2], 2, 8).transpose(1, 2) for t in self.qkv(h).split(16, -1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        return {"logits": self.head(h + a.reshape(h.shape))}
+
+
+def test_prompt_tuning_on_a_model_returning_a_plain_dict():
+    """The entry's output is read for its positions by its first value (a dict has no item 0)."""
+    model = _DictLM()
+    ps.apply(model, "prompt-tuning", num_tokens=2, example_inputs={"input_ids": torch.ones(1, 5, dtype=torch.long)})
+    assert model(input_ids=torch.ones(2, 5, dtype=torch.long))["logits"].shape == (2, 5, V)

@@ -230,7 +230,8 @@ class Entry:
         layout = self.pending.pop() if self.pending else 0
         if not layout:
             return None
-        first = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, (tuple, dict)) and len(out) else None
+        first = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) and out else \
+            next(iter(out.values()), None) if isinstance(out, dict) else None   # (a ModelOutput: its first field)
         if isinstance(first, torch.Tensor) and first.dim() >= 3 and first.shape[1] > layout.total:
             raise SurgeryError(f"{type(module).__name__} returned {first.shape[1]} positions for {layout.total - layout.P}"
                                f" tokens and {layout.P} virtual ones: it adds positions of its own (an image's or a "
