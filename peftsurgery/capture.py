@@ -400,8 +400,13 @@ def by_export(model: nn.Module, kwargs: dict, method: str = "export") -> Graph:
 def _enclosed(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     """Whether a node runs a graph of its own (a region left out of line, torch.cond's branches), which the
     analysis does not enter."""
-    return n.op == "call_function" and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" and isinstance(
-        getattr(gm, a.target, None), torch.fx.GraphModule) for a in _flat_nodes(n.args))
+    return n.op == "call_function" and _graph_arg(n, gm) is not None
+
+
+def _graph_arg(n: torch.fx.Node, gm: torch.fx.GraphModule) -> int | None:
+    """The position of the argument naming a graph of the node's own (a higher-order op's), or None."""
+    return next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                 and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)), None)
 
 
 def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -412,8 +417,7 @@ def _inline_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     g = gm.graph
     for n in [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "_name", "") in
               ("wrap_with_set_grad_enabled", "wrap_with_autocast")]:
-        at = next((i for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                   and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule)), None)
+        at = _graph_arg(n, gm)
         sub = _inline_regions(getattr(gm, n.args[at].target)) if at is not None else None
         if (sub is None or any(x.op == "get_attr" for x in sub.graph.nodes)
                 or not all(u.target is operator.getitem for u in n.users)):
